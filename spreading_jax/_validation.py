@@ -1,0 +1,63 @@
+"""Input checks shared by the public entry points: clear ValueErrors before any compute."""
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when ``x`` holds values (numpy or a committed jax array), not a tracer."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+  """Returns ``value`` as an int, raising ValueError if it is not an integer in range."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  value = int(value)
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name}={value} must be >= {minimum}")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name}={value} must be <= {maximum}")
+  return value
+
+
+def check_vectors(name: str, x, *, d: int | None = None, d_name: str = "d",
+                  finite: bool = True, min_rows: int = 0):
+  """Validates a 2-D matrix of real vectors and returns it unchanged.
+
+  Accepts numpy or jax arrays of any real (float or integer) dtype. Raises ValueError
+  naming ``name`` when the rank, the dimension, the dtype or the values are wrong. The
+  NaN/Inf scan runs only on concrete arrays (inside ``jit`` it cannot be checked).
+  """
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  if shape is None or dtype is None:
+    raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+  if len(shape) != 2:
+    raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(shape)}")
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_ or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+    raise ValueError(f"{name} has dtype {dtype}; expected a real float or integer dtype")
+  if d is not None and shape[1] != d:
+    raise ValueError(f"{name} has {d_name}={shape[1]} but {d} was expected")
+  if shape[0] < min_rows:
+    raise ValueError(f"{name} has {shape[0]} rows; at least {min_rows} are needed")
+  if finite and np.issubdtype(dtype, np.floating) and is_concrete(x):
+    if not _all_finite(x):
+      bad = np.argwhere(~np.isfinite(np.asarray(x)))[0]
+      raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
+  return x
+
+
+def _all_finite(x) -> bool:
+  if isinstance(x, np.ndarray):
+    # A float64 sum is finite iff no entry is NaN/Inf (barring overflow, which falls
+    # back to the exact per-entry test); it avoids a full boolean temporary.
+    with np.errstate(over="ignore", invalid="ignore"):
+      if np.isfinite(np.sum(x, dtype=np.float64)):
+        return True
+    return bool(np.all(np.isfinite(x)))
+  return bool(jax.numpy.all(jax.numpy.isfinite(x)))

@@ -1,0 +1,305 @@
+"""Exact k-nearest-neighbour search: float vectors, binary codes and lattice codes.
+
+Every search here is the same engine: score a block of queries against a block of the
+database, keep a running top-k, and scan over database blocks so that memory stays bounded
+(never an ``nq x nb`` matrix). With a mesh, the database is split over the mesh's data axis
+with ``jax.shard_map``; each device keeps a local top-k and the results are merged.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from spreading_jax import sharding
+from spreading_jax._validation import check_int, check_vectors
+
+# Working set of one (query block x database block) score matrix, in elements.
+_TILE_ELEMENTS = 1 << 22
+_MAX_QUERY_BLOCK = 64
+# Chunk width of the two-stage top-k (see _block_topk).
+_CHUNK = 32
+
+ScoreFn = Callable[..., jax.Array]
+
+
+def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
+                 base_block: int | None, d: int = 0) -> tuple[int, int]:
+  # Narrow vectors: the score tile is cheap, so favour long rows (cheaper top-k);
+  # wider ones: more queries per block make the matmul more efficient.
+  max_qb = _MAX_QUERY_BLOCK if d <= 32 else 4 * _MAX_QUERY_BLOCK
+  qb = query_block or min(max_qb, sharding.round_up(max(nq, 1), 8))
+  bb = base_block or max(1024, _TILE_ELEMENTS // qb)
+  bb = min(bb, sharding.round_up(max(nb_local, 1), 128))
+  # A block must hold at least k candidates for the per-block top-k.
+  return qb, max(bb, k)
+
+
+def _merge_topk(s1, i1, s2, i2, k):
+  # Concatenating in id order and a stable top-k keep ties ordered by lower id.
+  s = jnp.concatenate([s1, s2], axis=1)
+  i = jnp.concatenate([i1, i2], axis=1)
+  s, pos = jax.lax.top_k(s, k)
+  return s, jnp.take_along_axis(i, pos, axis=1)
+
+
+def _block_topk(s, k: int, chunk: int = _CHUNK):
+  """Exact top-k of each row of s: f32[q, b] -> (f32[q, k], i32[q, k]), ties to lower index.
+
+  Two stages for wide rows: every element of the top k lies in one of the k chunks with
+  the largest maxima (at most k chunks can hold an element >= it), so a top-k over the
+  chunk maxima, a gather of those k chunks and a top-k over k*chunk elements replace one
+  top-k over the whole row, which is the expensive primitive on CPU.
+  """
+  q, b = s.shape
+  if b % chunk or b < 8 * k * chunk // 4:
+    return jax.lax.top_k(s, k)
+  chunks = s.reshape(q, b // chunk, chunk)
+  _, top_chunks = jax.lax.top_k(jnp.max(chunks, axis=2), k)  # i32[q, k]
+  # Visit the chosen chunks in index order so that ties still resolve to the lower index.
+  top_chunks = jnp.sort(top_chunks, axis=1)
+  cand = jnp.take_along_axis(chunks, top_chunks[:, :, None], axis=1).reshape(q, k * chunk)
+  vals, pos = jax.lax.top_k(cand, k)
+  cols = top_chunks[jnp.arange(q)[:, None], pos // chunk] * chunk + pos % chunk
+  return vals, cols
+
+
+def _scan_database(score_fn: ScoreFn, xq, db, k: int, bb: int, n_valid, offset):
+  """Top-k (largest scores) of ``xq`` against ``db`` rows [0, nb_pad) of this shard.
+
+  xq: [qb, ...]; db: tuple of arrays with a common leading axis nb_pad (a multiple of bb).
+  Ids are ``offset + row``; rows with id >= n_valid are padding and never returned
+  ahead of a real row.
+  """
+  nb_pad = db[0].shape[0]
+  nblocks = nb_pad // bb
+  blocks = tuple(a.reshape((nblocks, bb) + a.shape[1:]) for a in db)
+  nq = xq.shape[0]
+  kb = min(k, bb)
+
+  def step(carry, inputs):
+    best_s, best_i = carry
+    block, j = inputs
+    s = score_fn(xq, *block).astype(jnp.float32)  # f32[qb, bb]
+    ids = offset + j * bb + jnp.arange(bb, dtype=jnp.int32)
+    # top_k orders -0.0 below +0.0: canonicalize zeros so equal scores tie by id.
+    s = jnp.where(ids[None, :] < n_valid, jnp.where(s == 0, 0.0, s), -jnp.inf)
+    s, pos = _block_topk(s, kb)
+    return _merge_topk(best_s, best_i, s, ids[pos], k), None
+
+  init = (jnp.full((nq, k), -jnp.inf, jnp.float32), jnp.full((nq, k), -1, jnp.int32))
+  (best_s, best_i), _ = jax.lax.scan(step, init, (blocks, jnp.arange(nblocks, dtype=jnp.int32)))
+  return best_s, best_i
+
+
+def _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset):
+  """Runs ``_scan_database`` over query blocks (sequentially, to bound memory)."""
+  nq_pad = xq.shape[0]
+  xq_blocks = xq.reshape((nq_pad // qb, qb) + xq.shape[1:])
+  s, i = jax.lax.map(lambda q: _scan_database(score_fn, q, db, k, bb, n_valid, offset), xq_blocks)
+  return s.reshape(nq_pad, k), i.reshape(nq_pad, k)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "mesh"))
+def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, mesh):
+  if mesh is None:
+    return _search_queries(score_fn, xq, db, k, qb, bb, n_valid, 0)
+  axis = sharding.axis_name(mesh)
+  local_n = db[0].shape[0] // sharding.mesh_size(mesh)
+
+  def local(xq, *db):
+    offset = jax.lax.axis_index(axis).astype(jnp.int32) * local_n
+    s, i = _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset)
+    # Gather every shard's top-k in shard (= id) order, then merge.
+    s = jax.lax.all_gather(s, axis, axis=1, tiled=True)
+    i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
+    s, pos = jax.lax.top_k(s, k)
+    return s, jnp.take_along_axis(i, pos, axis=1)
+
+  db_specs = tuple(P(axis) for _ in db)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(),) + db_specs, out_specs=(P(), P()),
+                     check_vma=False)
+  return fn(xq, *db)
+
+
+def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | None = None,
+                query_block: int | None = None, base_block: int | None = None):
+  """Generic blocked, optionally sharded, exact top-k by a score function.
+
+  Args:
+    score_fn: a hashable function ``score_fn(xq_block, *db_block) -> f32[qb, bb]``; larger
+      is better. It must be a module-level function (or otherwise stable) so that the
+      compiled search is cached.
+    xq: [nq, ...] queries.
+    db: tuple of arrays sharing a leading axis nb (e.g. vectors and their norms).
+    k: number of results, 1 <= k <= nb.
+    mesh: optional 1-D mesh; the database is sharded over its data axis.
+    query_block, base_block: tile sizes (defaults bound the tile to ~4M scores).
+
+  Returns:
+    (scores f32[nq, k] descending, ids i32[nq, k]); ties are broken by lower id.
+  """
+  db = tuple(db)
+  nq, nb = xq.shape[0], db[0].shape[0]
+  ndev = sharding.mesh_size(mesh)
+  d = int(np.prod(db[0].shape[1:])) if db[0].ndim > 1 else 1
+  qb, bb = _block_sizes(nq, -(-nb // ndev), k, query_block, base_block, d)
+  xq = sharding.pad_rows(jnp.asarray(xq), sharding.round_up(nq, qb))
+  nb_pad = sharding.round_up(nb, bb * ndev)
+  db = tuple(sharding.pad_rows(jnp.asarray(a), nb_pad) for a in db)
+  if mesh is not None:
+    db = tuple(sharding.shard_rows(a, mesh) for a in db)
+    xq = sharding.replicate(xq, mesh)
+  s, i = _topk_search(score_fn, xq, db, jnp.int32(nb), k=k, qb=qb, bb=bb, mesh=mesh)
+  return s[:nq], i[:nq]
+
+
+# ---------------------------------------------------------------------------------------
+# Float vectors.
+
+def _l2_score(xq, xb, half_norm):
+  # Ranking by 0.5*|xb|^2 - xq.xb is ranking by L2 (the query norm is a constant per row).
+  return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST) - half_norm[None, :]
+
+
+def _ip_score(xq, xb):
+  return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _check_k(k, nb):
+  k = check_int("k", k, minimum=1)
+  if k > nb:
+    raise ValueError(f"k={k} is larger than the database size nb={nb}")
+  return k
+
+
+def _as_float(x):
+  x = x if isinstance(x, jax.Array) else np.asarray(x)
+  return jnp.asarray(x, dtype=jnp.float32)
+
+
+def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
+        query_block: int | None = None, base_block: int | None = None):
+  """Exact k-nearest neighbours. xq: f32[nq, d], xb: f32[nb, d] -> (D f32[nq, k], I i32[nq, k]).
+
+  For ``metric="l2"`` D holds squared L2 distances in ascending order; for ``"ip"`` inner
+  products in descending order. Ties are broken by lower index. The computation is
+  blocked over queries and database and jit-compiled; with ``mesh`` the database is
+  sharded over the mesh's data axis and the result is identical to the unsharded call.
+
+  Args:
+    xq: queries, any real dtype (converted to float32).
+    xb: database vectors, same dimension.
+    k: number of neighbours, 1 <= k <= nb.
+    metric: "l2" or "ip".
+    mesh: optional 1-D ``jax.sharding.Mesh`` (see ``sharding.make_mesh``).
+    query_block, base_block: optional tile sizes.
+
+  Example:
+    >>> xb = np.eye(3, dtype=np.float32)
+    >>> D, I = knn(xb[:1], xb, 2)
+    >>> I.tolist()
+    [[0, 1]]
+  """
+  if metric not in ("l2", "ip"):
+    raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+  check_vectors("xb", xb, min_rows=1)
+  check_vectors("xq", xq, d=xb.shape[1])
+  k = _check_k(k, xb.shape[0])
+  xq, xb = _as_float(xq), _as_float(xb)
+  if metric == "ip":
+    return topk_search(_ip_score, xq, (xb,), k, mesh=mesh, query_block=query_block,
+                       base_block=base_block)
+  half_norm = 0.5 * jnp.sum(xb * xb, axis=1)
+  s, i = topk_search(_l2_score, xq, (xb, half_norm), k, mesh=mesh, query_block=query_block,
+                     base_block=base_block)
+  d = jnp.maximum(jnp.sum(xq * xq, axis=1, keepdims=True) - 2.0 * s, 0.0)
+  return d, i
+
+
+# ---------------------------------------------------------------------------------------
+# Binary codes.
+
+def _pack_words(codes):
+  """u8[n, nbytes] -> u32[n, ceil(nbytes/4)] (little-endian), zero padded."""
+  n, nbytes = codes.shape
+  nwords = -(-nbytes // 4)
+  codes = jnp.pad(codes, ((0, 0), (0, nwords * 4 - nbytes))).astype(jnp.uint32)
+  codes = codes.reshape(n, nwords, 4)
+  shifts = jnp.arange(4, dtype=jnp.uint32) * 8
+  return jnp.sum(codes << shifts, axis=2, dtype=jnp.uint32)
+
+
+def _hamming_score(q, b):
+  # Negated Hamming distance, so that the largest score is the nearest code.
+  x = jax.lax.population_count(q[:, None, :] ^ b[None, :, :]).astype(jnp.int32)
+  return -jnp.sum(x, axis=2).astype(jnp.float32)
+
+
+def _check_codes(name, codes, nbytes=None):
+  shape = getattr(codes, "shape", None)
+  if shape is None or len(shape) != 2:
+    raise ValueError(f"{name} must be a 2-D uint8 array of packed bits, got shape {shape}")
+  if np.dtype(codes.dtype) != np.uint8:
+    raise ValueError(f"{name} must have dtype uint8 (packed bits), got {codes.dtype}")
+  if nbytes is not None and shape[1] != nbytes:
+    raise ValueError(f"{name} has {shape[1]} bytes per code but {nbytes} were expected")
+
+
+def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
+                query_block: int | None = None, base_block: int | None = None):
+  """Exact Hamming kNN on packed bit codes.
+
+  query_codes: u8[nq, B], base_codes: u8[nb, B] -> (D i32[nq, k] ascending, I i32[nq, k]).
+  Ties are broken by lower index. Sharded over ``mesh`` like ``knn``.
+  """
+  _check_codes("base_codes", base_codes)
+  _check_codes("query_codes", query_codes, base_codes.shape[1])
+  k = _check_k(k, base_codes.shape[0])
+  q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
+  if query_block is None:
+    # The xor tile is [qb, bb, words]: keep it within the usual tile budget.
+    query_block = min(256, sharding.round_up(max(q.shape[0], 1), 8))
+  if base_block is None:
+    base_block = max(1024, _TILE_ELEMENTS // (query_block * q.shape[1]))
+  s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
+                     base_block=base_block)
+  return (-s).astype(jnp.int32), i
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics.
+
+def recall_at(indices, groundtruth, ks: Sequence[int] = (1, 10, 100)) -> dict[int, float]:
+  """The paper's 1-recall@k: fraction of queries whose true nearest neighbour is in the top k.
+
+  Args:
+    indices: i32[nq, K] search results (K >= max(ks)).
+    groundtruth: i32[nq, >=1]; column 0 is the true nearest neighbour.
+    ks: the k values to report.
+
+  Returns:
+    {k: recall} with recall in [0, 1].
+
+  Example:
+    >>> recall_at(np.array([[3, 1], [0, 2]]), np.array([[1], [5]]), ks=(1, 2))
+    {1: 0.0, 2: 0.5}
+  """
+  indices, groundtruth = np.asarray(indices), np.asarray(groundtruth)
+  if indices.ndim != 2 or groundtruth.ndim != 2:
+    raise ValueError(f"indices {indices.shape} and groundtruth {groundtruth.shape} must be 2-D")
+  if indices.shape[0] != groundtruth.shape[0]:
+    raise ValueError(f"indices has {indices.shape[0]} queries but groundtruth has "
+                     f"{groundtruth.shape[0]}")
+  out = {}
+  for k in ks:
+    k = check_int("k", k, minimum=1)
+    if k > indices.shape[1]:
+      raise ValueError(f"recall@{k} needs at least {k} results per query, got {indices.shape[1]}")
+    hit = np.any(indices[:, :k] == groundtruth[:, :1], axis=1)
+    out[k] = float(hit.mean()) if len(hit) else 0.0
+  return out

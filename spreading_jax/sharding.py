@@ -1,0 +1,78 @@
+"""Device meshes and the padding helpers that let kernels shard a database over them.
+
+A mesh is built once at the edge of a program (``make_mesh``) and passed to kernels as
+``mesh=``; every kernel works the same with ``mesh=None``.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` devices (default: all of them).
+
+  On a multi-host job (after ``jax.distributed.initialize()``) the default spans every
+  process's devices.
+
+  Example:
+    >>> mesh = make_mesh()
+    >>> mesh.axis_names
+    ('data',)
+  """
+  devices = jax.devices()
+  if num_devices is None:
+    num_devices = len(devices)
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are available")
+  return Mesh(np.asarray(devices[:num_devices]), (axis_name,))
+
+
+def mesh_size(mesh: Mesh | None) -> int:
+  """Number of devices along the data axis (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
+  return int(mesh.devices.size)
+
+
+def axis_name(mesh: Mesh) -> str:
+  """The name of the (single) data axis of ``mesh``."""
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
+  return mesh.axis_names[0]
+
+
+def round_up(n: int, multiple: int) -> int:
+  """Smallest multiple of ``multiple`` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
+def pad_rows(x, n: int, value=0):
+  """Pads the leading axis of ``x`` (numpy or jax) to length ``n`` with ``value``."""
+  extra = n - x.shape[0]
+  if extra < 0:
+    raise ValueError(f"cannot pad {x.shape[0]} rows down to {n}")
+  if extra == 0:
+    return x
+  widths = [(0, extra)] + [(0, 0)] * (x.ndim - 1)
+  if isinstance(x, np.ndarray):
+    return np.pad(x, widths, constant_values=value)
+  return jax.numpy.pad(x, widths, constant_values=value)
+
+
+def shard_rows(x, mesh: Mesh):
+  """Places ``x`` on ``mesh`` split along its leading axis (rows must divide evenly)."""
+  n = mesh_size(mesh)
+  if x.shape[0] % n:
+    raise ValueError(f"{x.shape[0]} rows do not split over {n} devices; pad first")
+  return jax.device_put(x, NamedSharding(mesh, P(axis_name(mesh))))
+
+
+def replicate(x, mesh: Mesh):
+  """Places ``x`` on every device of ``mesh``."""
+  return jax.device_put(x, NamedSharding(mesh, P()))

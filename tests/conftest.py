@@ -1,0 +1,25 @@
+"""Shared fixtures: real datasets resolved through SPREADING_DATA (default ../shared/data)."""
+import os
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _load(name):
+  from spreading_jax import data
+  try:
+    root = data.data_root()
+  except ValueError as e:
+    pytest.skip(f"real data not found: {e}")
+  return data.load_dataset(name, root)
+
+
+@pytest.fixture(scope="session")
+def siftsmall():
+  return _load("siftsmall")
+
+
+@pytest.fixture(scope="session")
+def wordllama():
+  return _load("wordllama-256")

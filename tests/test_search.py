@@ -1,0 +1,150 @@
+"""Exact search kernels against numpy references, on real and random data."""
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from spreading_jax import binary, search, sharding
+
+
+def naive_knn(xq, xb, k, metric="l2"):
+  xq, xb = np.asarray(xq, np.float64), np.asarray(xb, np.float64)
+  if metric == "l2":
+    d = ((xq[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
+  else:
+    d = -(xq @ xb.T)
+  i = np.argsort(d, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(d, i, axis=1), i
+
+
+def four_device_mesh():
+  if jax.device_count() < 4:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (make test sets it)")
+  return sharding.make_mesh(4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(nq=st.integers(1, 40), nb=st.integers(1, 700), d=st.integers(1, 20),
+       k=st.integers(1, 50), metric=st.sampled_from(["l2", "ip"]), seed=st.integers(0, 99))
+def test_blocked_equals_naive(nq, nb, d, k, metric, seed):
+  k = min(k, nb)
+  rng = np.random.default_rng(seed)
+  # Small integers make exact ties common, which exercises the tie-breaking rule.
+  xb = rng.integers(-3, 4, (nb, d)).astype(np.float32)
+  xq = rng.integers(-3, 4, (nq, d)).astype(np.float32)
+  D, I = search.knn(xq, xb, k, metric=metric, query_block=8, base_block=128)
+  Dr, Ir = naive_knn(xq, xb, k, metric)
+  np.testing.assert_array_equal(np.asarray(I), Ir)
+  np.testing.assert_allclose(np.asarray(D), Dr if metric == "l2" else -Dr, atol=1e-4)
+
+
+def test_two_stage_topk_matches_full_sort_with_ties():
+  rng = np.random.default_rng(0)
+  s = rng.integers(0, 40, (16, 8192)).astype(np.float32)  # many ties
+  vals, cols = jax.jit(lambda s: search._block_topk(s, 100))(s)
+  ref = np.argsort(-s, axis=1, kind="stable")[:, :100]
+  np.testing.assert_array_equal(np.asarray(cols), ref)
+  np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(s, ref, 1))
+
+
+def test_default_blocks_wide_database():
+  rng = np.random.default_rng(1)
+  xb = rng.standard_normal((70_001, 8)).astype(np.float32)
+  xq = rng.standard_normal((70, 8)).astype(np.float32)
+  D, I = search.knn(xq, xb, 100)
+  _, Ir = naive_knn(xq, xb, 100)
+  assert (np.asarray(I) == Ir).mean() > 0.999  # float32 vs float64 rounding only
+
+
+@pytest.mark.parametrize("nb", [997, 4096])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_sharded_equals_unsharded(nb, metric):
+  mesh = four_device_mesh()
+  rng = np.random.default_rng(nb)
+  xb = rng.standard_normal((nb, 24)).astype(np.float32)
+  xq = rng.standard_normal((33, 24)).astype(np.float32)
+  D1, I1 = search.knn(xq, xb, 37, metric=metric, base_block=256)
+  D4, I4 = search.knn(xq, xb, 37, metric=metric, mesh=mesh, base_block=256)
+  np.testing.assert_array_equal(np.asarray(I1), np.asarray(I4))
+  np.testing.assert_allclose(np.asarray(D1), np.asarray(D4), rtol=1e-6, atol=1e-6)
+
+
+def test_siftsmall_reproduces_groundtruth(siftsmall):
+  ds = siftsmall
+  D, I = search.knn(ds.query, ds.base, 100)
+  D, I = np.asarray(D), np.asarray(I)
+  gt = ds.groundtruth
+  xb, xq = np.asarray(ds.base, np.float64), np.asarray(ds.query, np.float64)
+  d_gt = ((xq[:, None, :] - xb[gt]) ** 2).sum(-1)
+  # Integer-valued SIFT: float32 distances are exact, so they must match exactly.
+  np.testing.assert_array_equal(D, d_gt)
+  # Ids agree except where several base vectors sit at exactly the same distance.
+  differ = I != gt
+  assert np.all(D[differ] == d_gt[differ])
+  assert differ.mean() < 0.01
+  assert search.recall_at(I, gt)[1] == 1.0
+
+
+def test_hamming_knn_matches_naive_and_sharded():
+  rng = np.random.default_rng(3)
+  base = rng.integers(0, 256, (1501, 8), dtype=np.uint8)
+  query = rng.integers(0, 256, (40, 8), dtype=np.uint8)
+  D, I = search.hamming_knn(query, base, 25, base_block=256)
+  ham = np.unpackbits(query[:, None, :] ^ base[None, :, :], axis=2).sum(2)
+  ref = np.argsort(ham, axis=1, kind="stable")[:, :25]
+  np.testing.assert_array_equal(np.asarray(I), ref)
+  np.testing.assert_array_equal(np.asarray(D), np.take_along_axis(ham, ref, 1))
+  if jax.device_count() >= 4:
+    D4, I4 = search.hamming_knn(query, base, 25, base_block=256, mesh=sharding.make_mesh(4))
+    np.testing.assert_array_equal(np.asarray(I4), ref)
+
+
+def test_sign_codes_hamming_equals_sign_disagreements():
+  rng = np.random.default_rng(4)
+  y = rng.standard_normal((300, 19)).astype(np.float32)
+  codes = binary.sign_codes(y)
+  assert codes.shape == (300, 3) and codes.dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(binary.unpack(codes, 19)), np.where(y >= 0, 1.0, -1.0))
+  D, I = search.hamming_knn(codes[:5], codes, 3)
+  s = np.sign(y + (y == 0))
+  disagree = (s[:5, None, :] != s[None, :, :]).sum(-1)
+  np.testing.assert_array_equal(np.asarray(D), np.sort(disagree, axis=1)[:, :3])
+
+
+def test_recall_at():
+  I = np.array([[3, 1, 2], [0, 2, 1], [7, 8, 9]])
+  gt = np.array([[1, 0], [5, 0], [7, 1]])
+  assert search.recall_at(I, gt, ks=(1, 2, 3)) == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3}
+  with pytest.raises(ValueError, match="recall@4"):
+    search.recall_at(I, gt, ks=(4,))
+  with pytest.raises(ValueError, match="queries"):
+    search.recall_at(I[:2], gt)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k=0), "k=0"),
+    (dict(k=11), "larger than the database"),
+    (dict(k=2.5), "integer"),
+    (dict(xq=np.zeros((3, 5), np.float32)), "d=5"),
+    (dict(xq=np.zeros(4, np.float32)), "2-D"),
+    (dict(xq=np.full((2, 4), np.nan, np.float32)), "NaN"),
+    (dict(xb=np.array([[np.inf] * 4] * 10, np.float32)), "NaN or Inf"),
+    (dict(xq=np.zeros((2, 4), bool)), "dtype"),
+    (dict(xq=np.zeros((2, 4), np.complex64)), "dtype"),
+    (dict(metric="cosine"), "metric"),
+])
+def test_knn_rejects_bad_input(bad, match):
+  args = dict(xq=np.zeros((2, 4), np.float32), xb=np.ones((10, 4), np.float32), k=3, metric="l2")
+  args.update(bad)
+  with pytest.raises(ValueError, match=match):
+    search.knn(args["xq"], args["xb"], args["k"], metric=args["metric"])
+
+
+def test_hamming_rejects_bad_codes():
+  base = np.zeros((10, 8), np.uint8)
+  with pytest.raises(ValueError, match="uint8"):
+    search.hamming_knn(np.zeros((2, 8), np.int32), base, 1)
+  with pytest.raises(ValueError, match="bytes"):
+    search.hamming_knn(np.zeros((2, 4), np.uint8), base, 1)
+  with pytest.raises(ValueError, match="larger than"):
+    search.hamming_knn(np.zeros((2, 8), np.uint8), base, 11)
