@@ -1,0 +1,53 @@
+"""The catalyzer: an MLP that maps input vectors onto the unit sphere (Sablayrolles et al. 2019)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows of x scaled to unit L2 norm. f32[n, d] -> f32[n, d].
+
+  A zero row stays zero (no NaN, finite gradient): the norm is floored at ``eps``.
+  """
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class Catalyzer(nn.Module):
+  """MLP d_in -> hidden... -> d_out with BatchNorm + ReLU, L2-normalized output.
+
+  The paper's network is ``Catalyzer(d_out=24, hidden=(1024, 1024))``. Use it with explicit
+  ``batch_stats``::
+
+    model = Catalyzer(d_out=24)
+    variables = model.init(rng, x, train=False)
+    y = model.apply(variables, x, train=False)                      # inference
+    y, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])  # training
+
+  Attributes:
+    d_out: output dimension (the dimension of the sphere the quantizer works on).
+    hidden: widths of the hidden layers.
+    bn_momentum: running-average momentum of BatchNorm (0.9 = PyTorch's 0.1).
+    axis_name: mesh axis over which BatchNorm statistics are averaged under
+      ``shard_map`` (the global batch), or None on one device.
+  """
+  d_out: int
+  hidden: Sequence[int] = (1024, 1024)
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """x: f32[n, d_in] -> f32[n, d_out] of unit norm."""
+    x = x.astype(jnp.float32)
+    for width in self.hidden:
+      x = nn.Dense(width)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+                       axis_name=self.axis_name if train else None)(x)
+      x = nn.relu(x)
+    x = nn.Dense(self.d_out)(x)
+    return l2_normalize(x)
