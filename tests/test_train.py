@@ -1,0 +1,128 @@
+"""The training recipe: a real smoke run, determinism, data parallelism, resume, bad input."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from spreading_jax import sharding
+from spreading_jax import train as T
+
+# A shrunk recipe: the real loop, small network, a couple of epochs.
+SMALL = T.TrainConfig(d_out=8, r2=10, bits=32, hidden=(64, 64), epochs=2, batch_size=32,
+                      val_every=1, val_queries=50, val_base=400, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def small_train(siftsmall):
+  # siftsmall ships no learn set: its base vectors are the training vectors here.
+  return np.asarray(siftsmall.base[:2500])
+
+
+def params_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                  jax.tree_util.tree_leaves(b)))
+
+
+def test_smoke_on_real_data_is_deterministic(small_train):
+  r1 = T.train(SMALL, small_train)
+  assert [h["epoch"] for h in r1.history] == [1, 2]
+  for key in ("loss", "triplet", "koleo", "violations", "lr", "lattice_R@10", "sign_R@10"):
+    assert key in r1.history[-1]
+  assert 0 <= r1.history[-1]["lattice_R@100"] <= 1
+  y = r1.apply(small_train[:37])
+  assert y.shape == (37, 8)
+  np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1, rtol=1e-5)
+  r2 = T.train(SMALL, small_train)
+  assert params_equal(r1.params, r2.params)
+  assert r1.history[0]["loss"] == r2.history[0]["loss"]
+
+
+def test_lr_block_schedule():
+  cfg = T.TrainConfig(epochs=160)
+  lrs = [T.lr_for_epoch(cfg, e) for e in range(160)]
+  assert lrs[:80] == [0.1] * 80 and lrs[80:120] == [0.05] * 40 and lrs[120:] == [0.01] * 40
+  with pytest.raises(ValueError, match="lr_schedule"):
+    T.TrainConfig(lr_schedule="0.1,abc").lr_values()
+
+
+def test_drop_self_handles_duplicates():
+  ids = np.array([[0, 5, 6], [4, 1, 7], [8, 9, 3]])
+  np.testing.assert_array_equal(T.drop_self(ids, 2), [[5, 6], [4, 7], [8, 9]])
+
+
+def test_one_and_four_devices_give_the_same_losses(small_train):
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 forced host devices (make test sets XLA_FLAGS)")
+  cfg = SMALL.replace(epochs=1, val_every=0)
+  r1 = T.train(cfg, small_train)
+  r4 = T.train(cfg, small_train, mesh=sharding.make_mesh(4))
+  for key in ("loss", "triplet", "koleo"):
+    np.testing.assert_allclose(r4.history[0][key], r1.history[0][key], rtol=1e-5, atol=1e-6)
+  assert r4.history[0]["violations"] == r1.history[0]["violations"]
+  for a, b in zip(jax.tree_util.tree_leaves(r1.params), jax.tree_util.tree_leaves(r4.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_resume_equals_uninterrupted(small_train, tmp_path):
+  cfg = SMALL.replace(epochs=3, val_every=2)
+  full = T.train(cfg, small_train)
+
+  class Interrupt(Exception):
+    pass
+
+  def stop_after_two(record):
+    if record["epoch"] == 2:
+      raise Interrupt
+
+  ckpt = cfg.replace(checkpoint_dir=str(tmp_path / "run"))
+  with pytest.raises(Interrupt):
+    T.train(ckpt, small_train, callback=stop_after_two)
+  history = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+  assert [json.loads(h)["epoch"] for h in history] == [1, 2]
+  resumed = T.train(ckpt, small_train)
+  assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+  assert params_equal(full.params, resumed.params)
+  with pytest.raises(ValueError, match="different config"):
+    T.train(ckpt.replace(lambda_koleo=0.5), small_train)
+
+
+def test_end_to_end_mode_trains(small_train):
+  r = T.train(SMALL.replace(epochs=1, end_to_end=True), small_train)
+  assert np.isfinite(r.history[0]["loss"])
+
+
+def test_save_load_round_trip_and_corruption(small_train, tmp_path):
+  r = T.train(SMALL.replace(epochs=1, val_every=0), small_train)
+  r.save(tmp_path / "model")
+  loaded = T.TrainResult.load(tmp_path / "model")
+  np.testing.assert_array_equal(loaded.apply(small_train[:10]), r.apply(small_train[:10]))
+  blob = tmp_path / "model" / "variables.msgpack"
+  blob.write_bytes(blob.read_bytes()[:-10])
+  with pytest.raises(ValueError, match="truncated or corrupt"):
+    T.TrainResult.load(tmp_path / "model")
+
+
+@pytest.mark.parametrize("change, data, match", [
+    (dict(), "nan", "NaN"),
+    (dict(rank_negative=50), "tiny", "at least 51"),
+    (dict(batch_size=64, rank_negative=5, rank_positive=3), "tiny", "larger than"),
+    (dict(d_out=40, r2=79, bits=64), "ok", "bits=64"),
+    (dict(batch_size=30), "ok4", "divisible"),
+    (dict(lambda_koleo=-1.0), "ok", "lambda_koleo"),
+])
+def test_bad_input_is_rejected_before_compute(change, data, match):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((300, 16)).astype(np.float32)
+  if data == "nan":
+    x[7, 3] = np.nan
+  if data == "tiny":
+    x = x[:40]
+  mesh = None
+  if data == "ok4":
+    if jax.device_count() < 4:
+      pytest.skip("needs 4 devices")
+    mesh = sharding.make_mesh(4)
+  cfg = SMALL.replace(val_every=0, **change)
+  with pytest.raises(ValueError, match=match):
+    T.train(cfg, x, mesh=mesh)
