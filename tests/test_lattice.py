@@ -69,15 +69,13 @@ def random_lattice_points(rng, d, r2, n):
       rng.standard_normal((n, d)).astype(np.float32) * rng.exponential(1, (n, d))))
 
 
-@pytest.mark.parametrize("d, r2", [(24, 79), (64, 120), (96, 120)])
+@pytest.mark.parametrize("d, r2", [(24, 79), (64, 120)])
 @settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_round_trip_large(d, r2, seed):
   codec = ZnSphereCodec(d, r2)
   if d == 64:
-    assert codec.code_bits > 64
-  if d == 96:
-    assert codec.code_bits > 128
+    assert codec.code_bits > 128  # past faiss' 64 bits and two 64-bit words
   pts = random_lattice_points(np.random.default_rng(seed), d, r2, 64)
   codes = codec.encode(pts)
   np.testing.assert_array_equal(np.asarray(codec.decode_points(codes)), pts)

@@ -1,0 +1,160 @@
+"""Training throughput of one epoch vs the original PyTorch code, same machine, data, threads.
+
+    python benchmarks/bench_train.py                         # 50k x 96-d, paper network
+    python benchmarks/bench_train.py --n 10000 --repeats 2   # quick
+
+The PyTorch side runs facebookresearch/spreadingvectors' own epoch function from a temporary
+checkout (see benchmarks/_torch_reference.py) in a separate interpreter with CPU torch
+(``--torch-python``, default /tmp/torchvenv/bin/python); without it that column is skipped.
+Also reports the step as a fraction of this machine's float32 matmul peak, the per-epoch
+negative-mining time, and a projection of the full recipe (500k vectors, 160 epochs).
+Writes experiments/results/bench_train.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import median, table, timeit, write_result  # noqa: E402
+
+from spreading_jax import lattice, search  # noqa: E402
+from spreading_jax import train as T  # noqa: E402
+from spreading_jax.catalyzer import Catalyzer  # noqa: E402
+
+
+def unit(rng, n, d):
+  x = rng.standard_normal((n, d), dtype=np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large float32 matmul on the default device."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  t = median(timeit(lambda: f(a).block_until_ready(), repeats))
+  return 2 * n ** 3 / t
+
+
+def step_flops(d_in: int, hidden: int, d_out: int, batch: int) -> float:
+  """Matmul FLOPs of one training step: forward on 3*batch rows, backward ~2x forward."""
+  per_row = 2 * (d_in * hidden + hidden * hidden + hidden * d_out)
+  return 3 * (3 * batch) * per_row
+
+
+def time_jax_epoch(x, pos, neg, config, repeats):
+  n, d_in = x.shape
+  steps = n // config.batch_size
+  codec = lattice.ZnSphereCodec(config.d_out, config.lattice_r2())
+
+  def module_def(axis):
+    return Catalyzer(d_out=config.d_out, hidden=config.hidden, axis_name=axis)
+
+  variables = module_def(None).init(jax.random.PRNGKey(0), jnp.zeros((2, d_in)), train=False)
+  tx, schedule = T.make_optimizer(config, steps)
+  state = T.TrainState(variables["params"], variables["batch_stats"],
+                       tx.init(variables["params"]))
+  epoch = T.make_epoch_fn(module_def, config, codec, tx, schedule, steps)
+  xd, pd, nd = jnp.asarray(x), jnp.asarray(pos), jnp.asarray(neg)
+  holder = {"state": state, "i": 0}
+
+  def run():
+    holder["i"] += 1
+    s, m = epoch(holder["state"], xd, pd, nd, jax.random.PRNGKey(holder["i"]), jnp.int32(0))
+    jax.block_until_ready(m)
+    holder["state"] = s
+
+  times = timeit(run, repeats, warmup=1)  # the warm-up epoch compiles
+  return times, steps
+
+
+def time_mining(n: int, d_out: int, repeats: int) -> float:
+  y = unit(np.random.default_rng(1), n, d_out)
+  yd = jnp.asarray(y)
+  return median(timeit(lambda: T.mine_negatives(yd, 50), repeats))
+
+
+def run_torch(torch_python, x, pos, neg, threads, repeats):
+  if not os.path.exists(torch_python):
+    print(f"PyTorch reference skipped: {torch_python} not found (see _torch_reference.py)")
+    return None
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "data.npz")
+    np.savez(path, x=x, pos=pos, neg=neg)
+    cmd = [torch_python, os.path.join(os.path.dirname(__file__), "_torch_reference.py"),
+           "--data", path, "--threads", str(threads), "--repeats", str(repeats), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    print(f"PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}")
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--n", type=int, default=50_000)
+  p.add_argument("--d", type=int, default=96)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--mine-n", type=int, default=100_000,
+                 help="vectors for the negative-mining timing (projected to 500k)")
+  p.add_argument("--torch-python", default="/tmp/torchvenv/bin/python")
+  args = p.parse_args(argv)
+
+  rng = np.random.default_rng(0)
+  x = unit(rng, args.n, args.d)
+  pos = T.exact_positives(jnp.asarray(x), 10)
+  neg = T.mine_negatives(jnp.asarray(x), 50)
+  config = T.TrainConfig(d_out=24, r2=79, batch_size=64, epochs=160, verbose=False)
+
+  times, steps = time_jax_epoch(x, pos, neg, config, args.repeats)
+  t_epoch = median(times)
+  ours = {"impl": "spreading-jax", "epoch_s": t_epoch, "epoch_s_all": times,
+          "vectors_per_s": steps * 64 / t_epoch, "ms_per_step": 1e3 * t_epoch / steps}
+  peak = matmul_peak()
+  flops = step_flops(args.d, 1024, 24, 64)
+  ours["fraction_of_matmul_peak"] = flops / (t_epoch / steps) / peak
+  print(f"jax: {ours['vectors_per_s']:.0f} vectors/s, {ours['ms_per_step']:.2f} ms/step, "
+        f"{100 * ours['fraction_of_matmul_peak']:.0f}% of matmul peak ({peak / 1e9:.0f} GFLOP/s)",
+        flush=True)
+
+  ref = run_torch(args.torch_python, x, np.asarray(pos), np.asarray(neg), args.threads,
+                  args.repeats)
+  rows = [ours]
+  if ref is not None:
+    rows.append({"impl": f"original PyTorch ({ref.get('torch')})",
+                 "vectors_per_s": ref["vectors_per_s"], "ms_per_step": ref["ms_per_step"],
+                 "epoch_s": ref["epoch_s"]})
+    ours["ratio_vs_torch"] = ours["vectors_per_s"] / ref["vectors_per_s"]
+    print(f"torch: {ref['vectors_per_s']:.0f} vectors/s, {ref['ms_per_step']:.2f} ms/step; "
+          f"ratio {ours['ratio_vs_torch']:.2f}x", flush=True)
+
+  t_mine = time_mining(args.mine_n, 24, max(1, args.repeats - 1))
+  mine_500k = t_mine * (500_000 / args.mine_n) ** 2  # exact kNN is quadratic in n
+  epoch_500k = 500_000 / ours["vectors_per_s"] + mine_500k
+  projection = {"mining_s_measured": t_mine, "mining_n": args.mine_n,
+                "mining_s_500k_projected": mine_500k, "epoch_s_500k_projected": epoch_500k,
+                "full_recipe_hours_projected": 160 * epoch_500k / 3600}
+  print(f"negative mining: {t_mine:.2f} s for {args.mine_n} vectors -> {mine_500k:.0f} s at 500k "
+        f"(projected); full recipe (500k x 160 epochs) ~ {projection['full_recipe_hours_projected']:.1f}"
+        " h on this device", flush=True)
+  print(table(rows, ["impl", "vectors_per_s", "ms_per_step", "epoch_s"]))
+  path = write_result("bench_train", {
+      "benchmark": "one training epoch, 96->1024->1024->24, batch 64",
+      "n": args.n, "d": args.d, "threads": args.threads, "matmul_peak_flops": peak,
+      "step_flops": flops, "rows": rows, "reference": ref, "projection": projection,
+      "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))})
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
