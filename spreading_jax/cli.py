@@ -106,8 +106,8 @@ def _plot_training(history, path: Path) -> Path:
   from spreading_jax.data import atomic_output
   epochs = [h["epoch"] for h in history]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  ax1.plot(epochs, [h["loss"] for h in history], label="loss")
-  ax1.plot(epochs, [h["triplet"] for h in history], label="triplet")
+  ax1.plot(epochs, [h["loss"] for h in history], marker=".", label="loss")
+  ax1.plot(epochs, [h["triplet"] for h in history], marker=".", label="triplet")
   ax1.set_xlabel("epoch"), ax1.set_title("training loss"), ax1.legend()
   val = [h for h in history if "lattice_R@10" in h]
   for key in ("lattice_R@1", "lattice_R@10", "lattice_R@100", "sign_R@10"):
