@@ -37,7 +37,8 @@ def _configure_demo(p):
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA or "
                  "../shared/data)")
   p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
-  p.add_argument("--lambda-koleo", type=float, default=0.01)
+  p.add_argument("--lambda-koleo", type=float, default=0.05,
+                 help="KoLeo weight (default 0.05, the original code's default)")
   p.add_argument("--out", default="experiments/results/demo",
                  help="where the table, JSON and plot go")
   p.add_argument("--seed", type=int, default=0)

@@ -76,7 +76,7 @@ class TrainConfig:
   batch_size: int = 64
   lr_schedule: str = "0.1,0.1,0.05,0.01"
   momentum: float = 0.9
-  lambda_koleo: float = 0.01
+  lambda_koleo: float = 0.05
   rank_positive: int = 10
   rank_negative: int = 50
   end_to_end: bool = False
