@@ -4,22 +4,29 @@
 their rank in [0, N), N = the number of points on the sphere, stored as little-endian
 uint32 words (no ``jax_enable_x64``; TPU friendly). Any (d, r²) with N < 2^256 works.
 
-Code assignment (our own scheme): the code of a point is its rank in the lexicographic
-order of its coordinates, each coordinate ordered 0, +1, -1, +2, -2, ... With
-N(k, s) = the number of points of Z^k of squared norm s, the rank is a sum of table
-entries, ``code = sum_p T[p, s_p, j(c_p)]``, where s_p is the squared norm left for the
-coordinates p.. and T[p, s, j] counts the completions of the choices that precede choice
-j. Encoding is d table lookups and a multi-word sum; decoding walks the coordinates and at
-each picks the last threshold <= the remaining rank: comparisons and subtractions only, no
-multiplication or division of big integers. The last few coordinates are read from one
-lookup table of all the short vectors, indexed by (remaining norm, remaining rank).
+Code assignment (our own scheme). With N(k, s) = the number of points of Z^k of squared
+norm s, s_p = the squared norm left for the coordinates p.. and z_p = the number of
+non-zero coordinates before p,
+
+    code = sum_p 2^z_p (C[p, s_p, |c_p|] + [c_p < 0]),
+    C[p, s, a] = sum_{b < a} w(b) N(d-p-1, s - b²),  w(0) = 1, w(b > 0) = 2,
+
+i.e. points are ordered by their magnitudes lexicographically (coordinate 0 first, small
+magnitudes first) and, within a magnitude pattern, by their signs read as a binary
+number (the sign of the k-th non-zero coordinate is bit k). Encoding is d table lookups
+and a multi-word Horner sum. Decoding walks the coordinates: the magnitude is the number
+of thresholds C[p, s, a] (a >= 1, one gathered table row) <= the rank left, the
+threshold is subtracted, and for a non-zero value the low bit of what is left is its
+sign and is shifted out. Only comparisons, subtractions and shifts: no multiplication or
+division of big integers, a fixed number of vectorized steps per row. The last few
+coordinates are read from one lookup table of all the short vectors, indexed by
+(remaining norm, remaining rank).
 
 Quantization follows the atom decomposition of faiss' ZnSphereCodec (Douze, Sablayrolles,
 Jégou 2018, "Link and code", arXiv 1804.09996): the best point is a signed permutation of
 an *atom* (a non-increasing non-negative vector of squared norm r²); it is found by sorting
-|x| and scoring every atom against the sorted values. The kernels are written with float
-arithmetic (sign/min/max, sums, one matmul) so that XLA:CPU fuses them into a few
-vectorized loops, and work on any backend.
+|x| (ranks by pairwise comparisons) and scoring every atom against the sorted values with
+one matmul; the argmax uses max/sign arithmetic so that XLA:CPU fuses it with the matmul.
 """
 from __future__ import annotations
 
@@ -37,11 +44,13 @@ MAX_BITS = 256
 _MAX_TABLE_ENTRIES = 1 << 24
 # Largest number of atoms (rows of the scoring matmul) and of tail-table entries.
 _MAX_ATOMS = 1 << 17
-_MAX_TAIL_ENTRIES = 1 << 16
-# Rows per compiled call of the eager wrappers; chunks keep intermediates in cache and
-# bound memory for any n.
-_CHUNK = 8192
+_MAX_TAIL_ENTRIES = 1 << 19
+# Rows per step of the eager wrappers' loop: intermediates stay in cache, memory bounded.
+_CHUNK = 16384
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Up to this many coordinates the encode/decode walks are unrolled (fastest); longer ones
+# run as loops so that compilation time does not grow with d.
+_UNROLL = 32
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,9 +196,20 @@ class ZnSphereCodec:
     True
   """
 
-  def __init__(self, d: int, r2: int):
+  def __init__(self, d: int, r2: int, *, tail: int | None = None):
+    """Builds the tables of the sphere of squared radius ``r2`` in dimension ``d``.
+
+    Args:
+      d: dimension, >= 1.
+      r2: squared radius, >= 1; the sphere must hold at least one and fewer than 2^256
+        points.
+      tail: how many trailing coordinates the decoder reads from one lookup table
+        (default: the most whose table has at most 2^19 entries); 0 decodes every
+        coordinate by comparisons. Codes do not depend on it.
+    """
     self.d = check_int("d", d, minimum=1)
     self.r2 = check_int("r2", r2, minimum=1)
+    self._max_tail = None if tail is None else check_int("tail", tail, minimum=0, maximum=self.d)
     n = num_points(self.d, self.r2)
     if n == 0:
       raise ValueError(f"r2={r2} is not a sum of {d} squares: the sphere has no lattice point")
@@ -209,13 +229,16 @@ class ZnSphereCodec:
 
   # Codecs are compared by value so jitted functions can take them as static arguments.
   def __eq__(self, other):
-    return isinstance(other, ZnSphereCodec) and (self.d, self.r2) == (other.d, other.r2)
+    return isinstance(other, ZnSphereCodec) and self._key() == other._key()
 
   def __hash__(self):
-    return hash(("ZnSphereCodec", self.d, self.r2))
+    return hash(("ZnSphereCodec",) + self._key())
+
+  def _key(self):
+    return (self.d, self.r2, self._max_tail)
 
   def __reduce__(self):
-    return (ZnSphereCodec, (self.d, self.r2))
+    return (_rebuild, self._key())
 
   def __repr__(self):
     return (f"ZnSphereCodec(d={self.d}, r2={self.r2}, num_points={self.num_points}, "
@@ -227,8 +250,7 @@ class ZnSphereCodec:
     d, r2 = self.d, self.r2
     counts = _counts(d, r2)
     radius = math.isqrt(r2)
-    values = _choice_values(radius)
-    nv = len(values)
+    words = self.code_words
 
     # Atoms, for the search. Sorted values of each atom, as floats (exact integers).
     atoms = _atoms(d, r2)
@@ -237,58 +259,77 @@ class ZnSphereCodec:
     self.num_atoms = len(atoms)
     self._atoms = np.asarray(atoms, np.float32).reshape(len(atoms), d)      # f32[A, d]
 
-    # Rank tables. T[p, s, j] = sum over choices i < j of N(d-p-1, s - v_i^2): the number
-    # of points whose coordinate p comes before choice j, given the norm s left for p...
-    # Words at step p: enough for every rank that can remain there, max_s N(d-p, s).
-    self._step_words = [_words_for(max(counts[d - p]) + 1) for p in range(d)]
-    words = self.code_words
+    # C[p, s, a] = sum over magnitudes b < a of w(b) N(d-p-1, s - b^2), w(0) = 1, w(b) = 2:
+    # the points (signs included) whose coordinate p is smaller than a in magnitude, given
+    # the norm s left for coordinates p.. (see the module docstring).
     cum = []
     for p in range(d):
       rest = counts[d - p - 1]
       for s in range(r2 + 1):
         acc = 0
-        for v in values:
+        for mag in range(radius + 1):
           cum.append(acc)
-          if v * v <= s:
-            acc += rest[s - v * v]
-    table = _to_words(cum, words).reshape(d, r2 + 1, nv, words)
-    self._enc_words = [np.ascontiguousarray(table[..., w]).reshape(-1) for w in range(words)]
-    # Decoding: per word, the thresholds of one (p, s) are a contiguous row.
-    # T[p, s, 0] = 0 is left out: the choice is the number of the other thresholds <= the
-    # rank, and rows of 2R entries vectorize well.
-    self._dec_rows = [np.ascontiguousarray(table[:, :, 1:, w]).reshape(d * (r2 + 1), nv - 1)
-                      for w in range(words)]
-    self._dec_flat = np.ascontiguousarray(table.reshape(-1, words))
-    self._first = table[0, r2, 1:]                                      # u32[nv - 1, words]
-    self._values = np.asarray(values, np.int32)
+          if mag * mag <= s:
+            acc += rest[s - mag * mag] * (2 if mag else 1)
+    table = _to_words(cum, words).reshape(d, r2 + 1, radius + 1, words)
+    # Words at step p: enough for every rank that can remain there, max_s N(d-p, s).
+    self._step_words = [_words_for(max(counts[d - p]) + 1) for p in range(d)]
+    # Encoding reads E = C[p, s, |v|] + [v < 0] by signed choice j = 2|v| - [v > 0] - 1
+    # (v != 0; a zero coordinate adds nothing).
+    per_row = radius + 1
+    enc = [cum[i - i % per_row + (j + 2) // 2] + (j % 2) for i in range(0, len(cum), per_row)
+           for j in range(2 * radius)]
+    enc_table = _to_words(enc, words)
+    self._enc_words = [np.concatenate([enc_table[:, w], [0]]).astype(np.uint32)
+                       for w in range(words)]                 # last entry: the zero choice
+    # Decoding: starts[w][p, s, a-1] = word w of C[p, s, a] (a = 1..R), one row per (p, s);
+    # taken[p, s, a] = the words of C[p, s, a].
+    self._dec_starts = [np.ascontiguousarray(table[:, :, 1:, w]).reshape(-1, radius)
+                        for w in range(words)]
+    self._dec_taken = table.reshape(-1, words)
 
-    # Tail table: every point of Z^L with squared norm s <= r2, in code order, grouped by
-    # s; the last L coordinates are read there with one lookup. Coordinates packed as int8.
+    # Tail table: for every squared norm s <= r2, the points of Z^L of that norm listed by
+    # their rank (as a suffix of the code); the last L coordinates are read there with one
+    # lookup. Coordinates packed in b-bit two's complement fields of a uint32.
+    self._tail_bits = radius.bit_length() + 1
     self._tail = 0
-    for tail in range(min(4, d), 0, -1):
-      total = sum(counts[tail])
-      if radius <= 127 and total <= _MAX_TAIL_ENTRIES and max(counts[tail]) < 1 << 31:
+    longest = min(32 // self._tail_bits, d)
+    if self._max_tail is not None:
+      longest = min(longest, self._max_tail)
+    for tail in range(longest, 0, -1):
+      if sum(counts[tail]) <= _MAX_TAIL_ENTRIES and max(counts[tail]) < 1 << 31:
         self._tail = tail
         break
     if self._tail:
-      self._tail_offsets, self._tail_points = self._build_tail(self._tail, values)
+      self._tail_offsets, self._tail_points = self._build_tail(self._tail, table[d - self._tail:])
 
-  def _build_tail(self, tail: int, values: list[int]):
-    r2 = self.r2
-    by_norm = [[] for _ in range(r2 + 1)]
+  def _build_tail(self, tail: int, table: np.ndarray):
+    """(offsets i32[r2 + 1], packed u32[sum_s N(tail, s)]) of the tail table.
 
-    def rec(prefix, norm):
-      if len(prefix) == tail:
-        by_norm[norm].append(prefix)
-        return
-      for v in values:  # code order, so each list comes out sorted
-        if norm + v * v <= r2:
-          rec(prefix + [v], norm + v * v)
-
-    rec([], 0)
-    offsets = np.cumsum([0] + [len(b) for b in by_norm[:-1]]).astype(np.int32)
-    packed = [sum((v & 0xFF) << (8 * k) for k, v in enumerate(pt)) for b in by_norm for pt in b]
-    return offsets, np.asarray(packed, np.uint32)
+    ``table`` holds C for the last ``tail`` positions (single-word ranks there).
+    """
+    r2, bits, radius = self.r2, self._tail_bits, math.isqrt(self.r2)
+    vals = np.arange(-radius, radius + 1, dtype=np.int64)
+    points = np.zeros((1, 0), np.int64)
+    for _ in range(tail):
+      norms = np.sum(points * points, axis=1)
+      rows, cols = np.nonzero(norms[:, None] + vals[None, :] ** 2 <= r2)
+      points = np.concatenate([points[rows], vals[cols, None]], axis=1)
+    norms = np.sum(points * points, axis=1)
+    # Rank of each point among the points of its norm: the code recurrence of rank_core.
+    rank = np.zeros(len(points), np.int64)
+    left = norms.copy()
+    c = table[..., 0].astype(np.int64)                        # [tail, r2 + 1, radius + 1]
+    for q in reversed(range(tail)):
+      v = points[:, q]
+      left_q = norms - np.sum(points[:, :q] ** 2, axis=1)
+      term = c[q, left_q, np.abs(v)] + (v < 0)
+      rank = term + (rank << (v != 0))
+    del left
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(norms, minlength=r2 + 1))[:-1]])
+    order = np.lexsort((rank, norms))
+    fields = (points[order] & ((1 << bits) - 1)) << (bits * np.arange(tail))[None, :]
+    return offsets.astype(np.int32), np.sum(fields, axis=1).astype(np.uint32)
 
   # -- quantization ------------------------------------------------------------------------
 
@@ -346,7 +387,7 @@ class ZnSphereCodec:
     x = self._check_x(x)
     if not is_concrete(x):
       return self.quantize_core(x)
-    return _map_chunks(_jitted(self, "quantize_core"), x, self.d, jnp.float32)
+    return _map_rows(self, "quantize_core", x, self.d, jnp.float32)
 
   def quantize_normalized(self, x) -> jax.Array:
     """``quantize(x) / sqrt(r2)``: the nearest unit-norm codeword. f32[n, d] -> f32[n, d]."""
@@ -375,30 +416,40 @@ class ZnSphereCodec:
     """Traceable rank of lattice points: f32/i32[n, d] -> u32[n, code_words].
 
     ``points`` must be points of this sphere (integer coordinates, squared norm r2).
+    Evaluates code = E_0 + 2^[c_0 != 0] (E_1 + 2^[c_1 != 0] (E_2 + ...)) from the last
+    coordinate, with E_p = C[p, s_p, |c_p|] + [c_p < 0] read from the tables.
     """
-    d, r2, nv = self.d, self.r2, len(self._values)
+    d, r2, radius = self.d, self.r2, math.isqrt(self.r2)
     c = jnp.asarray(points).astype(jnp.float32)
     # Norm left before each coordinate, as a (fused) matmul with a strict triangle.
     before = jnp.asarray(np.triu(np.ones((d, d), np.float32), 1))           # [q, p]: q < p
     left = r2 - jnp.dot(c * c, before, precision=_HIGHEST).astype(jnp.int32)
     ci = c.astype(jnp.int32)
-    j = 2 * jnp.abs(ci) - (ci > 0).astype(jnp.int32)
+    j = 2 * jnp.abs(ci) - (ci > 0).astype(jnp.int32)                       # signed choice
     pos = jnp.arange(d, dtype=jnp.int32)[None, :]
-    index = (pos * (r2 + 1) + jnp.clip(left, 0, r2)) * nv + jnp.clip(j, 0, nv - 1)  # [n, d]
-    # Sum the entries as 16-bit halves (d < 2^16 terms cannot overflow a uint32), then
-    # carry. Word w of T[p] is zero once the ranks left at p fit in w words: skip it.
-    halves = []
-    for w in range(self.code_words):
-      cols = sum(1 for p in range(d) if self._step_words[p] > w)
-      entries = jnp.asarray(self._enc_words[w])[index[:, :cols]]             # u32[n, cols]
-      halves += [jnp.sum(entries & 0xFFFF, axis=1), jnp.sum(entries >> 16, axis=1)]
-    words, carry = [], jnp.zeros_like(halves[0])
-    for w in range(self.code_words):
-      lo = halves[2 * w] + carry
-      hi = halves[2 * w + 1] + (lo >> 16)
-      words.append((lo & 0xFFFF) | (hi << 16))
-      carry = hi >> 16
-    return jnp.stack(words, axis=1)
+    index = (pos * (r2 + 1) + jnp.clip(left, 0, r2)) * (2 * radius) + jnp.clip(j - 1, 0, 2 * radius - 1)
+    index = jnp.where(j > 0, index, self._enc_words[0].shape[0] - 1)
+    entries = [jnp.asarray(self._enc_words[w])[index] for w in range(self.code_words)]  # [n, d]
+    # For a zero coordinate E_p = C[p, s_p, 0] = 0 and the shift is 0.
+    nonzero = (ci != 0).astype(jnp.uint32)
+    acc = [jnp.zeros_like(entries[0][:, 0]) for _ in range(self.code_words)]
+
+    def step(p, acc):
+      # The partial code fits in the words of step p; the higher words are still zero.
+      words = len(acc)
+      col = lambda a: jax.lax.dynamic_index_in_dim(a, p, axis=1, keepdims=False)
+      head = _shl1_words(acc, col(nonzero))
+      return _add_words(head, [col(e) for e in entries[:words]])
+
+    if d <= _UNROLL:
+      for p in reversed(range(d)):
+        words = self._step_words[p]
+        acc = step(p, acc[:words]) + acc[words:]
+    else:
+      for start, stop, words in reversed(_runs(self._step_words)):
+        body = lambda i, acc, stop=stop: tuple(step(stop - 1 - i, list(acc)))
+        acc = list(jax.lax.fori_loop(0, stop - start, body, tuple(acc[:words]))) + acc[words:]
+    return jnp.stack(acc, axis=1)
 
   def encode_core(self, x):
     """Traceable encode (no input checks): f32[n, d] -> u32[n, code_words]."""
@@ -417,50 +468,73 @@ class ZnSphereCodec:
     x = self._check_x(x)
     if not is_concrete(x):
       return self.encode_core(x)
-    return _map_chunks(_jitted(self, "encode_core"), x, self.code_words, jnp.uint32)
+    return _map_rows(self, "encode_core", x, self.code_words, jnp.uint32)
 
   # -- decoding ----------------------------------------------------------------------------
 
   def decode_points_core(self, codes):
     """Traceable decode to integer coordinates: u32[n, code_words] -> f32[n, d].
 
-    Walks the coordinates: at each, the value is the last choice whose threshold
-    T[p, s, j] is <= the remaining rank (a multi-word comparison against one gathered
-    table row), then the threshold is subtracted. Codes >= num_points give unspecified
-    points (no error inside traced code).
+    Walks the coordinates (see the module docstring): at each, a gathered row of
+    thresholds gives the magnitude, the threshold is subtracted and the low bit gives the
+    sign; the last ``tail`` coordinates come from one table lookup. Codes >= num_points
+    give unspecified points (no error inside traced code).
     """
-    d, r2, nv = self.d, self.r2, len(self._values)
+    d, r2 = self.d, self.r2
     codes = jnp.asarray(codes)
-    values = jnp.asarray(self._values)
     head = d - self._tail
     rank = [codes[:, w] for w in range(self.code_words)]
     left = jnp.full(codes.shape[:1], r2, jnp.int32)
-    out = []
-    for p in range(head):
-      words = self._step_words[p]
-      rank = rank[:words]
-      if p == 0:  # the norm left is r2 for every row: the thresholds are constants
-        thr = [jnp.asarray(self._first[:, w])[None, :] for w in range(words)]
-        row = jnp.full_like(left, r2)
-      else:
-        row = p * (r2 + 1) + left
-        thr = [jnp.asarray(self._dec_rows[w])[row] for w in range(words)]     # u32[n, nv]
-      ge = rank[0][:, None] >= thr[0]
-      for w in range(1, words):
-        ge = (rank[w][:, None] > thr[w]) | ((rank[w][:, None] == thr[w]) & ge)
-      choice = jnp.minimum(jnp.sum(ge, axis=1, dtype=jnp.int32), nv - 1)
-      taken = jnp.asarray(self._dec_flat)[row * nv + choice]                 # u32[n, W]
-      rank = _sub_words(rank, [taken[:, w] for w in range(words)])
-      v = values[choice]
-      left = left - v * v
-      out.append(v)
+    if head <= _UNROLL:
+      out = []
+      for p in range(head):
+        rank, left, v = self._decode_step(p, rank[:self._step_words[p]], left)
+        out.append(v)
+      out = jnp.stack(out, axis=0) if out else jnp.zeros((0,) + left.shape, jnp.int32)
+    else:
+      # Long walks run as loops (one per run of steps with the same word count), which
+      # keeps compilation time flat in d.
+      out = jnp.zeros((head,) + left.shape, jnp.int32)
+      rank, left, v = self._decode_step(0, rank[:self._step_words[0]], left)
+      out = out.at[0].set(v)
+      for start, stop, words in _runs(self._step_words[1:head], offset=1):
+        def body(p, state, words=words):
+          rank, left, out = state
+          rank, left, v = self._decode_step(p, rank, left)
+          return rank, left, jax.lax.dynamic_update_index_in_dim(out, v, p, axis=0)
+        rank, left, out = jax.lax.fori_loop(start, stop, body, (rank[:words], left, out))
+    columns = [out.T.astype(jnp.float32)]
     if self._tail:
       index = jnp.asarray(self._tail_offsets)[jnp.clip(left, 0, r2)] + rank[0].astype(jnp.int32)
       packed = jnp.asarray(self._tail_points)[jnp.clip(index, 0, len(self._tail_points) - 1)]
-      for k in range(self._tail):
-        byte = ((packed >> (8 * k)) & 0xFF).astype(jnp.int32)
-        out.append(byte - ((byte & 0x80) << 1))      # sign-extend the int8
-    return jnp.stack(out, axis=1).astype(jnp.float32)
+      bits = self._tail_bits
+      shifts = jnp.asarray(bits * np.arange(self._tail, dtype=np.uint32))
+      field = ((packed[:, None] >> shifts[None, :]) & ((1 << bits) - 1)).astype(jnp.int32)
+      columns.append((field - ((field >> (bits - 1)) << bits)).astype(jnp.float32))
+    return jnp.concatenate(columns, axis=1) if len(columns) > 1 else columns[0]
+
+  def _decode_step(self, p, rank, left):
+    """One coordinate of the walk: (rank words, norm left) -> (rank words, norm left, value).
+
+    ``p`` is a Python int or a traced scalar; ``rank`` has the words of step p.
+    """
+    r2, radius, words = self.r2, math.isqrt(self.r2), len(rank)
+    # Magnitude: how many thresholds C[p, s, a], a >= 1, are <= the rank. At p = 0 the
+    # norm left is r2 for every row, so the thresholds are constants.
+    if isinstance(p, int) and p == 0:
+      row = jnp.full_like(left, r2)
+      starts = [jnp.asarray(self._dec_starts[w][r2])[None, :] for w in range(words)]
+    else:
+      row = p * (r2 + 1) + left
+      starts = [jnp.asarray(self._dec_starts[w])[row] for w in range(words)]    # u32[n, R]
+    mag = _count_le(starts, [r[:, None] for r in rank])
+    taken = jnp.asarray(self._dec_taken)[row * (radius + 1) + mag]                # u32[n, W]
+    rank = _sub_words(rank, [taken[:, w] for w in range(words)])
+    # A non-zero coordinate: the low bit of what is left is its sign.
+    nonzero = mag > 0
+    negative = nonzero & ((rank[0] & 1) == 1)
+    rank = _shr1_words(rank, nonzero.astype(jnp.uint32))
+    return rank, left - mag * mag, jnp.where(negative, -mag, mag)
 
   def decode_core(self, codes):
     """Traceable decode: u32[n, code_words] -> f32[n, d] unit-norm points."""
@@ -478,7 +552,7 @@ class ZnSphereCodec:
     codes = self.check_codes(codes)
     if not is_concrete(codes):
       return self.decode_points_core(codes)
-    return _map_chunks(_jitted(self, "decode_points_core"), codes, self.d, jnp.float32)
+    return _map_rows(self, "decode_points_core", codes, self.d, jnp.float32)
 
   def decode(self, codes) -> jax.Array:
     """Unit-norm points of codes.
@@ -495,7 +569,7 @@ class ZnSphereCodec:
     codes = self.check_codes(codes)
     if not is_concrete(codes):
       return self.decode_core(codes)
-    return _map_chunks(_jitted(self, "decode_core"), codes, self.d, jnp.float32)
+    return _map_rows(self, "decode_core", codes, self.d, jnp.float32)
 
   # -- checks ------------------------------------------------------------------------------
 
@@ -538,6 +612,62 @@ class ZnSphereCodec:
     return codes
 
 
+def _runs(words_per_step, offset: int = 0):
+  """[(start, stop, words)] runs of equal values in a list, positions shifted by offset."""
+  runs = []
+  for i, w in enumerate(words_per_step):
+    if runs and runs[-1][2] == w:
+      runs[-1][1] = i + offset + 1
+    else:
+      runs.append([i + offset, i + offset + 1, w])
+  return [tuple(r) for r in runs]
+
+
+def _less_equal_words(a, b):
+  """a <= b for little-endian uint32 word lists (broadcasting)."""
+  le = a[0] <= b[0]
+  for x, y in zip(a[1:], b[1:]):
+    le = (x < y) | ((x == y) & le)
+  return le
+
+
+def _count_le(thresholds, value):
+  """Number of thresholds <= value: word lists of [n, k] thresholds and [n, 1] values."""
+  return jnp.sum(_less_equal_words(thresholds, value), axis=1, dtype=jnp.int32)
+
+
+def _add_words(a, b):
+  """a + b for little-endian uint32 word lists (the sum must fit)."""
+  out, carry = [], None
+  for x, y in zip(a, b):
+    total = x + y
+    if carry is None:
+      out.append(total)
+      carry = (total < x).astype(jnp.uint32)
+    else:
+      with_carry = total + carry
+      out.append(with_carry)
+      carry = ((total < x) | (with_carry < total)).astype(jnp.uint32)
+  return out
+
+
+def _shl1_words(a, bit):
+  """a << bit for a word list and bit in {0, 1} (per row; the result must fit)."""
+  out = [a[0] << bit]
+  for lo, hi in zip(a[:-1], a[1:]):
+    out.append((hi << bit) | ((lo >> 31) & bit))
+  return out
+
+
+def _shr1_words(a, bit):
+  """a >> bit for a word list and bit in {0, 1} (per row)."""
+  out = []
+  for lo, hi in zip(a[:-1], a[1:]):
+    out.append((lo >> bit) | ((hi & bit) << 31))
+  out.append(a[-1] >> bit)
+  return out
+
+
 def _sub_words(a, b):
   """a - b for little-endian uint32 word lists with a >= b."""
   out, borrow = [], None
@@ -550,6 +680,10 @@ def _sub_words(a, b):
       out.append(diff - borrow)
       borrow = ((x < y) | ((x == y) & (borrow > 0))).astype(jnp.uint32)
   return out
+
+
+def _rebuild(d, r2, tail):
+  return ZnSphereCodec(d, r2, tail=tail)
 
 
 @functools.lru_cache(maxsize=None)
@@ -571,25 +705,32 @@ def quantize_ste(y: jax.Array, r2: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(codec: ZnSphereCodec, name: str):
-  return jax.jit(getattr(codec, name))
+def _jitted(codec: ZnSphereCodec, name: str, chunk: int):
+  """jit of a row-wise core applied to consecutive chunks of ``chunk`` rows (lax.map):
+  intermediates stay chunk-sized (cache-friendly, bounded memory), one output array."""
+  core = getattr(codec, name)
+
+  def run(x):
+    n, cols = x.shape
+    out = jax.lax.map(core, x.reshape(n // chunk, chunk, cols))
+    return out.reshape(n, out.shape[-1])
+
+  return jax.jit(run)
 
 
-def _map_chunks(fn, x, out_cols: int, out_dtype):
-  """Applies a row-wise jitted fn to fixed-size chunks and concatenates the results.
+def _map_rows(codec: ZnSphereCodec, name: str, x, out_cols: int, out_dtype):
+  """Runs ``codec.<name>`` on concrete rows through a cached jit.
 
-  Small inputs are padded to a power of two (at least 64 rows), so a handful of shapes
-  are ever compiled; chunks are dispatched asynchronously.
+  Rows are padded to a power of two (at least 64) below _CHUNK and to a multiple of
+  _CHUNK above, so that few shapes are ever compiled.
   """
   n = x.shape[0]
   if n == 0:
     return jnp.zeros((0, out_cols), out_dtype)
-  size = min(_CHUNK, max(64, 1 << (n - 1).bit_length()))
-  outs = []
-  for start in range(0, n, size):
-    part = x[start:start + size]
-    m = part.shape[0]
-    if m < size:
-      part = np.pad(np.asarray(part), ((0, size - m), (0, 0)))
-    outs.append(fn(part)[:m] if m < size else fn(part))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  chunk = _CHUNK if n > _CHUNK else max(64, 1 << (n - 1).bit_length())
+  total = -(-n // chunk) * chunk
+  if total != n:
+    widths = ((0, total - n), (0, 0))
+    x = np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(jnp.asarray(x), widths)
+  out = _jitted(codec, name, chunk)(x)
+  return out if total == n else out[:n]

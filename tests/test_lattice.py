@@ -1,5 +1,4 @@
-"""Zn sphere codec: faiss as the oracle, exhaustive and property-based round trips."""
-import itertools
+"""Zn sphere codec: faiss as the oracle, exhaustive bijections, property-based round trips."""
 import math
 
 import chex
@@ -10,152 +9,286 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 
-from spreading_jax import search, sharding
-from spreading_jax.lattice import ZnSphereCodec, num_points, zn_r2_for_bits
+from spreading_jax import sharding
+from spreading_jax.lattice import (ZnSphereCodec, get_codec, num_points, quantize_ste,
+                                   zn_r2_for_bits)
 
 faiss = pytest.importorskip("faiss")
 
 
-def faiss_nearest(d, r2, x):
-  f = faiss.ZnSphereCodec(d, r2)
-  c = np.empty_like(x)
-  dp = np.empty(len(x), np.float32)
-  f.search_multi(len(x), faiss.swig_ptr(x), faiss.swig_ptr(c), faiss.swig_ptr(dp))
-  return f.nv, c
+def sphere_points(d, r2):
+  """Every point of Z^d with squared norm r2 (recursive enumeration), f32[N, d]."""
+  out = []
+
+  def rec(prefix, left):
+    if len(prefix) == d:
+      if left == 0:
+        out.append(prefix)
+      return
+    r = math.isqrt(left)
+    for v in range(-r, r + 1):
+      rec(prefix + [v], left - v * v)
+
+  rec([], r2)
+  return np.array(out, np.float32).reshape(-1, d)
 
 
-@pytest.mark.parametrize("d, r2", [(24, 79), (32, 36), (40, 24), (16, 200), (4, 5), (8, 3), (3, 9)])
-def test_matches_faiss(d, r2):
+def as_ints(codes):
+  """u32[n, w] little-endian words -> list of Python ints."""
+  return [sum(int(w) << (32 * i) for i, w in enumerate(row)) for row in np.asarray(codes)]
+
+
+def as_words(values, words):
+  return np.array([[(v >> (32 * i)) & 0xFFFFFFFF for i in range(words)] for v in values],
+                  np.uint32).reshape(len(values), words)
+
+
+# ---------------------------------------------------------------------------------------
+# faiss as the oracle.
+
+@pytest.mark.parametrize("d, r2", [(24, 79), (32, 36), (40, 24), (16, 200), (4, 5), (8, 3),
+                                   (3, 9), (2, 25), (1, 4)])
+def test_num_points_and_nearest_point_match_faiss(d, r2):
   codec = ZnSphereCodec(d, r2)
-  x = np.random.default_rng(d * 1000 + r2).standard_normal((500, d)).astype(np.float32)
-  nv, ref = faiss_nearest(d, r2, x)
-  assert codec.num_points == nv
+  ref = faiss.ZnSphereCodec(d, r2)
+  assert codec.num_points == ref.nv == num_points(d, r2)
+  assert codec.code_bits == max(1, (ref.nv - 1).bit_length())
+  x = np.random.default_rng(d * 1000 + r2).standard_normal((300, d)).astype(np.float32)
+  nearest = np.empty_like(x)
+  dots = np.empty(len(x), np.float32)
+  ref.search_multi(len(x), faiss.swig_ptr(x), faiss.swig_ptr(nearest), faiss.swig_ptr(dots))
   q = np.asarray(codec.quantize(x))
-  same = np.all(q == ref, axis=1)
-  # Where the points differ it must be an exact tie in cosine (same dot product).
-  np.testing.assert_allclose((x * q).sum(1)[~same], (x * ref).sum(1)[~same], rtol=1e-6)
-  assert same.mean() > 0.99
-  np.testing.assert_array_equal((q ** 2).sum(1), r2)
+  np.testing.assert_array_equal(np.sum(q * q, axis=1), r2)
+  same = np.all(q == nearest, axis=1)
+  # Where the points differ it can only be a tie in cosine.
+  np.testing.assert_allclose(np.sum(x * q, 1)[~same], np.sum(x * nearest, 1)[~same], rtol=1e-5)
+  assert same.mean() > 0.98
+  # decode(encode(x)) is the same point, normalized.
+  y = np.asarray(codec.decode(codec.encode(x)))
+  np.testing.assert_allclose(y, q / math.sqrt(r2), rtol=1e-6, atol=1e-7)
 
 
 def test_paper_radius_table():
   assert [zn_r2_for_bits(24, b) for b in (16, 32, 64)] == [3, 10, 79]
   assert [zn_r2_for_bits(32, b) for b in (16, 32, 64)] == [3, 8, 36]
   assert [zn_r2_for_bits(40, b) for b in (16, 32, 64)] == [2, 7, 24]
+  for d, bits in [(24, 64), (32, 64), (40, 32), (64, 100)]:
+    r2 = zn_r2_for_bits(d, bits)
+    assert num_points(d, r2) <= 2**bits < num_points(d, r2 + 1)
   assert ZnSphereCodec(24, 79).code_bits == 64
 
 
-def all_points(d, r2):
-  r = math.isqrt(r2)
-  pts = [p for p in itertools.product(range(-r, r + 1), repeat=d) if sum(v * v for v in p) == r2]
-  return np.array(pts, np.float32)
+# ---------------------------------------------------------------------------------------
+# Exact bijection onto [0, N).
 
-
-@pytest.mark.parametrize("d, r2", [(3, 9), (4, 6), (5, 4), (2, 25), (6, 3)])
-def test_exhaustive_bijection(d, r2):
-  codec = ZnSphereCodec(d, r2)
-  pts = all_points(d, r2)
+@pytest.mark.parametrize("d, r2", [(1, 4), (2, 25), (3, 9), (4, 6), (5, 10), (6, 3), (8, 4),
+                                   (10, 3)])
+@pytest.mark.parametrize("tail", [None, 0, 2])
+def test_exhaustive_bijection(d, r2, tail):
+  codec = ZnSphereCodec(d, r2, tail=min(tail, d) if tail is not None else None)
+  pts = sphere_points(d, r2)
   assert len(pts) == codec.num_points
   codes = np.asarray(codec.encode(pts))
   assert codes.dtype == np.uint32 and codes.shape == (len(pts), codec.code_words)
-  assert sorted(codes[:, 0].tolist()) == list(range(codec.num_points))  # exactly [0, N)
+  assert sorted(as_ints(codes)) == list(range(codec.num_points))  # exactly [0, N)
   np.testing.assert_array_equal(np.asarray(codec.decode_points(codes)), pts)
   np.testing.assert_allclose(np.asarray(codec.decode(codes)), pts / math.sqrt(r2), rtol=1e-6)
 
 
-def random_lattice_points(rng, d, r2, n):
-  """Random points of the sphere: quantize random directions (covers many atoms)."""
-  return np.asarray(ZnSphereCodec(d, r2).quantize(
-      rng.standard_normal((n, d)).astype(np.float32) * rng.exponential(1, (n, d))))
+def test_code_order_is_magnitudes_then_signs():
+  # Within a magnitude pattern the codes are consecutive, ordered by the signs as bits.
+  codec = ZnSphereCodec(3, 2)
+  pts = np.array([[1, 1, 0], [-1, 1, 0], [1, -1, 0], [-1, -1, 0]], np.float32)
+  values = as_ints(codec.encode(pts))
+  assert values == list(range(values[0], values[0] + 4))
+  assert as_ints(codec.encode(np.array([[0, 1, 1]], np.float32))) == [0]
 
 
-@pytest.mark.parametrize("d, r2", [(24, 79), (64, 120)])
-@settings(max_examples=2, deadline=None)
+# Large configurations: 64 bits (the paper), > 64 bits and > 128 bits (looped walks).
+LARGE = [(24, 79), (64, 20), (96, 40)]
+
+
+@pytest.mark.parametrize("d, r2", LARGE)
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_round_trip_random_codes(d, r2, data):
+  codec = get_codec(d, r2)
+  values = data.draw(st.lists(st.integers(0, codec.num_points - 1), min_size=64, max_size=64))
+  values[:2] = [0, codec.num_points - 1]
+  codes = as_words(values, codec.code_words)
+  pts = np.asarray(codec.decode_points(codes))
+  np.testing.assert_array_equal(pts, np.round(pts))
+  np.testing.assert_array_equal(np.sum(pts * pts, axis=1), r2)
+  assert as_ints(codec.encode(pts)) == values
+
+
+@pytest.mark.parametrize("d, r2", LARGE)
+@settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
-def test_round_trip_large(d, r2, seed):
-  codec = ZnSphereCodec(d, r2)
-  if d == 64:
-    assert codec.code_bits > 128  # past faiss' 64 bits and two 64-bit words
-  pts = random_lattice_points(np.random.default_rng(seed), d, r2, 64)
-  codes = codec.encode(pts)
-  np.testing.assert_array_equal(np.asarray(codec.decode_points(codes)), pts)
-  # Codes are integers below num_points, as big integers.
-  for row in np.asarray(codes):
-    value = sum(int(w) << (32 * i) for i, w in enumerate(row))
-    assert value < codec.num_points
+def test_round_trip_random_vectors(d, r2, seed):
+  codec = get_codec(d, r2)
+  rng = np.random.default_rng(seed)
+  # Heavy-tailed directions reach many atoms, not only the common ones.
+  x = (rng.standard_normal((64, d)) * rng.exponential(1.0, (64, d)) ** 2).astype(np.float32)
+  codes = codec.encode(x)
+  assert all(v < codec.num_points for v in as_ints(codes))
+  np.testing.assert_array_equal(np.asarray(codec.decode_points(codes)),
+                                np.asarray(codec.quantize(x)))
+
+
+def test_code_sizes():
+  assert (ZnSphereCodec(64, 20).code_bits, ZnSphereCodec(64, 20).code_words) == (75, 3)
+  assert (ZnSphereCodec(96, 40).code_bits, ZnSphereCodec(96, 40).code_words) == (133, 5)
+  assert ZnSphereCodec(1, 1).code_words == 1  # N = 2: one bit
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization details.
+
+def test_ties_and_zero_rows_are_deterministic():
+  codec = ZnSphereCodec(6, 3)
+  np.testing.assert_array_equal(np.asarray(codec.quantize(np.zeros((2, 6), np.float32))),
+                                [[1, 1, 1, 0, 0, 0]] * 2)
+  # Equal |x_i|: the lower index gets the larger value; signs follow x.
+  x = np.array([[0.5, -0.5, 0.5, -0.5, 0.5, 0.1]], np.float32)
+  np.testing.assert_array_equal(np.asarray(codec.quantize(x)), [[1, -1, 1, 0, 0, 0]])
+  big = ZnSphereCodec(24, 79)
+  zero = np.asarray(big.quantize(np.zeros((1, 24), np.float32)))[0]
+  np.testing.assert_array_equal(zero, big._atoms[0])  # the first atom, (8, 3, 2, 1, 1, 0...)
+
+
+def test_quantize_is_scale_invariant_and_accepts_other_dtypes():
+  codec = ZnSphereCodec(8, 6)
+  x = np.random.default_rng(1).standard_normal((50, 8))
+  q = np.asarray(codec.quantize(x.astype(np.float32)))
+  np.testing.assert_array_equal(np.asarray(codec.quantize(x)), q)                   # float64
+  np.testing.assert_array_equal(np.asarray(codec.quantize(3.0 * x.astype(np.float32))), q)
+  np.testing.assert_array_equal(np.asarray(codec.quantize(q.astype(np.int32))), q)  # fixed points
+  np.testing.assert_allclose(np.asarray(codec.quantize_normalized(x)), q / math.sqrt(6),
+                             rtol=1e-6)
+  assert codec.encode(np.zeros((0, 8), np.float32)).shape == (0, codec.code_words)
 
 
 def test_quantize_ste_forward_and_gradient():
   codec = ZnSphereCodec(8, 6)
   y = jax.random.normal(jax.random.PRNGKey(0), (5, 8))
-  out = codec.quantize_ste(y)
+  out = jax.jit(codec.quantize_ste)(y)
   np.testing.assert_allclose(out, np.asarray(codec.quantize(y)) / math.sqrt(6), rtol=1e-6)
-  g = jax.grad(lambda y: jnp.sum(codec.quantize_ste(y) * jnp.arange(8.0)))(y)
-  np.testing.assert_allclose(g, np.broadcast_to(np.arange(8.0), (5, 8)))
+  np.testing.assert_allclose(quantize_ste(y, 6), out, rtol=1e-6)
+  w = jnp.arange(40.0).reshape(5, 8)
+  g = jax.jit(jax.grad(lambda y: jnp.sum(codec.quantize_ste(y) * w)))(y)
+  np.testing.assert_allclose(g, w)                  # straight through: identity
+  g2 = jax.grad(lambda y: jnp.sum(quantize_ste(y, 6) ** 2))(y)
+  np.testing.assert_allclose(g2, 2 * out, rtol=1e-6)
 
 
-def test_jit_vmap_and_no_retracing():
+# ---------------------------------------------------------------------------------------
+# Transformations: jit, vmap, static arguments, no retracing, sharding.
+
+def test_jit_vmap_compose_without_retracing():
   codec = ZnSphereCodec(24, 79)
   x = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+  codes = np.asarray(codec.encode(x))
 
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def roundtrip(x):
-    return codec.decode_core(codec.encode_core(x))
+  def round_trip(x):
+    return codec.decode(codec.encode(x))        # tracers: runs the cores, checks shapes
 
-  a = roundtrip(x)
-  b = roundtrip(x + 1.0)
-  assert a.shape == b.shape == (16, 24)
-  v = jax.vmap(lambda x: codec.encode_core(x[None])[0])(x)
-  np.testing.assert_array_equal(np.asarray(v), np.asarray(codec.encode(x)))
+  a = round_trip(x)
+  b = round_trip(x + 1.0)
+  np.testing.assert_allclose(a, codec.decode(codes), rtol=1e-6)
+  assert b.shape == (16, 24)
+  np.testing.assert_array_equal(jax.jit(codec.encode)(x), codes)
+  per_row = jax.vmap(lambda row: codec.encode_core(row[None])[0])
+  np.testing.assert_array_equal(per_row(x), codes)
+  # A codec is a static argument; an equal codec reuses the compiled function.
+  f = jax.jit(chex.assert_max_traces(n=1)(lambda c, x: c.quantize_core(x)), static_argnums=0)
+  np.testing.assert_array_equal(f(codec, x), f(ZnSphereCodec(24, 79), x))
+  # The eager API compiles once per padded size.
+  traces = codec.encode(x[:5]), codec.encode(x[:7])
+  np.testing.assert_array_equal(traces[1][:5], traces[0])
 
 
-def test_sharded_encode_and_search_equal_single_device():
+def test_sharded_equals_single_device():
   if jax.device_count() < 4:
-    pytest.skip("needs 4 forced host devices (make test sets XLA_FLAGS)")
+    pytest.skip("needs 4 forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
   mesh = sharding.make_mesh(4)
   codec = ZnSphereCodec(24, 79)
-  rng = np.random.default_rng(5)
-  x = rng.standard_normal((1000, 24)).astype(np.float32)
-  enc = jax.jit(jax.shard_map(codec.encode_core, mesh=mesh, in_specs=P("data"),
-                              out_specs=P("data")))
+  x = np.random.default_rng(5).standard_normal((1000, 24)).astype(np.float32)
+  x = sharding.pad_rows(x, sharding.round_up(len(x), 4))
   codes = np.asarray(codec.encode(x))
-  np.testing.assert_array_equal(np.asarray(enc(x)), codes)
-  xq = rng.standard_normal((30, 24)).astype(np.float32)
-  s1, i1 = search.search_lattice(xq, codes, codec, 20)
-  s4, i4 = search.search_lattice(xq, codes, codec, 20, mesh=mesh)
-  np.testing.assert_array_equal(np.asarray(i1), np.asarray(i4))
-  # Asymmetric search = exact inner-product search over the decoded points.
-  _, ref = search.knn(xq, np.asarray(codec.decode(codes)), 20, metric="ip")
-  np.testing.assert_array_equal(np.asarray(i1), np.asarray(ref))
-  _, isym = search.search_lattice(xq, codes, codec, 20, symmetric=True)
-  assert np.asarray(isym).shape == (30, 20)
+
+  def sharded(fn):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+
+  xs = sharding.shard_rows(x, mesh)
+  np.testing.assert_array_equal(sharded(codec.encode_core)(xs), codes)
+  np.testing.assert_array_equal(sharded(codec.quantize_core)(xs), codec.quantize(x))
+  cs = sharding.shard_rows(codes, mesh)
+  np.testing.assert_array_equal(sharded(codec.decode_core)(cs), codec.decode(codes))
 
 
-def test_zero_vector_is_deterministic():
-  codec = ZnSphereCodec(6, 3)
-  q = np.asarray(codec.quantize(np.zeros((2, 6), np.float32)))
-  np.testing.assert_array_equal(q, [[1, 1, 1, 0, 0, 0]] * 2)
+# ---------------------------------------------------------------------------------------
+# Errors.
 
-
-def test_bad_input_raises():
+def test_bad_codec_arguments_raise():
   with pytest.raises(ValueError, match="no lattice point"):
     ZnSphereCodec(1, 2)
-  with pytest.raises(ValueError, match="bits"):
-    ZnSphereCodec(256, 400)
+  with pytest.raises(ValueError, match="no lattice point"):
+    ZnSphereCodec(3, 7)
   with pytest.raises(ValueError, match="r2=0"):
     ZnSphereCodec(8, 0)
-  codec = ZnSphereCodec(24, 79)
-  with pytest.raises(ValueError, match="d=23"):
-    codec.encode(np.zeros((2, 23), np.float32))
-  with pytest.raises(ValueError, match="NaN"):
-    codec.quantize(np.full((2, 24), np.nan, np.float32))
-  with pytest.raises(ValueError, match="uint32"):
-    codec.decode(np.zeros((2, 2), np.int64))
-  with pytest.raises(ValueError, match="words"):
-    codec.decode(np.zeros((2, 3), np.uint32))
-  with pytest.raises(ValueError, match="num_points"):
-    codec.decode(np.full((1, 2), 0xFFFFFFFF, np.uint32))
+  with pytest.raises(ValueError, match="d=0"):
+    ZnSphereCodec(0, 4)
+  with pytest.raises(ValueError, match="2\\^256"):
+    ZnSphereCodec(300, 60)
+  with pytest.raises(ValueError, match="r2"):
+    ZnSphereCodec(24, 2.5)
+  with pytest.raises(ValueError, match="tail"):
+    ZnSphereCodec(4, 4, tail=5)
+  with pytest.raises(ValueError, match="d >= 5"):
+    zn_r2_for_bits(4, 16)
+  with pytest.raises(ValueError, match="bits"):
+    zn_r2_for_bits(24, 0)
+  with pytest.raises(ValueError, match="bits"):
+    zn_r2_for_bits(24, 300)
   with pytest.raises(ValueError, match="fits in 8 bits"):
     zn_r2_for_bits(200, 8)
-  assert num_points(3, 7) == 0  # 7 is not a sum of 3 squares
+
+
+def test_bad_vectors_raise():
+  codec = ZnSphereCodec(24, 79)
+  with pytest.raises(ValueError, match="d=23 but the codec has d=24"):
+    codec.encode(np.zeros((2, 23), np.float32))
+  with pytest.raises(ValueError, match="2-D"):
+    codec.quantize(np.zeros(24, np.float32))
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    codec.quantize(np.full((2, 24), np.nan, np.float32))
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    codec.encode(jnp.asarray(np.full((2, 24), np.inf, np.float32)))
+  with pytest.raises(ValueError, match="d=23"):
+    jax.jit(codec.encode)(jnp.zeros((2, 23)))     # shapes are checked under jit too
+  with pytest.raises(ValueError, match="2-D"):
+    codec.quantize_ste(jnp.zeros(24))
+  with pytest.raises(ValueError, match="2-D"):
+    quantize_ste(jnp.zeros(24), 79)
+
+
+def test_bad_codes_raise():
+  codec = ZnSphereCodec(24, 79)
+  with pytest.raises(ValueError, match="uint32"):
+    codec.decode(np.zeros((2, 2), np.int64))
+  with pytest.raises(ValueError, match="uint32"):
+    codec.decode([[0, 0]])
+  with pytest.raises(ValueError, match="2-D"):
+    codec.decode(np.zeros(2, np.uint32))
+  with pytest.raises(ValueError, match="3 words but this codec \\(64 bits\\) uses 2"):
+    codec.decode_points(np.zeros((2, 3), np.uint32))
+  with pytest.raises(ValueError, match="row 1 is >= num_points"):
+    codec.decode(as_words([5, codec.num_points], 2))
+  with pytest.raises(ValueError, match="num_points"):
+    codec.decode(np.full((1, 2), 0xFFFFFFFF, np.uint32))
+  with pytest.raises(ValueError, match="uint32"):
+    jax.jit(codec.decode)(jnp.zeros((2, 2), jnp.int32))
+  codec.decode(as_words([codec.num_points - 1], 2))  # the largest code is fine
