@@ -148,3 +148,25 @@ def test_hamming_rejects_bad_codes():
     search.hamming_knn(np.zeros((2, 4), np.uint8), base, 1)
   with pytest.raises(ValueError, match="larger than"):
     search.hamming_knn(np.zeros((2, 8), np.uint8), base, 11)
+
+
+def test_search_lattice_asymmetric_symmetric_and_sharded():
+  from spreading_jax.lattice import ZnSphereCodec
+  codec = ZnSphereCodec(24, 79)
+  rng = np.random.default_rng(5)
+  codes = np.asarray(codec.encode(rng.standard_normal((700, 24)).astype(np.float32)))
+  xq = rng.standard_normal((30, 24)).astype(np.float32)
+  s1, i1 = search.search_lattice(xq, codes, codec, 20, base_block=256)
+  # Asymmetric search = exact inner-product search over the decoded unit points.
+  _, ref = search.knn(xq, np.asarray(codec.decode(codes)), 20, metric="ip")
+  np.testing.assert_array_equal(np.asarray(i1), np.asarray(ref))
+  if jax.device_count() >= 4:
+    _, i4 = search.search_lattice(xq, codes, codec, 20, base_block=256,
+                                  mesh=sharding.make_mesh(4))
+    np.testing.assert_array_equal(np.asarray(i4), np.asarray(i1))
+  _, isym = search.search_lattice(xq, codes, codec, 20, symmetric=True, base_block=256)
+  xq_q = np.asarray(codec.decode(codec.encode(xq)))
+  _, ref_sym = search.knn(xq_q, np.asarray(codec.decode(codes)), 20, metric="ip")
+  np.testing.assert_array_equal(np.asarray(isym), np.asarray(ref_sym))
+  with pytest.raises(ValueError, match="words"):
+    search.search_lattice(xq, codes[:, :1], codec, 5)
