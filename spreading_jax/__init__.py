@@ -7,13 +7,13 @@ from spreading_jax.lattice import ZnSphereCodec, zn_r2_for_bits
 from spreading_jax.losses import koleo, spreading_loss, triplet_rank
 from spreading_jax.search import hamming_knn, knn, recall_at, search_lattice
 from spreading_jax.sharding import make_mesh
-from spreading_jax.train import TrainConfig, TrainResult, train
+from spreading_jax.train import TrainConfig, TrainResult  # train(): spreading_jax.train.train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Catalyzer", "Dataset", "TrainConfig", "TrainResult", "ZnSphereCodec", "hamming_knn",
     "knn", "koleo", "l2_normalize", "load_dataset", "make_mesh", "read_bvecs", "read_fvecs",
-    "read_ivecs", "recall_at", "search_lattice", "sign_codes", "spreading_loss", "train",
+    "read_ivecs", "recall_at", "search_lattice", "sign_codes", "spreading_loss",
     "triplet_rank", "unpack", "write_fvecs", "write_ivecs", "zn_r2_for_bits",
 ]
