@@ -95,3 +95,198 @@ def format_table(rows: Sequence[dict], ks: Sequence[int] = KS) -> str:
     cells = [f"{100 * rec[k]:.1f}" if k in rec else "" for k in ks]
     lines.append(f"| {r['method']} | {r.get('bits', '')} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Paper experiments: each returns rows for ``format_table``; ``run_experiment`` trains,
+# evaluates and writes <name>.json, <name>.md and PNG plots.
+
+EXPERIMENTS = ("table1_lattice", "table2_binary", "crossval_lambda", "dout_sweep")
+LAMBDAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+def _faiss_row(rows, method, name, dataset, bits, transform=None):
+  from spreading_jax import baselines  # pylint: disable=import-outside-toplevel
+  try:
+    rows.append({"method": method, "bits": bits,
+                 "recall": baselines.evaluate_method(name, dataset, bits, transform)})
+  except ImportError as e:
+    rows.append({"method": f"{method} (skipped: {e})", "bits": bits, "recall": {}})
+
+
+def _train(config, dataset, **changes):
+  from spreading_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  return train_lib.train(config.replace(**changes), dataset)
+
+
+def table1_lattice(dataset, config) -> tuple[list[dict], dict]:
+  """64-bit table: PQ, OPQ, LSQ on raw vectors; catalyzer + OPQ / lattice / end-to-end."""
+  rows = []
+  for name in ("pq", "opq", "lsq"):
+    _faiss_row(rows, name.upper(), name, dataset, config.bits)
+  model = _train(config, dataset)
+  codec = lattice.ZnSphereCodec(config.d_out, config.lattice_r2())
+  _faiss_row(rows, "catalyzer+OPQ", "opq", dataset, config.bits, model.apply)
+  rows.append({"method": "catalyzer+lattice", "bits": codec.code_bits,
+               "recall": evaluate_lattice(dataset, model.apply, codec)})
+  e2e = _train(config, dataset, end_to_end=True)
+  rows.append({"method": "catalyzer+lattice end-to-end", "bits": codec.code_bits,
+               "recall": evaluate_lattice(dataset, e2e.apply, codec)})
+  return rows, {"catalyzer": model}
+
+
+def table2_binary(dataset, config, bits: Sequence[int] = (16, 32, 64, 128)):
+  """Binary codes: LSH, ITQ and catalyzer + sign with d_out = bits."""
+  rows, models = [], {}
+  for b in bits:
+    _faiss_row(rows, "LSH", "lsh", dataset, b)
+    _faiss_row(rows, "ITQ", "itq", dataset, b)
+    model = _train(config, dataset, d_out=b, r2=None, bits=b)
+    rows.append({"method": "catalyzer+sign", "bits": b, "recall": evaluate_sign(dataset, model.apply)})
+    models[f"catalyzer_{b}"] = model
+  return rows, models
+
+
+def crossval_lambda(dataset, config, lambdas: Sequence[float] = LAMBDAS):
+  """λ grid: the λ with the best validation lattice R@10 (last history record) is selected;
+  every row reports test recall."""
+  rows, best, models = [], None, {}
+  codec = lattice.ZnSphereCodec(config.d_out, config.lattice_r2())
+  for lam in lambdas:
+    model = _train(config, dataset, lambda_koleo=lam)
+    val = [h["lattice_R@10"] for h in model.history if "lattice_R@10" in h]
+    score = val[-1] if val else float("nan")
+    rows.append({"method": f"lambda={lam} (val R@10 {score:.3f})", "bits": codec.code_bits,
+                 "recall": evaluate_lattice(dataset, model.apply, codec), "val": score})
+    if val and (best is None or score > best["val"]):
+      best, models["catalyzer"] = rows[-1], model
+  if best is not None:
+    best["method"] += " <- selected"
+  return rows, models
+
+
+def dout_sweep(dataset, config, d_outs: Sequence[int] = (16, 24, 32, 40)):
+  """Fixed bit budget, varying d_out with the largest radius whose code fits."""
+  rows, models = [], {}
+  for d_out in d_outs:
+    r2 = lattice.zn_r2_for_bits(d_out, config.bits)
+    model = _train(config, dataset, d_out=d_out, r2=r2)
+    codec = lattice.ZnSphereCodec(d_out, r2)
+    rows.append({"method": f"d_out={d_out} r2={r2}", "bits": codec.code_bits,
+                 "recall": evaluate_lattice(dataset, model.apply, codec)})
+    models[f"catalyzer_{d_out}"] = model
+  return rows, models
+
+
+def nn_distance_histogram(dataset, transform: Transform, path: str) -> None:
+  """PNG of nearest-neighbour distance histograms of the base before and after ``transform``
+  (both L2-normalized): a catalyzer spreads points, moving the histogram right."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for label, x in (("input", _apply(None, dataset.base)), ("catalyzer", _apply(transform, dataset.base))):
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    dist, _ = search.knn(x, x, 2)
+    ax.hist(np.sqrt(np.maximum(np.asarray(dist)[:, 1], 0)), bins=50, alpha=0.6, label=label)
+  ax.set_xlabel("distance to nearest neighbour (unit sphere)")
+  ax.legend()
+  fig.tight_layout()
+  with data.atomic_output(path) as tmp:
+    fig.savefig(tmp, format="png")
+  plt.close(fig)
+
+
+def _recall_plot(rows, ks, path) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  rows = [r for r in rows if r["recall"]]
+  fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+  names = [f"{r['method']} ({r['bits']}b)" for r in rows]
+  for j, k in enumerate(ks):
+    ax.barh(np.arange(len(rows)) + 0.25 * j, [r["recall"].get(k, 0) for r in rows], 0.25,
+            label=f"R@{k}")
+  ax.set_yticks(np.arange(len(rows)) + 0.25, names, fontsize=7)
+  ax.set_xlabel("1-recall")
+  ax.legend()
+  fig.tight_layout()
+  with data.atomic_output(path) as tmp:
+    fig.savefig(tmp, format="png")
+  plt.close(fig)
+
+
+_GRID_ARG = {"table2_binary": ("bits", int), "crossval_lambda": ("lambdas", float),
+             "dout_sweep": ("d_outs", int)}
+
+
+def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
+  """Parses experiment arguments, runs experiment ``name`` and writes its report files."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from spreading_jax import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  if name not in EXPERIMENTS:
+    raise ValueError(f"unknown experiment {name!r}; known: {EXPERIMENTS}")
+  p = argparse.ArgumentParser(prog=name, description=globals()[name].__doc__)
+  p.add_argument("--dataset", default="fashion-mnist")
+  p.add_argument("--epochs", type=int, default=160)
+  p.add_argument("--hidden", default="1024,1024", help="comma-separated hidden widths")
+  p.add_argument("--out", default=None, help="default experiments/results/<dataset>/")
+  p.add_argument("--nb", type=int, default=None, help="subset: database size")
+  p.add_argument("--nq", type=int, default=None, help="subset: number of queries")
+  p.add_argument("--nt", type=int, default=None, help="subset: training size")
+  p.add_argument("--val-queries", type=int, default=1000)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--bits", type=int, default=64, help="code budget (table1, dout_sweep)")
+  p.add_argument("--d-out", type=int, default=24, help="catalyzer output dim (table1, crossval)")
+  p.add_argument("--grid", default=None,
+                 help="comma-separated sweep values (bits, lambdas or d_outs) replacing the paper's")
+  args = p.parse_args(argv)
+  ds = data.load_dataset(args.dataset)
+  if args.nb or args.nq or args.nt:
+    ds = ds.subset(nb=args.nb, nq=args.nq, nt=args.nt)
+  config = train_lib.TrainConfig(
+      epochs=args.epochs, hidden=tuple(int(h) for h in args.hidden.split(",") if h),
+      seed=args.seed, val_queries=args.val_queries, val_every=max(1, min(10, args.epochs)),
+      verbose=False, bits=args.bits, d_out=args.d_out,
+      r2=79 if (args.bits, args.d_out) == (64, 24) else None)
+  out = args.out or os.path.join("experiments", "results", os.path.basename(str(args.dataset)))
+  os.makedirs(out, exist_ok=True)
+  start = time.time()
+  grid = {}
+  if args.grid and name in _GRID_ARG:
+    arg, cast = _GRID_ARG[name]
+    grid[arg] = tuple(cast(v) for v in args.grid.split(",") if v)
+  rows, models = globals()[name](ds, config, **grid)
+  wall = time.time() - start
+  ks = tuple(k for k in KS if k <= ds.nb)
+  table = format_table(rows, ks)
+  _recall_plot(rows, ks, os.path.join(out, f"{name}.png"))
+  if models:
+    model = models.get("catalyzer", next(iter(models.values())))
+    nn_distance_histogram(ds, model.apply, os.path.join(out, f"{name}_nn_hist.png"))
+  try:
+    import faiss  # pylint: disable=import-outside-toplevel
+    faiss_version = faiss.__version__
+  except ImportError:
+    faiss_version = None
+  report = {"experiment": name, "command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+            "args": vars(args), "config": config.to_dict(), "seed": args.seed,
+            "versions": {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version},
+            "wall_time_s": wall, "sizes": {"nt": ds.nt, "nb": ds.nb, "nq": ds.nq},
+            "rows": [{**r, "recall": {str(k): v for k, v in r["recall"].items()}} for r in rows]}
+  with data.atomic_output(os.path.join(out, f"{name}.json")) as tmp:
+    with open(tmp, "w") as f:
+      json.dump(report, f, indent=1, default=str)
+  with data.atomic_output(os.path.join(out, f"{name}.md")) as tmp:
+    with open(tmp, "w") as f:
+      f.write(f"# {name} on {args.dataset}\n\n`{report['command']}`\n\n{table}\n\n"
+              f"wall time {wall:.0f} s, nt={ds.nt} nb={ds.nb} nq={ds.nq}\n")
+  print(table)
+  return report

@@ -40,8 +40,9 @@ import numpy as np
 from spreading_jax._validation import check_int, check_vectors, is_concrete
 
 MAX_BITS = 256
-# Largest decode/encode tables (uint32 entries) a codec may build.
-_MAX_TABLE_ENTRIES = 1 << 24
+# Largest decode/encode tables (uint32 entries) a codec may build; they become constants
+# of the compiled kernels.
+_MAX_TABLE_ENTRIES = 1 << 22
 # Largest number of atoms (rows of the scoring matmul) and of tail-table entries.
 _MAX_ATOMS = 1 << 17
 _MAX_TAIL_ENTRIES = 1 << 19
@@ -170,13 +171,14 @@ def _words_for(value: int) -> int:
 class ZnSphereCodec:
   """Quantizer and exact codec for the points of Z^d of squared norm ``r2``.
 
-  Codecs compare and hash by (d, r2), so they can be static arguments of ``jax.jit`` or be
-  closed over by jitted functions (the tables become constants). ``quantize``, ``encode``,
-  ``decode`` and ``decode_points`` validate concrete inputs, process them in fixed-size
-  chunks (one compilation, bounded memory) and also accept tracers, in which case they
-  check shapes only and run the traceable ``*_core`` kernel directly; the ``*_core``
-  methods are the pure kernels (no checks, any batch size, usable under ``jit``, ``vmap``
-  and ``shard_map``).
+  Codecs compare and hash by (d, r2, tail), so they can be static arguments of
+  ``jax.jit`` or be closed over by jitted functions (the tables become constants).
+  ``quantize``, ``encode``, ``decode`` and ``decode_points`` validate concrete inputs and
+  run them through a cached jit in chunks of 16384 rows (a loop inside the compiled
+  program: bounded memory, intermediates in cache); they also accept tracers, in which
+  case they check shapes only and run the traceable ``*_core`` kernel directly. The
+  ``*_core`` methods are the pure kernels (no checks, any batch size, usable under
+  ``jit``, ``vmap`` and ``shard_map``) and ``jitted(name)`` gives ``jax.jit`` of one.
 
   Attributes:
     d, r2: dimension and squared radius.
@@ -243,6 +245,14 @@ class ZnSphereCodec:
   def __repr__(self):
     return (f"ZnSphereCodec(d={self.d}, r2={self.r2}, num_points={self.num_points}, "
             f"code_bits={self.code_bits}, atoms={self.num_atoms})")
+
+  def jitted(self, name: str):
+    """``jax.jit`` of a kernel, cached: name is one of "quantize", "encode", "decode",
+    "decode_points", "rank" (e.g. ``codec.jitted("decode")(codes)``; no input checks)."""
+    if name not in ("quantize", "encode", "decode", "decode_points", "rank"):
+      raise ValueError(f"name={name!r} is not one of quantize, encode, decode, decode_points, "
+                       "rank")
+    return _jitted(self, f"{name}_core", None)
 
   # -- tables ------------------------------------------------------------------------------
 
@@ -318,14 +328,11 @@ class ZnSphereCodec:
     norms = np.sum(points * points, axis=1)
     # Rank of each point among the points of its norm: the code recurrence of rank_core.
     rank = np.zeros(len(points), np.int64)
-    left = norms.copy()
     c = table[..., 0].astype(np.int64)                        # [tail, r2 + 1, radius + 1]
     for q in reversed(range(tail)):
       v = points[:, q]
-      left_q = norms - np.sum(points[:, :q] ** 2, axis=1)
-      term = c[q, left_q, np.abs(v)] + (v < 0)
-      rank = term + (rank << (v != 0))
-    del left
+      left = norms - np.sum(points[:, :q] ** 2, axis=1)
+      rank = c[q, left, np.abs(v)] + (v < 0) + (rank << (v != 0))
     offsets = np.concatenate([[0], np.cumsum(np.bincount(norms, minlength=r2 + 1))[:-1]])
     order = np.lexsort((rank, norms))
     fields = (points[order] & ((1 << bits) - 1)) << (bits * np.arange(tail))[None, :]
@@ -485,33 +492,45 @@ class ZnSphereCodec:
     head = d - self._tail
     rank = [codes[:, w] for w in range(self.code_words)]
     left = jnp.full(codes.shape[:1], r2, jnp.int32)
+    # Values are packed into b-bit fields of uint32 words as they come (``per`` a word)
+    # and unpacked at the end in the output layout: writing each coordinate as a column of
+    # [n, d] would cost a transpose that is slower than the walk's steps.
+    bits = self._tail_bits
+    per, mask = 32 // bits, (1 << bits) - 1
+    words = []
     if head <= _UNROLL:
-      out = []
       for p in range(head):
         rank, left, v = self._decode_step(p, rank[:self._step_words[p]], left)
-        out.append(v)
-      out = jnp.stack(out, axis=0) if out else jnp.zeros((0,) + left.shape, jnp.int32)
+        field = (v.astype(jnp.uint32) & mask) << (bits * (p % per))
+        if p % per == 0:
+          words.append(field)
+        else:
+          words[-1] = words[-1] | field
     else:
       # Long walks run as loops (one per run of steps with the same word count), which
       # keeps compilation time flat in d.
-      out = jnp.zeros((head,) + left.shape, jnp.int32)
+      packed = jnp.zeros((-(-head // per),) + left.shape, jnp.uint32)
       rank, left, v = self._decode_step(0, rank[:self._step_words[0]], left)
-      out = out.at[0].set(v)
-      for start, stop, words in _runs(self._step_words[1:head], offset=1):
-        def body(p, state, words=words):
-          rank, left, out = state
+      packed = packed.at[0].set(v.astype(jnp.uint32) & mask)
+      for start, stop, n_words in _runs(self._step_words[1:head], offset=1):
+        def body(p, state):
+          rank, left, packed = state
           rank, left, v = self._decode_step(p, rank, left)
-          return rank, left, jax.lax.dynamic_update_index_in_dim(out, v, p, axis=0)
-        rank, left, out = jax.lax.fori_loop(start, stop, body, (rank[:words], left, out))
-    columns = [out.T.astype(jnp.float32)]
+          field = (v.astype(jnp.uint32) & mask) << (bits * (p % per)).astype(jnp.uint32)
+          slot = jax.lax.dynamic_index_in_dim(packed, p // per, keepdims=False) | field
+          return rank, left, jax.lax.dynamic_update_index_in_dim(packed, slot, p // per, 0)
+        rank, left, packed = jax.lax.fori_loop(start, stop, body,
+                                               (rank[:n_words], left, packed))
+      words = [packed[i] for i in range(packed.shape[0])]
     if self._tail:
       index = jnp.asarray(self._tail_offsets)[jnp.clip(left, 0, r2)] + rank[0].astype(jnp.int32)
-      packed = jnp.asarray(self._tail_points)[jnp.clip(index, 0, len(self._tail_points) - 1)]
-      bits = self._tail_bits
-      shifts = jnp.asarray(bits * np.arange(self._tail, dtype=np.uint32))
-      field = ((packed[:, None] >> shifts[None, :]) & ((1 << bits) - 1)).astype(jnp.int32)
-      columns.append((field - ((field >> (bits - 1)) << bits)).astype(jnp.float32))
-    return jnp.concatenate(columns, axis=1) if len(columns) > 1 else columns[0]
+      words.append(jnp.asarray(self._tail_points)[jnp.clip(index, 0, len(self._tail_points) - 1)])
+    # Column j of the output is field j % per of word j // per (the tail: its own word).
+    source = [p // per for p in range(head)] + [len(words) - 1] * self._tail
+    shift = [bits * (p % per) for p in range(head)] + [bits * k for k in range(self._tail)]
+    fields = jnp.take(jnp.stack(words, axis=1), jnp.asarray(source, np.int32), axis=1)
+    fields = ((fields >> jnp.asarray(shift, np.uint32)[None, :]) & mask).astype(jnp.int32)
+    return (fields - ((fields >> (bits - 1)) << bits)).astype(jnp.float32)  # sign-extend
 
   def _decode_step(self, p, rank, left):
     """One coordinate of the walk: (rank words, norm left) -> (rank words, norm left, value).
@@ -705,10 +724,12 @@ def quantize_ste(y: jax.Array, r2: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(codec: ZnSphereCodec, name: str, chunk: int):
-  """jit of a row-wise core applied to consecutive chunks of ``chunk`` rows (lax.map):
-  intermediates stay chunk-sized (cache-friendly, bounded memory), one output array."""
+def _jitted(codec: ZnSphereCodec, name: str, chunk: int | None):
+  """jit of a row-wise core, applied to consecutive chunks of ``chunk`` rows (lax.map)
+  unless chunk is None: intermediates stay chunk-sized, one output array."""
   core = getattr(codec, name)
+  if chunk is None:
+    return jax.jit(core)
 
   def run(x):
     n, cols = x.shape

@@ -205,6 +205,9 @@ def test_jit_vmap_compose_without_retracing():
   # A codec is a static argument; an equal codec reuses the compiled function.
   f = jax.jit(chex.assert_max_traces(n=1)(lambda c, x: c.quantize_core(x)), static_argnums=0)
   np.testing.assert_array_equal(f(codec, x), f(ZnSphereCodec(24, 79), x))
+  np.testing.assert_array_equal(codec.jitted("decode_points")(codes), codec.decode_points(codes))
+  with pytest.raises(ValueError, match="name='search'"):
+    codec.jitted("search")
   # The eager API compiles once per padded size.
   traces = codec.encode(x[:5]), codec.encode(x[:7])
   np.testing.assert_array_equal(traces[1][:5], traces[0])
