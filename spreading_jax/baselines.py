@@ -39,7 +39,7 @@ def _sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def opq_factory(d: int, m: int = 8) -> str:
   """OPQ{m}_{4m},PQ{m} when d allows the 4m-dim rotation, else OPQ{m},PQ{m} (d must be % m)."""
-  if d >= 4 * m and (4 * m) % m == 0:
+  if d >= 4 * m:
     return f"OPQ{m}_{4 * m},PQ{m}"
   return f"OPQ{m},PQ{m}"
 

@@ -123,6 +123,221 @@ def _plot_training(history, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------
+# train / eval / encode / build / search / info / bench
+
+def _init_distributed(args):
+  if getattr(args, "distributed", False):
+    import jax
+    jax.distributed.initialize()
+
+
+def _load_model(path):
+  from spreading_jax.train import TrainResult
+  return TrainResult.load(path)
+
+
+def _configure_train(p):
+  p.add_argument("dataset", help="dataset name (e.g. siftsmall) or ann-benchmarks .hdf5 path")
+  p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
+  p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
+  p.add_argument("--epochs", type=int, default=None, help="override config epochs")
+  p.add_argument("--lambda-koleo", type=float, default=None, help="override KoLeo weight")
+  p.add_argument("--d-out", type=int, default=None, help="override catalyzer output dimension")
+  p.add_argument("--bits", type=int, default=None,
+                 help="lattice code size; the radius is chosen to fit (sets r2=None)")
+  p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
+  p.add_argument("--out", required=True, help="model directory to write")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host); data parallel over all")
+
+
+@command("train", "train a catalyzer and save it to a model directory")
+def train_cmd(args):
+  from spreading_jax import data, sharding
+  from spreading_jax.train import TrainConfig, train
+  _init_distributed(args)
+  config = TrainConfig()
+  if args.config:
+    try:
+      config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    except json.JSONDecodeError as e:
+      raise UserError(f"{args.config} is not valid JSON: {e}") from e
+  overrides = {"epochs": args.epochs, "lambda_koleo": args.lambda_koleo, "d_out": args.d_out,
+               "checkpoint_dir": args.checkpoint_dir}
+  config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+  if args.bits is not None:
+    config = config.replace(bits=args.bits, r2=None)
+  ds = data.load_dataset(args.dataset, args.root)
+  import jax
+  mesh = sharding.make_mesh() if jax.device_count() > 1 else None
+  if mesh is not None and config.batch_size % jax.device_count():
+    mesh = None
+  result = train(config, ds, mesh=mesh)
+  result.save(args.out)
+  print(f"wrote {args.out}")
+
+
+train_cmd.configure = _configure_train
+
+
+def _configure_eval(p):
+  p.add_argument("model", help="model directory (from `train`)")
+  p.add_argument("dataset", help="dataset name or .hdf5 path")
+  p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
+
+
+@command("eval", "recall table of a model on a dataset (lattice and sign codes)")
+def eval_cmd(args):
+  from spreading_jax import data, evaluate
+  from spreading_jax.train import make_codec
+  model = _load_model(args.model)
+  ds = data.load_dataset(args.dataset, args.root)
+  codec = make_codec(model.config)
+  rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
+           "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
+          {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,
+           "recall": evaluate.evaluate_sign(ds, model.apply)}]
+  print(evaluate.format_table(rows))
+
+
+eval_cmd.configure = _configure_eval
+
+
+def _configure_encode(p):
+  p.add_argument("model", help="model directory")
+  p.add_argument("input", help="vectors file (.fvecs/.bvecs/.npy/.hdf5)")
+  p.add_argument("output", help="codes .npy file (resumes if interrupted)")
+  p.add_argument("--key", default=None, help="HDF5 dataset name")
+  p.add_argument("--chunk", type=int, default=65536, help="rows per batch (default 65536)")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize(); shard batches over all devices")
+
+
+@command("encode", "encode a vectors file to lattice codes (.npy, u32 words)")
+def encode_cmd(args):
+  import jax
+  from spreading_jax import sharding
+  from spreading_jax.encode import encode_file
+  _init_distributed(args)
+  model = _load_model(args.model)
+  mesh = None
+  if jax.local_device_count() > 1:
+    import numpy as np
+    from jax.sharding import Mesh
+    mesh = Mesh(np.array(jax.local_devices()), (sharding.DATA_AXIS,))
+  output, row_range = args.output, None
+  if args.distributed and jax.process_count() > 1:
+    # Each process encodes its own contiguous slice into its own part file.
+    from spreading_jax.data import read_vectors
+    n, i, count = read_vectors(args.input, key=args.key).shape[0], jax.process_index(), \
+        jax.process_count()
+    row_range = (i * n // count, (i + 1) * n // count)
+    output = f"{args.output[:-4] if args.output.endswith('.npy') else args.output}" \
+             f".part{i:05d}-of-{count:05d}.npy"
+  encode_file(model, args.input, output, chunk=args.chunk, mesh=mesh, key=args.key,
+              row_range=row_range)
+  print(f"wrote {output}")
+
+
+encode_cmd.configure = _configure_encode
+
+
+def _configure_build(p):
+  p.add_argument("model", help="model directory")
+  p.add_argument("input", help="database vectors file")
+  p.add_argument("--out", required=True, help="index directory to write")
+  p.add_argument("--quantizer", default="zn", choices=["zn", "sign"])
+  p.add_argument("--bits", type=int, default=64, help="lattice code size (default 64)")
+  p.add_argument("--key", default=None, help="HDF5 dataset name")
+
+
+@command("build", "build an index (model + codes) from a vectors file")
+def build_cmd(args):
+  from spreading_jax.data import read_vectors
+  from spreading_jax.index import SpreadingIndex
+  index = SpreadingIndex(_load_model(args.model), args.quantizer, args.bits)
+  index.add(read_vectors(args.input, key=args.key))
+  index.save(args.out)
+  print(index.info())
+
+
+build_cmd.configure = _configure_build
+
+
+def _configure_search(p):
+  p.add_argument("index", help="index directory")
+  p.add_argument("queries", help="query vectors file")
+  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--out", required=True, help="prefix: writes PREFIX_I.npy and PREFIX_D.npy")
+  p.add_argument("--key", default=None, help="HDF5 dataset name of the queries")
+  p.add_argument("--groundtruth", default=None, help="ivecs/npy ground truth: print recall")
+
+
+@command("search", "search an index with a query file")
+def search_cmd(args):
+  import numpy as np
+  from spreading_jax import search
+  from spreading_jax.data import atomic_output, read_vectors
+  from spreading_jax.index import SpreadingIndex
+  index = SpreadingIndex.load(args.index)
+  D, I = index.search(read_vectors(args.queries, key=args.key), args.k)
+  for suffix, arr in (("I", I), ("D", D)):
+    with atomic_output(f"{args.out}_{suffix}.npy") as tmp:
+      with open(tmp, "wb") as f:
+        np.save(f, arr)
+  if args.groundtruth:
+    gt = read_vectors(args.groundtruth)
+    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
+    print(" ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items()))
+  print(f"wrote {args.out}_I.npy and {args.out}_D.npy")
+
+
+search_cmd.configure = _configure_search
+
+
+def _configure_info(p):
+  p.add_argument("path", help="index or model directory")
+
+
+@command("info", "describe an index or a model directory")
+def info_cmd(args):
+  if os.path.isfile(os.path.join(args.path, "index.json")):
+    from spreading_jax.index import SpreadingIndex
+    print(SpreadingIndex.load(args.path).info())
+  else:
+    m = _load_model(args.path)
+    print(f"catalyzer d_in={m.d_in} d_out={m.config.d_out} hidden={list(m.config.hidden)} "
+          f"r2={m.config.r2} bits={m.config.bits} epochs_trained={len(m.history)}")
+
+
+info_cmd.configure = _configure_info
+
+
+def _configure_bench(p):
+  p.add_argument("name", help="benchmark name: benchmarks/bench_NAME.py")
+  p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+
+@command("bench", "run benchmarks/bench_NAME.py")
+def bench_cmd(args):
+  import runpy
+  root = Path(__file__).resolve().parent.parent / "benchmarks"
+  script = root / f"bench_{args.name}.py"
+  if not script.is_file():
+    names = sorted(p.stem[6:] for p in root.glob("bench_*.py"))
+    raise UserError(f"no benchmark {args.name!r}; available: {', '.join(names)}")
+  old = sys.argv
+  sys.argv = [str(script)] + list(args.rest)
+  try:
+    runpy.run_path(str(script), run_name="__main__")
+  finally:
+    sys.argv = old
+
+
+bench_cmd.configure = _configure_bench
+
+
+# ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="spreading-jax", description=__doc__.splitlines()[0])

@@ -142,7 +142,8 @@ def table2_binary(dataset, config, bits: Sequence[int] = (16, 32, 64, 128)):
     _faiss_row(rows, "LSH", "lsh", dataset, b)
     _faiss_row(rows, "ITQ", "itq", dataset, b)
     model = _train(config, dataset, d_out=b, r2=None, bits=b)
-    rows.append({"method": "catalyzer+sign", "bits": b, "recall": evaluate_sign(dataset, model.apply)})
+    rows.append({"method": "catalyzer+sign", "bits": b,
+                 "recall": evaluate_sign(dataset, model.apply)})
     models[f"catalyzer_{b}"] = model
   return rows, models
 
@@ -186,7 +187,8 @@ def nn_distance_histogram(dataset, transform: Transform, path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from spreading_jax import data  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  for label, x in (("input", _apply(None, dataset.base)), ("catalyzer", _apply(transform, dataset.base))):
+  for label, x in (("input", _apply(None, dataset.base)),
+                   ("catalyzer", _apply(transform, dataset.base))):
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     dist, _ = search.knn(x, x, 2)
     ax.hist(np.sqrt(np.maximum(np.asarray(dist)[:, 1], 0)), bins=50, alpha=0.6, label=label)
@@ -246,7 +248,8 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--bits", type=int, default=64, help="code budget (table1, dout_sweep)")
   p.add_argument("--d-out", type=int, default=24, help="catalyzer output dim (table1, crossval)")
   p.add_argument("--grid", default=None,
-                 help="comma-separated sweep values (bits, lambdas or d_outs) replacing the paper's")
+                 help="comma-separated sweep values (bits, lambdas or d_outs) instead of the "
+                 "paper's")
   args = p.parse_args(argv)
   ds = data.load_dataset(args.dataset)
   if args.nb or args.nq or args.nt:

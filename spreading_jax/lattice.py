@@ -48,6 +48,8 @@ _MAX_ATOMS = 1 << 17
 _MAX_TAIL_ENTRIES = 1 << 19
 # Rows per step of the eager wrappers' loop: intermediates stay in cache, memory bounded.
 _CHUNK = 16384
+# Most atom scores (rows x atoms) computed at once by the eager quantize/encode.
+_MAX_SCORES = 1 << 23
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Up to this many coordinates the encode/decode walks are unrolled (fastest); longer ones
 # run as loops so that compilation time does not grow with d.
@@ -146,11 +148,6 @@ def _atoms(d: int, r2: int) -> list[tuple[int, ...]]:
   return out
 
 
-def _choice_values(radius: int) -> list[int]:
-  """The per-coordinate order of the code: j -> value is 0, +1, -1, +2, -2, ..."""
-  return [0] + [sign * a for a in range(1, radius + 1) for sign in (1, -1)]
-
-
 def _to_words(values, words: int) -> np.ndarray:
   """Python ints -> u32[len(values), words], little-endian words."""
   values = list(values)
@@ -179,6 +176,11 @@ class ZnSphereCodec:
   case they check shapes only and run the traceable ``*_core`` kernel directly. The
   ``*_core`` methods are the pure kernels (no checks, any batch size, usable under
   ``jit``, ``vmap`` and ``shard_map``) and ``jitted(name)`` gives ``jax.jit`` of one.
+
+  Limits: N < 2^256; the rank tables (about d * r2 * (2 sqrt(r2) + 1) * (words + 1)
+  uint32) at most 2^22 entries and at most 2^17 atoms (the search scores every atom).
+  E.g. d=24 works up to r2 ~ 400 (~95 bits), d=128 up to N < 2^256. Large atom counts
+  make quantization slower: the eager API then uses smaller chunks.
 
   Attributes:
     d, r2: dimension and squared radius.
@@ -212,13 +214,18 @@ class ZnSphereCodec:
     self.d = check_int("d", d, minimum=1)
     self.r2 = check_int("r2", r2, minimum=1)
     self._max_tail = None if tail is None else check_int("tail", tail, minimum=0, maximum=self.d)
+    radius = math.isqrt(self.r2)
+    # Table size with one-word codes: a lower bound, checked before counting the points.
+    entries = self.d * (self.r2 + 1) * (2 * radius + 1) * 2
+    if entries > _MAX_TABLE_ENTRIES:
+      raise ValueError(f"d={d}, r2={r2}: the code tables would hold more than "
+                       f"{_MAX_TABLE_ENTRIES} entries; use a smaller r2")
     n = num_points(self.d, self.r2)
     if n == 0:
       raise ValueError(f"r2={r2} is not a sum of {d} squares: the sphere has no lattice point")
     if n >= 1 << MAX_BITS:
       raise ValueError(f"d={d}, r2={r2} has {n} points: codes would need {(n - 1).bit_length()} "
                        f"bits; at most {MAX_BITS} are supported (num_points < 2^{MAX_BITS})")
-    radius = math.isqrt(self.r2)
     words = _words_for(n)
     entries = self.d * (self.r2 + 1) * (2 * radius + 1) * (words + 1)
     if entries > _MAX_TABLE_ENTRIES:
@@ -289,9 +296,9 @@ class ZnSphereCodec:
     per_row = radius + 1
     enc = [cum[i - i % per_row + (j + 2) // 2] + (j % 2) for i in range(0, len(cum), per_row)
            for j in range(2 * radius)]
-    enc_table = _to_words(enc, words)
-    self._enc_words = [np.concatenate([enc_table[:, w], [0]]).astype(np.uint32)
-                       for w in range(words)]                 # last entry: the zero choice
+    # u32[rows + 1, W]: all words of an entry are read with one index; the last row is the
+    # zero choice.
+    self._enc_table = np.concatenate([_to_words(enc, words), np.zeros((1, words), np.uint32)])
     # Decoding: starts[w][p, s, a-1] = word w of C[p, s, a] (a = 1..R), one row per (p, s);
     # taken[p, s, a] = the words of C[p, s, a].
     self._dec_starts = [np.ascontiguousarray(table[:, :, 1:, w]).reshape(-1, radius)
@@ -435,8 +442,9 @@ class ZnSphereCodec:
     j = 2 * jnp.abs(ci) - (ci > 0).astype(jnp.int32)                       # signed choice
     pos = jnp.arange(d, dtype=jnp.int32)[None, :]
     index = (pos * (r2 + 1) + jnp.clip(left, 0, r2)) * (2 * radius) + jnp.clip(j - 1, 0, 2 * radius - 1)
-    index = jnp.where(j > 0, index, self._enc_words[0].shape[0] - 1)
-    entries = [jnp.asarray(self._enc_words[w])[index] for w in range(self.code_words)]  # [n, d]
+    index = jnp.where(j > 0, index, self._enc_table.shape[0] - 1)
+    table = jnp.asarray(self._enc_table)[index]                                  # u32[n, d, W]
+    entries = [table[..., w] for w in range(self.code_words)]
     # For a zero coordinate E_p = C[p, s_p, 0] = 0 and the shift is 0.
     nonzero = (ci != 0).astype(jnp.uint32)
     acc = [jnp.zeros_like(entries[0][:, 0]) for _ in range(self.code_words)]
@@ -742,13 +750,16 @@ def _jitted(codec: ZnSphereCodec, name: str, chunk: int | None):
 def _map_rows(codec: ZnSphereCodec, name: str, x, out_cols: int, out_dtype):
   """Runs ``codec.<name>`` on concrete rows through a cached jit.
 
-  Rows are padded to a power of two (at least 64) below _CHUNK and to a multiple of
-  _CHUNK above, so that few shapes are ever compiled.
+  Rows are padded to a power of two (at least 64) below the chunk size and to a multiple
+  of it above, so that few shapes are compiled (one per number of chunks).
   """
   n = x.shape[0]
   if n == 0:
     return jnp.zeros((0, out_cols), out_dtype)
-  chunk = _CHUNK if n > _CHUNK else max(64, 1 << (n - 1).bit_length())
+  limit = _CHUNK
+  if name in ("quantize_core", "encode_core"):  # the atom scores are [chunk, num_atoms]
+    limit = max(64, min(_CHUNK, 1 << (_MAX_SCORES // codec.num_atoms).bit_length() - 1))
+  chunk = limit if n > limit else max(64, 1 << (n - 1).bit_length())
   total = -(-n // chunk) * chunk
   if total != n:
     widths = ((0, total - n), (0, 0))

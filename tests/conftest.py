@@ -23,3 +23,17 @@ def siftsmall():
 @pytest.fixture(scope="session")
 def wordllama():
   return _load("wordllama-256")
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+  """faiss limited to one OpenMP thread (its threads oversubscribe 2-core CI machines)."""
+  try:
+    import faiss
+  except ImportError:
+    yield
+    return
+  n = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(1)
+  yield
+  faiss.omp_set_num_threads(n)

@@ -6,18 +6,7 @@ pytest.importorskip("faiss")
 from spreading_jax import baselines  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-  # faiss's OpenMP threads oversubscribe the small CI machines (4x slower there).
-  try:
-    import faiss
-  except ImportError:
-    yield
-    return
-  n = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  yield
-  faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

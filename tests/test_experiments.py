@@ -12,18 +12,7 @@ GRIDS = {"table1_lattice": [], "table2_binary": ["--grid", "16"],
          "crossval_lambda": ["--grid", "0,0.05"], "dout_sweep": ["--grid", "8"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-  # faiss's OpenMP threads oversubscribe the small CI machines (4x slower there).
-  try:
-    import faiss
-  except ImportError:
-    yield
-    return
-  n = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  yield
-  faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _main(name):

@@ -81,18 +81,18 @@ def test_paper_radius_table():
 # ---------------------------------------------------------------------------------------
 # Exact bijection onto [0, N).
 
-@pytest.mark.parametrize("d, r2", [(1, 4), (2, 25), (3, 9), (4, 6), (5, 10), (6, 3), (8, 4),
-                                   (10, 3)])
-@pytest.mark.parametrize("tail", [None, 0, 2])
+# tail: None = the default lookup table, 0 = every coordinate walked, else that many.
+@pytest.mark.parametrize("d, r2, tail", [(1, 4, None), (2, 25, None), (3, 9, 0), (4, 6, 2),
+                                         (5, 10, None), (5, 10, 0), (6, 3, 3), (8, 4, 0),
+                                         (10, 3, None), (10, 3, 4)])
 def test_exhaustive_bijection(d, r2, tail):
-  codec = ZnSphereCodec(d, r2, tail=min(tail, d) if tail is not None else None)
+  codec = ZnSphereCodec(d, r2, tail=tail)
   pts = sphere_points(d, r2)
   assert len(pts) == codec.num_points
   codes = np.asarray(codec.encode(pts))
   assert codes.dtype == np.uint32 and codes.shape == (len(pts), codec.code_words)
   assert sorted(as_ints(codes)) == list(range(codec.num_points))  # exactly [0, N)
   np.testing.assert_array_equal(np.asarray(codec.decode_points(codes)), pts)
-  np.testing.assert_allclose(np.asarray(codec.decode(codes)), pts / math.sqrt(r2), rtol=1e-6)
 
 
 def test_code_order_is_magnitudes_then_signs():
@@ -186,8 +186,8 @@ def test_quantize_ste_forward_and_gradient():
 # Transformations: jit, vmap, static arguments, no retracing, sharding.
 
 def test_jit_vmap_compose_without_retracing():
-  codec = ZnSphereCodec(24, 79)
-  x = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+  codec = ZnSphereCodec(12, 30)
+  x = np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)
   codes = np.asarray(codec.encode(x))
 
   @jax.jit
@@ -198,13 +198,13 @@ def test_jit_vmap_compose_without_retracing():
   a = round_trip(x)
   b = round_trip(x + 1.0)
   np.testing.assert_allclose(a, codec.decode(codes), rtol=1e-6)
-  assert b.shape == (16, 24)
+  assert b.shape == (16, 12)
   np.testing.assert_array_equal(jax.jit(codec.encode)(x), codes)
   per_row = jax.vmap(lambda row: codec.encode_core(row[None])[0])
   np.testing.assert_array_equal(per_row(x), codes)
   # A codec is a static argument; an equal codec reuses the compiled function.
   f = jax.jit(chex.assert_max_traces(n=1)(lambda c, x: c.quantize_core(x)), static_argnums=0)
-  np.testing.assert_array_equal(f(codec, x), f(ZnSphereCodec(24, 79), x))
+  np.testing.assert_array_equal(f(codec, x), f(ZnSphereCodec(12, 30), x))
   np.testing.assert_array_equal(codec.jitted("decode_points")(codes), codec.decode_points(codes))
   with pytest.raises(ValueError, match="name='search'"):
     codec.jitted("search")

@@ -1,0 +1,45 @@
+"""CLI commands end to end through ``main([...])`` on siftsmall with a tiny model."""
+import json
+
+import numpy as np
+import pytest
+
+from spreading_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(siftsmall, tmp_path_factory):
+  from spreading_jax import data
+  tmp = tmp_path_factory.mktemp("cli")
+  config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
+            "verbose": False, "num_train": 3000}
+  (tmp / "config.json").write_text(json.dumps(config))
+  out = tmp / "model"
+  assert main(["train", "siftsmall", "--root", str(data.data_root()), "--config",
+               str(tmp / "config.json"), "--out", str(out)]) == 0
+  return out
+
+
+def test_build_search_info_encode(model_dir, siftsmall, tmp_path, capsys):
+  xb, xq = tmp_path / "xb.npy", tmp_path / "xq.npy"
+  np.save(xb, np.asarray(siftsmall.base, np.float32))
+  np.save(xq, np.asarray(siftsmall.query, np.float32))
+  np.save(tmp_path / "gt.npy", np.asarray(siftsmall.groundtruth, np.int32))
+  idx = tmp_path / "idx"
+  assert main(["build", str(model_dir), str(xb), "--out", str(idx), "--bits", "32"]) == 0
+  assert main(["info", str(idx)]) == 0
+  assert "ntotal=10000" in capsys.readouterr().out
+  assert main(["search", str(idx), str(xq), "--k", "10", "--out", str(tmp_path / "res"),
+               "--groundtruth", str(tmp_path / "gt.npy")]) == 0
+  assert "R@10=" in capsys.readouterr().out
+  assert np.load(tmp_path / "res_I.npy").shape == (100, 10)
+  assert main(["encode", str(model_dir), str(xq), str(tmp_path / "codes.npy")]) == 0
+  assert np.load(tmp_path / "codes.npy").shape[0] == 100
+  assert main(["info", str(model_dir)]) == 0
+
+
+def test_user_error_is_one_line(model_dir, tmp_path, capsys):
+  assert main(["info", str(tmp_path / "missing")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "error" in err[0]
+  assert main(["bench", "no_such_bench"]) == 2
