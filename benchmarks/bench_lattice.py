@@ -4,11 +4,12 @@
     python benchmarks/bench_lattice.py --n 100000 --repeats 3 --stream-n 1000000   # quick
 
 Same data, same machine, faiss limited to --threads OpenMP threads; warm-up runs excluded,
-median of --repeats interleaved runs (ours and faiss alternate, so load spikes hit both).
-encode = search of the nearest point + ranking (faiss ``encode_multi``); decode = code ->
-point (faiss ``decode_multi``). The streamed run encodes --stream-n vectors chunk by chunk
-in a fresh process and reports its peak resident memory. Writes
-experiments/results/bench_lattice.json.
+median of --repeats interleaved runs (ours and faiss alternate, so load spikes hit both;
+the load average is recorded since other processes change what 2 threads can get).
+Ours is the public API, input validation included. encode = search of the nearest point
++ ranking (faiss ``encode_multi``); decode = code -> point (faiss ``decode_multi``). The
+streamed run encodes --stream-n vectors chunk by chunk in a fresh process and reports its
+peak resident memory. Writes experiments/results/bench_lattice.json.
 """
 from __future__ import annotations
 
@@ -125,7 +126,9 @@ def main(argv=None):
     print(json.dumps(stream_encode(args.d, args.r2, args.stream_n, args.stream_chunk)))
     return
 
+  load_before = os.getloadavg()
   row = bench_codec(args.d, args.r2, args.n, args.repeats, args.threads)
+  row["load_average_before_after"] = [load_before, os.getloadavg()]
   stream = None
   if args.stream_n:
     out = subprocess.run(

@@ -2,7 +2,8 @@
 
 ``ZnSphereCodec(d, r2)`` maps vectors to the lattice point of largest cosine and points to
 their rank in [0, N), N = the number of points on the sphere, stored as little-endian
-uint32 words (no ``jax_enable_x64``; TPU friendly). Any (d, r²) with N < 2^256 works.
+uint32 words (no ``jax_enable_x64``; TPU friendly). Any (d, r²) with N < 2^256 works,
+within the table-size limits given in ``ZnSphereCodec``.
 
 Code assignment (our own scheme). With N(k, s) = the number of points of Z^k of squared
 norm s, s_p = the squared norm left for the coordinates p.. and z_p = the number of
@@ -22,9 +23,9 @@ division of big integers, a fixed number of vectorized steps per row. The last f
 coordinates are read from one lookup table of all the short vectors, indexed by
 (remaining norm, remaining rank).
 
-Quantization follows the atom decomposition of faiss' ZnSphereCodec (Douze, Sablayrolles,
-Jégou 2018, "Link and code", arXiv 1804.09996): the best point is a signed permutation of
-an *atom* (a non-increasing non-negative vector of squared norm r²); it is found by sorting
+Quantization follows the atom search of faiss' ZnSphereCodec (faiss/impl/lattice_Zn.cpp,
+the paper's reference implementation): the best point is a signed permutation of an
+*atom* (a non-increasing non-negative vector of squared norm r²); it is found by sorting
 |x| (ranks by pairwise comparisons) and scoring every atom against the sorted values with
 one matmul; the argmax uses max/sign arithmetic so that XLA:CPU fuses it with the matmul.
 """
@@ -46,9 +47,11 @@ _MAX_TABLE_ENTRIES = 1 << 22
 # Largest number of atoms (rows of the scoring matmul) and of tail-table entries.
 _MAX_ATOMS = 1 << 17
 _MAX_TAIL_ENTRIES = 1 << 19
-# Rows per step of the eager wrappers' loop: intermediates stay in cache, memory bounded.
+# Rows per chunk of the kernels' loop over large batches (see _in_chunks).
 _CHUNK = 16384
-# Most atom scores (rows x atoms) computed at once by the eager quantize/encode.
+# Chunks decoded side by side in that loop.
+_STREAMS = 2
+# Most atom scores (rows x atoms) computed at once by quantize/encode.
 _MAX_SCORES = 1 << 23
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Up to this many coordinates the encode/decode walks are unrolled (fastest); longer ones
@@ -171,11 +174,12 @@ class ZnSphereCodec:
   Codecs compare and hash by (d, r2, tail), so they can be static arguments of
   ``jax.jit`` or be closed over by jitted functions (the tables become constants).
   ``quantize``, ``encode``, ``decode`` and ``decode_points`` validate concrete inputs and
-  run them through a cached jit in chunks of 16384 rows (a loop inside the compiled
-  program: bounded memory, intermediates in cache); they also accept tracers, in which
-  case they check shapes only and run the traceable ``*_core`` kernel directly. The
-  ``*_core`` methods are the pure kernels (no checks, any batch size, usable under
-  ``jit``, ``vmap`` and ``shard_map``) and ``jitted(name)`` gives ``jax.jit`` of one.
+  run them through a cached jit (one compilation per input size above 16384 rows, per
+  power of two below); they also accept tracers, in which case they check shapes only
+  and run the traceable ``*_core`` kernel directly. The ``*_core`` methods are the pure
+  kernels (no checks, any batch size, usable under ``jit``, ``vmap`` and ``shard_map``);
+  above 16384 rows they loop over chunks inside the compiled program (bounded memory,
+  intermediates in cache). ``jitted(name)`` gives the cached ``jax.jit`` of one.
 
   Limits: N < 2^256; the rank tables (about d * r2 * (2 sqrt(r2) + 1) * (words + 1)
   uint32) at most 2^22 entries and at most 2^17 atoms (the search scores every atom).
@@ -259,7 +263,7 @@ class ZnSphereCodec:
     if name not in ("quantize", "encode", "decode", "decode_points", "rank"):
       raise ValueError(f"name={name!r} is not one of quantize, encode, decode, decode_points, "
                        "rank")
-    return _jitted(self, f"{name}_core", None)
+    return _jitted(self, f"{name}_core")
 
   # -- tables ------------------------------------------------------------------------------
 
@@ -275,10 +279,12 @@ class ZnSphereCodec:
       raise ValueError(f"d={d}, r2={r2} has more than {_MAX_ATOMS} atoms; use a smaller r2")
     self.num_atoms = len(atoms)
     self._atoms = np.asarray(atoms, np.float32).reshape(len(atoms), d)      # f32[A, d]
+    # Rows per chunk of the search: its atom scores are [chunk, num_atoms].
+    self._search_chunk = max(64, min(_CHUNK, 1 << (_MAX_SCORES // len(atoms)).bit_length() - 1))
 
     # C[p, s, a] = sum over magnitudes b < a of w(b) N(d-p-1, s - b^2), w(0) = 1, w(b) = 2:
-    # the points (signs included) whose coordinate p is smaller than a in magnitude, given
-    # the norm s left for coordinates p.. (see the module docstring).
+    # how many points of Z^(d-p) of squared norm s (signs included) have a first
+    # coordinate of magnitude < a (see the module docstring).
     cum = []
     for p in range(d):
       rest = counts[d - p - 1]
@@ -289,12 +295,12 @@ class ZnSphereCodec:
           if mag * mag <= s:
             acc += rest[s - mag * mag] * (2 if mag else 1)
     table = _to_words(cum, words).reshape(d, r2 + 1, radius + 1, words)
-    # Words at step p: enough for every rank that can remain there, max_s N(d-p, s).
-    self._step_words = [_words_for(max(counts[d - p]) + 1) for p in range(d)]
+    # Words at step p: enough for every rank that can remain there (< N(d-p, s), and never
+    # more than the code itself).
+    self._step_words = [min(words, _words_for(max(counts[d - p]))) for p in range(d)]
     # Encoding reads E = C[p, s, |v|] + [v < 0] by signed choice j = 2|v| - [v > 0] - 1
     # (v != 0; a zero coordinate adds nothing).
-    per_row = radius + 1
-    enc = [cum[i - i % per_row + (j + 2) // 2] + (j % 2) for i in range(0, len(cum), per_row)
+    enc = [cum[i + (j + 2) // 2] + (j % 2) for i in range(0, len(cum), radius + 1)
            for j in range(2 * radius)]
     # u32[rows + 1, W]: all words of an entry are read with one index; the last row is the
     # zero choice.
@@ -378,7 +384,9 @@ class ZnSphereCodec:
 
   def quantize_core(self, x):
     """Traceable quantize (no input checks): f32[n, d] -> f32[n, d] integer lattice points."""
-    x = jnp.asarray(x, jnp.float32)
+    return _in_chunks(self._quantize, jnp.asarray(x, jnp.float32), self._search_chunk)
+
+  def _quantize(self, x):
     atom, rank = self._search(x)
     vals = jnp.asarray(self._atoms.reshape(-1))[atom[:, None] * self.d + rank]
     return jnp.where(x < 0, -vals, vals)
@@ -430,9 +438,12 @@ class ZnSphereCodec:
     """Traceable rank of lattice points: f32/i32[n, d] -> u32[n, code_words].
 
     ``points`` must be points of this sphere (integer coordinates, squared norm r2).
-    Evaluates code = E_0 + 2^[c_0 != 0] (E_1 + 2^[c_1 != 0] (E_2 + ...)) from the last
-    coordinate, with E_p = C[p, s_p, |c_p|] + [c_p < 0] read from the tables.
     """
+    return _in_chunks(self._rank, jnp.asarray(points), _CHUNK)
+
+  def _rank(self, points):
+    """Evaluates code = E_0 + 2^[c_0 != 0] (E_1 + 2^[c_1 != 0] (E_2 + ...)) from the last
+    coordinate, with E_p = C[p, s_p, |c_p|] + [c_p < 0] read from the tables."""
     d, r2, radius = self.d, self.r2, math.isqrt(self.r2)
     c = jnp.asarray(points).astype(jnp.float32)
     # Norm left before each coordinate, as a (fused) matmul with a strict triangle.
@@ -468,7 +479,8 @@ class ZnSphereCodec:
 
   def encode_core(self, x):
     """Traceable encode (no input checks): f32[n, d] -> u32[n, code_words]."""
-    return self.rank_core(self.quantize_core(x))
+    return _in_chunks(lambda x: self._rank(self._quantize(x)), jnp.asarray(x, jnp.float32),
+                      self._search_chunk)
 
   def encode(self, x) -> jax.Array:
     """Quantizes and ranks: the code of the nearest lattice point.
@@ -490,11 +502,14 @@ class ZnSphereCodec:
   def decode_points_core(self, codes):
     """Traceable decode to integer coordinates: u32[n, code_words] -> f32[n, d].
 
-    Walks the coordinates (see the module docstring): at each, a gathered row of
-    thresholds gives the magnitude, the threshold is subtracted and the low bit gives the
-    sign; the last ``tail`` coordinates come from one table lookup. Codes >= num_points
-    give unspecified points (no error inside traced code).
+    Codes >= num_points give unspecified points (no error inside traced code).
     """
+    return _in_chunks(self._decode_points, jnp.asarray(codes), _CHUNK, _STREAMS)
+
+  def _decode_points(self, codes):
+    """Walks the coordinates (see the module docstring): at each, a gathered row of
+    thresholds gives the magnitude, the threshold is subtracted and the low bit gives the
+    sign; the last ``tail`` coordinates come from one table lookup."""
     d, r2 = self.d, self.r2
     codes = jnp.asarray(codes)
     head = d - self._tail
@@ -565,7 +580,9 @@ class ZnSphereCodec:
 
   def decode_core(self, codes):
     """Traceable decode: u32[n, code_words] -> f32[n, d] unit-norm points."""
-    return self.decode_points_core(codes) * (1.0 / math.sqrt(self.r2))
+    scale = 1.0 / math.sqrt(self.r2)
+    return _in_chunks(lambda c: self._decode_points(c) * scale, jnp.asarray(codes), _CHUNK,
+                      _STREAMS)
 
   def decode_points(self, codes) -> jax.Array:
     """Integer lattice coordinates of codes.
@@ -731,38 +748,55 @@ def quantize_ste(y: jax.Array, r2: int) -> jax.Array:
   return get_codec(int(shape[1]), check_int("r2", r2, minimum=1)).quantize_ste(y)
 
 
+def _in_chunks(fn, x, chunk: int, streams: int = 1):
+  """fn applied to the rows of x, by a loop over chunks of ``chunk`` rows when x is larger.
+
+  Chunks bound the memory of the intermediates and keep them in cache. Each iteration
+  handles ``streams`` chunks from different parts of the input: independent computations
+  that XLA:CPU runs concurrently (coarse-grained parallelism, for the decoder whose many
+  small fused ops scale badly over threads; the search's matmul is multithreaded
+  already). The rows need not be a multiple of ``chunk``: chunk starts are
+  clamped to n - chunk, so the last chunk overlaps the previous one (its rows are computed
+  twice) instead of padding the input and slicing (copying) the output.
+  """
+  n = x.shape[0]
+  if n <= chunk:
+    return fn(x)
+  chunks = -(-n // chunk)
+  streams = min(streams, chunks)
+  steps = -(-chunks // streams)
+  shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk,) + x.shape[1:], x.dtype))
+
+  def body(i, out):
+    for stream in range(streams):
+      start = jnp.minimum((stream * steps + i) * chunk, n - chunk)
+      part = jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
+      out = jax.lax.dynamic_update_slice_in_dim(out, fn(part), start, axis=0)
+    return out
+
+  out = jnp.zeros((n,) + shape.shape[1:], shape.dtype)
+  return jax.lax.fori_loop(0, steps, body, out)
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted(codec: ZnSphereCodec, name: str, chunk: int | None):
-  """jit of a row-wise core, applied to consecutive chunks of ``chunk`` rows (lax.map)
-  unless chunk is None: intermediates stay chunk-sized, one output array."""
-  core = getattr(codec, name)
-  if chunk is None:
-    return jax.jit(core)
-
-  def run(x):
-    n, cols = x.shape
-    out = jax.lax.map(core, x.reshape(n // chunk, chunk, cols))
-    return out.reshape(n, out.shape[-1])
-
-  return jax.jit(run)
+def _jitted(codec: ZnSphereCodec, name: str):
+  return jax.jit(getattr(codec, name))
 
 
 def _map_rows(codec: ZnSphereCodec, name: str, x, out_cols: int, out_dtype):
   """Runs ``codec.<name>`` on concrete rows through a cached jit.
 
-  Rows are padded to a power of two (at least 64) below the chunk size and to a multiple
-  of it above, so that few shapes are compiled (one per number of chunks).
+  Up to one chunk, rows are padded to a power of two (at least 64) so that few shapes
+  are compiled; larger inputs compile once per number of rows.
   """
   n = x.shape[0]
   if n == 0:
     return jnp.zeros((0, out_cols), out_dtype)
-  limit = _CHUNK
-  if name in ("quantize_core", "encode_core"):  # the atom scores are [chunk, num_atoms]
-    limit = max(64, min(_CHUNK, 1 << (_MAX_SCORES // codec.num_atoms).bit_length() - 1))
-  chunk = limit if n > limit else max(64, 1 << (n - 1).bit_length())
-  total = -(-n // chunk) * chunk
-  if total != n:
-    widths = ((0, total - n), (0, 0))
+  if n >= _CHUNK:
+    return _jitted(codec, name)(x)
+  size = max(64, 1 << (n - 1).bit_length())
+  if size != n:
+    widths = ((0, size - n), (0, 0))
     x = np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(jnp.asarray(x), widths)
-  out = _jitted(codec, name, chunk)(x)
-  return out if total == n else out[:n]
+  out = _jitted(codec, name)(x)
+  return out if size == n else out[:n]
