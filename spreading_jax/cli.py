@@ -125,10 +125,32 @@ def _plot_training(history, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------
 # train / eval / encode / build / search / info / bench
 
+def _add_distributed_flags(p, what: str):
+  p.add_argument("--distributed", action="store_true",
+                 help=f"call jax.distributed.initialize() (multi-host: Cloud TPU pods, SLURM, "
+                 f"or the flags below); {what}")
+  p.add_argument("--coordinator", default=None,
+                 help="with --distributed: coordinator host:port (default: auto-detected)")
+  p.add_argument("--num-processes", type=int, default=None,
+                 help="with --distributed: number of processes (default: auto-detected)")
+  p.add_argument("--process-id", type=int, default=None,
+                 help="with --distributed: this process's index (default: auto-detected)")
+
+
 def _init_distributed(args):
-  if getattr(args, "distributed", False):
-    import jax
-    jax.distributed.initialize()
+  """Starts the multi-process runtime for --distributed (no-op otherwise)."""
+  given = [f for f in ("coordinator", "num_processes", "process_id")
+           if getattr(args, f, None) is not None]
+  if not getattr(args, "distributed", False):
+    if given:
+      raise UserError(f"--{given[0].replace('_', '-')} needs --distributed")
+    return
+  import jax
+  try:
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f"jax.distributed.initialize() failed: {e}") from e
 
 
 def _load_model(path):
@@ -137,7 +159,8 @@ def _load_model(path):
 
 
 def _configure_train(p):
-  p.add_argument("dataset", help="dataset name (e.g. siftsmall) or ann-benchmarks .hdf5 path")
+  p.add_argument("dataset", help="dataset name (e.g. siftsmall), ann-benchmarks .hdf5 path, "
+                 "or a .fvecs/.bvecs/.npy file of training vectors")
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
   p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
   p.add_argument("--epochs", type=int, default=None, help="override config epochs")
@@ -147,8 +170,8 @@ def _configure_train(p):
                  help="lattice code size; the radius is chosen to fit (sets r2=None)")
   p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
   p.add_argument("--out", required=True, help="model directory to write")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host); data parallel over all")
+  _add_distributed_flags(p, "each process reads its slice of the training vectors, the "
+                         "mesh spans all processes' devices, process 0 writes the model")
 
 
 @command("train", "train a catalyzer and save it to a model directory")
@@ -167,14 +190,23 @@ def train_cmd(args):
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
-  ds = data.load_dataset(args.dataset, args.root)
   import jax
+  if Path(args.dataset).suffix in data.VECTOR_SUFFIXES:
+    xt = data.read_vectors(args.dataset)  # a user's file: all of it is training data
+  else:
+    xt = data.load_dataset(args.dataset, args.root).train
+  if jax.process_count() > 1:
+    xt = sharding.gather_process_slices(xt)  # each process reads 1/P of the file
   mesh = sharding.make_mesh() if jax.device_count() > 1 else None
   if mesh is not None and config.batch_size % jax.device_count():
+    if jax.process_count() > 1:
+      raise UserError(f"batch_size={config.batch_size} must be divisible by the "
+                      f"{jax.device_count()} devices of a distributed job")
     mesh = None
-  result = train(config, ds, mesh=mesh)
-  result.save(args.out)
-  print(f"wrote {args.out}")
+  result = train(config, xt, mesh=mesh)
+  if jax.process_index() == 0:
+    result.save(args.out)
+    print(f"wrote {args.out}")
 
 
 train_cmd.configure = _configure_train
@@ -209,8 +241,8 @@ def _configure_encode(p):
   p.add_argument("output", help="codes .npy file (resumes if interrupted)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")
   p.add_argument("--chunk", type=int, default=65536, help="rows per batch (default 65536)")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize(); shard batches over all devices")
+  _add_distributed_flags(p, "process i of P encodes rows [i*n/P, (i+1)*n/P) into its own "
+                         "part file")
 
 
 @command("encode", "encode a vectors file to lattice codes (.npy, u32 words)")
@@ -229,9 +261,8 @@ def encode_cmd(args):
   if args.distributed and jax.process_count() > 1:
     # Each process encodes its own contiguous slice into its own part file.
     from spreading_jax.data import read_vectors
-    n, i, count = read_vectors(args.input, key=args.key).shape[0], jax.process_index(), \
-        jax.process_count()
-    row_range = (i * n // count, (i + 1) * n // count)
+    i, count = jax.process_index(), jax.process_count()
+    row_range = sharding.process_rows(read_vectors(args.input, key=args.key).shape[0])
     output = f"{args.output[:-4] if args.output.endswith('.npy') else args.output}" \
              f".part{i:05d}-of-{count:05d}.npy"
   encode_file(model, args.input, output, chunk=args.chunk, mesh=mesh, key=args.key,
@@ -246,8 +277,13 @@ def _configure_build(p):
   p.add_argument("model", help="model directory")
   p.add_argument("input", help="database vectors file")
   p.add_argument("--out", required=True, help="index directory to write")
-  p.add_argument("--quantizer", default="zn", choices=["zn", "sign"])
-  p.add_argument("--bits", type=int, default=64, help="lattice code size (default 64)")
+  p.add_argument("--quantizer", default="zn",
+                 help="'zn' (lattice, default), 'sign', or a faiss index-factory string on the "
+                 "catalyzed vectors, e.g. 'OPQ8_32,PQ8' (then --train is required)")
+  p.add_argument("--bits", type=int, default=None,
+                 help="code size (zn: default 64; sign: d_out; faiss: the factory's)")
+  p.add_argument("--train", default=None,
+                 help="training vectors file for a faiss quantizer (never the queries)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")
 
 
@@ -256,6 +292,10 @@ def build_cmd(args):
   from spreading_jax.data import read_vectors
   from spreading_jax.index import SpreadingIndex
   index = SpreadingIndex(_load_model(args.model), args.quantizer, args.bits)
+  if not index.is_trained:
+    if args.train is None:
+      raise UserError(f"quantizer {args.quantizer!r} must be trained: pass --train FILE")
+    index.train(read_vectors(args.train, key=args.key))
   index.add(read_vectors(args.input, key=args.key))
   index.save(args.out)
   print(index.info())
@@ -357,7 +397,7 @@ def main(argv=None) -> int:
   fn, _ = COMMANDS[args.command]
   try:
     fn(args)
-  except (UserError, ValueError, FileNotFoundError) as e:
+  except (UserError, ValueError, FileNotFoundError, ImportError) as e:
     if args.verbose:
       raise
     print(f"spreading-jax {args.command}: error: {e}", file=sys.stderr)

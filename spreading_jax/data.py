@@ -447,6 +447,9 @@ def _read_hdf5_key(name: str, key: str | None) -> np.ndarray:
     raise ValueError(f"{name}: not a readable HDF5 file ({e})") from e
 
 
+VECTOR_SUFFIXES = (".fvecs", ".bvecs", ".npy")  # plain vector files (HDF5 needs a key)
+
+
 def read_vectors(path: PathLike, key: str | None = None) -> np.ndarray:
   """Reads a 2-D array of vectors, choosing the format from the file suffix.
 

@@ -76,3 +76,37 @@ def shard_rows(x, mesh: Mesh):
 def replicate(x, mesh: Mesh):
   """Places ``x`` on every device of ``mesh``."""
   return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-process (multi-host) helpers: meaningful after ``jax.distributed.initialize()``;
+# with one process they reduce to plain slicing.
+
+def process_rows(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+  """Rows [lo, hi) of an n-row input that process ``index`` of ``count`` owns (contiguous,
+  sizes differ by at most one). Defaults: this process of ``jax.process_count()``."""
+  index = jax.process_index() if index is None else int(index)
+  count = jax.process_count() if count is None else int(count)
+  if not 0 <= index < count:
+    raise ValueError(f"process index {index} is outside [0, {count})")
+  return index * n // count, (index + 1) * n // count
+
+
+def gather_process_slices(x) -> np.ndarray:
+  """Every process reads only its own ``process_rows`` slice of ``x`` (a memory map or any
+  array-like with row slicing) and receives the full array, assembled with one all-gather.
+
+  Used where each process needs all rows (training: exact kNN positives and negative mining
+  span the whole training set) but the input should be read once across the job.
+  """
+  n = int(x.shape[0])
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  count = jax.process_count()
+  lo, hi = process_rows(n)
+  width = -(-n // count)  # all_gather needs equal shapes: pad every slice to ceil(n / P)
+  local = pad_rows(np.ascontiguousarray(x[lo:hi]), width)
+  gathered = np.asarray(multihost_utils.process_allgather(local, tiled=False))
+  return np.concatenate([gathered[i, :process_rows(n, i, count)[1] - process_rows(n, i, count)[0]]
+                         for i in range(count)])

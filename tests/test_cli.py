@@ -43,3 +43,17 @@ def test_user_error_is_one_line(model_dir, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "error" in err[0]
   assert main(["bench", "no_such_bench"]) == 2
+
+
+def test_build_faiss_quantizer(model_dir, siftsmall, tmp_path, capsys):
+  pytest.importorskip("faiss")
+  xb, xt = tmp_path / "xb.npy", tmp_path / "xt.npy"
+  np.save(xb, np.asarray(siftsmall.base[:2000], np.float32))
+  np.save(xt, np.asarray(siftsmall.train[:2000], np.float32))
+  idx = tmp_path / "idx"
+  assert main(["build", str(model_dir), str(xb), "--out", str(idx), "--quantizer", "PQ4"]) == 2
+  assert "--train" in capsys.readouterr().err
+  assert main(["build", str(model_dir), str(xb), "--out", str(idx), "--quantizer", "PQ4",
+               "--train", str(xt)]) == 0
+  assert main(["info", str(idx)]) == 0
+  assert "bytes_per_vector=4 ntotal=2000" in capsys.readouterr().out

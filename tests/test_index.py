@@ -85,6 +85,43 @@ def test_load_errors(zn_index, tmp_path):
 def test_bad_quantizer(model):
   with pytest.raises(ValueError, match="quantizer"):
     SpreadingIndex(model, "pq")
+  with pytest.raises(ValueError, match="one bit per output dimension"):
+    SpreadingIndex(model, "sign", bits=64)
+
+
+def test_faiss_quantizer(model, siftsmall, tmp_path, one_faiss_thread):
+  faiss = pytest.importorskip("faiss")
+  xt = np.asarray(siftsmall.train[:3000], np.float32)
+  xb, xq = np.asarray(siftsmall.base, np.float32), np.asarray(siftsmall.query[:20], np.float32)
+  index = SpreadingIndex(model, "OPQ4,PQ4")
+  assert index.code_bits == 32 and index.bytes_per_vector == 4 and not index.is_trained
+  with pytest.raises(ValueError, match="not trained"):
+    index.add(xb)
+  with pytest.raises(ValueError, match="32-bit codes, not bits=64"):
+    SpreadingIndex(model, "OPQ4,PQ4", bits=64)
+  with pytest.raises(ValueError, match="faiss"):
+    SpreadingIndex(model, "NotAFactory12")
+  index.train(xt)
+  index.add(xb, chunk=3000)
+  assert index.ntotal == len(xb) and index.codes.shape == (len(xb), 4)
+  # The same faiss index built by hand on the catalyzed vectors gives the same answers.
+  ref = faiss.index_factory(model.config.d_out, "OPQ4,PQ4")
+  ref.train(np.asarray(model.apply(xt), np.float32))
+  ref.add(np.asarray(model.apply(xb), np.float32))
+  D_ref, I_ref = ref.search(np.asarray(model.apply(xq), np.float32), 10)
+  D, I = index.search(xq, 10)
+  np.testing.assert_array_equal(I, I_ref)
+  np.testing.assert_allclose(D, D_ref, rtol=1e-5)
+  np.testing.assert_array_equal(index.encode(xb[:50]), index.codes[:50])
+  assert index.reconstruct(np.array([0, 1])).shape == (2, model.config.d_out)
+  index.save(tmp_path / "opq")
+  loaded = SpreadingIndex.load(tmp_path / "opq")
+  assert loaded.quantizer == "OPQ4,PQ4" and loaded.ntotal == len(xb)
+  np.testing.assert_array_equal(loaded.search(xq, 10)[1], I)
+  blob = (tmp_path / "opq" / "faiss.index").read_bytes()
+  (tmp_path / "opq" / "faiss.index").write_bytes(blob[:-100])
+  with pytest.raises(ValueError, match="faiss.index is truncated or corrupt"):
+    SpreadingIndex.load(tmp_path / "opq")
 
 
 def test_encoder_matches_codec(model, siftsmall):
