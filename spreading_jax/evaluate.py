@@ -236,7 +236,11 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
   if name not in EXPERIMENTS:
     raise ValueError(f"unknown experiment {name!r}; known: {EXPERIMENTS}")
   p = argparse.ArgumentParser(prog=name, description=globals()[name].__doc__)
-  p.add_argument("--dataset", default="fashion-mnist")
+  p.add_argument("--dataset", default="fashion-mnist",
+                 help="dataset name (siftsmall, fashion-mnist, wordllama-256, deep1m, bigann1m) "
+                 "or an ann-benchmarks .hdf5 path")
+  p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA or "
+                 "../shared/data)")
   p.add_argument("--epochs", type=int, default=160)
   p.add_argument("--hidden", default="1024,1024", help="comma-separated hidden widths")
   p.add_argument("--out", default=None, help="default experiments/results/<dataset>/")
@@ -251,7 +255,7 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
                  help="comma-separated sweep values (bits, lambdas or d_outs) instead of the "
                  "paper's")
   args = p.parse_args(argv)
-  ds = data.load_dataset(args.dataset)
+  ds = data.load_dataset(args.dataset, args.root)
   if args.nb or args.nq or args.nt:
     ds = ds.subset(nb=args.nb, nq=args.nq, nt=args.nt)
   config = train_lib.TrainConfig(

@@ -642,17 +642,27 @@ def _log_epoch(record: dict, config: TrainConfig, bar) -> None:
     bar.write(line)
 
 
+def _best_meta(best: dict) -> dict:
+  """The best-so-far bookkeeping as arrays, saved inside the checkpoint so that it commits
+  atomically with the parameters it describes."""
+  return {"metric": np.asarray(best["metric"], np.float64),
+          "epoch": np.asarray(best.get("epoch") or 0, np.int32),
+          "has_best": np.asarray(best["params"] is not None)}
+
+
 def _save(manager, epoch: int, state: TrainState, best: dict, history: list, directory: str):
   import orbax.checkpoint as ocp
   has_best = best["params"] is not None
   tree = {"state": state._asdict(),
           "best_params": best["params"] if has_best else state.params,
-          "best_batch_stats": best["batch_stats"] if has_best else state.batch_stats}
+          "best_batch_stats": best["batch_stats"] if has_best else state.batch_stats,
+          "best_meta": _best_meta(best)}
+  # The history goes first: a crash before the checkpoint commits leaves a history one
+  # epoch ahead, which resuming trims to the checkpoint's epoch. The best-so-far record
+  # lives inside the checkpoint; best.json is a human-readable copy, never read back.
+  _write_json_atomic(os.path.join(directory, "history.jsonl"), history, jsonl=True)
   manager.save(epoch, args=ocp.args.StandardSave(tree))
   manager.wait_until_finished()
-  # The history and best metric are written after the checkpoint commits, so a crash in
-  # between leaves a checkpoint whose history lacks one epoch, never the reverse.
-  _write_json_atomic(os.path.join(directory, "history.jsonl"), history, jsonl=True)
   _write_json_atomic(os.path.join(directory, "best.json"),
                      {"metric": best["metric"], "epoch": best.get("epoch"), "has_best": has_best,
                       "checkpoint_epoch": epoch + 1})
@@ -663,15 +673,17 @@ def _restore(manager, state: TrainState, best: dict):
   step = manager.latest_step()
   directory = os.path.dirname(os.fspath(manager.directory))
   template = {"state": state._asdict(), "best_params": state.params,
-              "best_batch_stats": state.batch_stats}
+              "best_batch_stats": state.batch_stats, "best_meta": _best_meta(best)}
   tree = manager.restore(step, args=ocp.args.StandardRestore(template))
   restored = TrainState(**tree["state"])
-  with open(os.path.join(directory, "best.json")) as f:
-    meta = json.load(f)
-  with open(os.path.join(directory, "history.jsonl")) as f:
-    history = [json.loads(line) for line in f if line.strip()]
+  meta = tree["best_meta"]
+  history_path = os.path.join(directory, "history.jsonl")
+  history = []
+  if os.path.exists(history_path):
+    with open(history_path) as f:
+      history = [json.loads(line) for line in f if line.strip()]
   history = [r for r in history if r["epoch"] <= step + 1]
-  if meta["has_best"]:
-    best = {"metric": meta["metric"], "params": tree["best_params"],
-            "batch_stats": tree["best_batch_stats"], "epoch": meta["epoch"]}
+  if bool(meta["has_best"]):
+    best = {"metric": float(meta["metric"]), "params": tree["best_params"],
+            "batch_stats": tree["best_batch_stats"], "epoch": int(meta["epoch"])}
   return restored, best, history, step + 1

@@ -100,6 +100,10 @@ def test_resume_equals_uninterrupted(small_train, tmp_path):
     T.train(ckpt, small_train, callback=stop_after_two)
   history = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
   assert [json.loads(h)["epoch"] for h in history] == [1, 2]
+  # A crash after the checkpoint committed but before best.json was rewritten: resuming
+  # must take the best-so-far record from the checkpoint itself.
+  (tmp_path / "run" / "best.json").write_text(json.dumps({"metric": 2.0, "epoch": 1,
+                                                          "has_best": True}))
   resumed = T.train(ckpt, small_train)
   assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
   assert params_equal(full.params, resumed.params)
@@ -146,3 +150,11 @@ def test_bad_input_is_rejected_before_compute(change, data, match):
   cfg = SMALL.replace(val_every=0, **change)
   with pytest.raises(ValueError, match=match):
     T.train(cfg, x, mesh=mesh)
+
+
+def test_paper_config_file_loads():
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "paper.json"
+  config = T.TrainConfig.from_dict(json.loads(path.read_text()))
+  assert (config.epochs, config.batch_size, config.num_train) == (160, 64, 500_000)
+  assert config.lr_values()[0] == 0.1 and T.make_codec(config).code_bits <= 64
