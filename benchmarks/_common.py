@@ -75,3 +75,30 @@ def table(rows: list[dict], columns: list[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def deep_like(n: int, d: int = 96, seed: int = 0, clusters: int = 1000):
+  """n float32 vectors shaped like Deep1M (d=96, clustered, unit norm): a stand-in with the
+  same size and cost when the real files are not on the machine. Throughput depends on
+  the shapes only; recall numbers are not taken from it."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  centers = rng.standard_normal((clusters, d), dtype=np.float32)
+  x = centers[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def small_trained_model(xt, d_out: int = 24, r2: int = 79, num_train: int = 5000):
+  """A paper-sized catalyzer (d_in->1024->1024->d_out) trained for one epoch on
+  ``num_train`` rows: real weights and BatchNorm statistics for throughput measurements."""
+  from spreading_jax.train import TrainConfig, train
+  config = TrainConfig(epochs=1, d_out=d_out, r2=r2, val_every=0, num_train=num_train,
+                       verbose=False)
+  return train(config, xt)
+
+
+def faiss_threads(threads: int):
+  """Sets faiss' OpenMP threads; returns the module."""
+  import faiss
+  faiss.omp_set_num_threads(threads)
+  return faiss

@@ -1,0 +1,107 @@
+"""End-to-end encoding throughput, raw float vector -> 64-bit code, vs faiss OPQ8_64,PQ8.
+
+    python benchmarks/bench_encode.py                        # 200k vectors, d=96, 3 runs
+    python benchmarks/bench_encode.py --n 50000 --repeats 2  # quick
+
+Ours: ``encode.make_encoder`` (catalyzer 96->1024->1024->24 forward + Zn lattice
+quantization + ranking, r2=79, one jitted program over equal batches of <= 65536 rows),
+with the two halves also timed alone for the cost model. faiss: ``OPQ8_64,PQ8`` ``sa_encode``
+(rotation + PQ assignment), trained on separate vectors (training not timed). Same data,
+same threads, warm-up excluded, median of --repeats interleaved runs. The data are
+Deep1M-shaped synthetic vectors (``_common.deep_like``). Writes
+experiments/results/bench_encode.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import (deep_like, faiss_threads, median, small_trained_model, table,  # noqa: E402
+                     write_result)
+
+from spreading_jax import encode, sharding  # noqa: E402
+from spreading_jax.train import _forward_fn, make_codec  # noqa: E402
+
+MAX_BATCH = 65536
+
+
+def _batches(x):
+  """Device-resident equal batches of at most MAX_BATCH rows (the last one zero-padded by
+  fewer than 8 * count rows, so padding does not inflate the timings)."""
+  count = -(-len(x) // MAX_BATCH)
+  batch = sharding.round_up(-(-len(x) // count), 8)
+  return [jnp.asarray(sharding.pad_rows(x[s:s + batch], batch)) for s in range(0, len(x), batch)]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--n", type=int, default=200_000, help="vectors encoded per run")
+  p.add_argument("--d", type=int, default=96)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--threads", type=int, default=os.cpu_count())
+  args = p.parse_args(argv)
+  faiss = faiss_threads(args.threads)
+  xt = deep_like(20_000, args.d, seed=1)
+  xb = deep_like(args.n, args.d, seed=2)
+  model = small_trained_model(xt)
+  codec = make_codec(model.config)
+  enc = encode.make_encoder(model)
+  fwd = _forward_fn(model.module)
+  batches = _batches(xb)
+
+  def ours():  # raw vectors -> codes
+    return jax.block_until_ready([enc(b) for b in batches])
+
+  def ours_forward():  # catalyzer alone
+    return jax.block_until_ready([fwd(model.variables, b, model.input_scale) for b in batches])
+
+  ys = ours_forward()
+
+  lattice_encode = jax.jit(codec.encode_core)
+
+  def ours_lattice():  # quantize + rank alone
+    return jax.block_until_ready([lattice_encode(y) for y in ys])
+
+  opq = faiss.index_factory(args.d, "OPQ8_64,PQ8")
+  opq.train(xt)
+  assert opq.sa_code_size() == 8 and codec.code_bits <= 64
+
+  def theirs():
+    return opq.sa_encode(xb)
+
+  cases = {"ours end-to-end": ours, "ours catalyzer forward": ours_forward,
+           "ours lattice encode": ours_lattice, "faiss OPQ8_64,PQ8 sa_encode": theirs}
+  for fn in cases.values():  # warm-up: compilation and first-touch excluded
+    fn()
+  times = {name: [] for name in cases}
+  for _ in range(args.repeats):  # interleaved so that load spikes hit every case
+    for name, fn in cases.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  rows = [{"case": name, "vectors_per_s": args.n / median(ts), "median_s": median(ts),
+           "times_s": ts} for name, ts in times.items()]
+  ref = args.n / median(times["faiss OPQ8_64,PQ8 sa_encode"])
+  for r in rows:
+    r["ratio_vs_faiss"] = r["vectors_per_s"] / ref
+  print(table(rows, ["case", "vectors_per_s", "median_s", "ratio_vs_faiss"]))
+  flops = 2 * (args.d * 1024 + 1024 * 1024 + 1024 * 24)
+  print(f"catalyzer forward: {flops / 1e6:.2f} MFLOP per vector, "
+        f"{flops * rows[1]['vectors_per_s'] / 1e9:.1f} GFLOP/s achieved")
+  path = write_result("bench_encode", {
+      "n": args.n, "d": args.d, "d_out": 24, "r2": codec.r2, "code_bits": codec.code_bits,
+      "threads": args.threads, "batch_rows": int(batches[0].shape[0]), "load_average": os.getloadavg(),
+      "devices": jax.device_count(), "forward_flops_per_vector": flops, "rows": rows,
+      "command": "python " + " ".join(sys.argv)})
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
