@@ -20,6 +20,8 @@ from spreading_jax._validation import check_int, check_vectors
 
 # Working set of one (query block x database block) score matrix, in elements.
 _TILE_ELEMENTS = 1 << 22
+# Rows per prepared (e.g. decoded) super-block: 64k rows of 24 floats is 6 MB.
+_SUPER_BLOCK_ROWS = 1 << 16
 _MAX_QUERY_BLOCK = 64
 # Chunk width of the two-stage top-k (see _block_topk).
 _CHUNK = 32
@@ -96,24 +98,48 @@ def _scan_database(score_fn: ScoreFn, xq, db, k: int, bb: int, n_valid, offset):
   return best_s, best_i
 
 
-def _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset):
-  """Runs ``_scan_database`` over query blocks (sequentially, to bound memory)."""
+def _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset, prepare_fn=None, sb=None):
+  """Runs ``_scan_database`` over query blocks (sequentially, to bound memory).
+
+  With ``prepare_fn`` the database is visited in super-blocks of ``sb`` rows, each turned
+  once by ``prepare_fn(*rows) -> tuple`` (e.g. codes -> decoded vectors) and then searched
+  by every query block: work done per database row (decoding) is paid once per call
+  instead of once per query block.
+  """
   nq_pad = xq.shape[0]
   xq_blocks = xq.reshape((nq_pad // qb, qb) + xq.shape[1:])
-  s, i = jax.lax.map(lambda q: _scan_database(score_fn, q, db, k, bb, n_valid, offset), xq_blocks)
-  return s.reshape(nq_pad, k), i.reshape(nq_pad, k)
+
+  def by_query_block(rows, start):
+    s, i = jax.lax.map(
+        lambda q: _scan_database(score_fn, q, rows, k, bb, n_valid, start), xq_blocks)
+    return s.reshape(nq_pad, k), i.reshape(nq_pad, k)
+
+  if prepare_fn is None:
+    return by_query_block(db, offset)
+  nsb = db[0].shape[0] // sb
+  super_blocks = tuple(a.reshape((nsb, sb) + a.shape[1:]) for a in db)
+
+  def step(carry, inputs):
+    rows, j = inputs
+    s, i = by_query_block(tuple(prepare_fn(*rows)), offset + j * sb)
+    return _merge_topk(*carry, s, i, k), None
+
+  init = (jnp.full((nq_pad, k), -jnp.inf, jnp.float32), jnp.full((nq_pad, k), -1, jnp.int32))
+  (s, i), _ = jax.lax.scan(step, init, (super_blocks, jnp.arange(nsb, dtype=jnp.int32)))
+  return s, i
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "mesh"))
-def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, mesh):
+@functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "mesh", "prepare_fn",
+                                             "sb"))
+def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, mesh, prepare_fn=None, sb=None):
   if mesh is None:
-    return _search_queries(score_fn, xq, db, k, qb, bb, n_valid, 0)
+    return _search_queries(score_fn, xq, db, k, qb, bb, n_valid, 0, prepare_fn, sb)
   axis = sharding.axis_name(mesh)
   local_n = db[0].shape[0] // sharding.mesh_size(mesh)
 
   def local(xq, *db):
     offset = jax.lax.axis_index(axis).astype(jnp.int32) * local_n
-    s, i = _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset)
+    s, i = _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset, prepare_fn, sb)
     # Gather every shard's top-k in shard (= id) order, then merge.
     s = jax.lax.all_gather(s, axis, axis=1, tiled=True)
     i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
@@ -127,7 +153,9 @@ def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, mesh):
 
 
 def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | None = None,
-                query_block: int | None = None, base_block: int | None = None):
+                query_block: int | None = None, base_block: int | None = None,
+                prepare_fn: Callable | None = None, prepared_dim: int | None = None,
+                super_block: int | None = None):
   """Generic blocked, optionally sharded, exact top-k by a score function.
 
   Args:
@@ -139,6 +167,11 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
     k: number of results, 1 <= k <= nb.
     mesh: optional 1-D mesh; the database is sharded over its data axis.
     query_block, base_block: tile sizes (defaults bound the tile to ~4M scores).
+    prepare_fn: optional hashable ``prepare_fn(*db_rows) -> tuple`` applied once to each
+      super-block of database rows (e.g. decoding codes); ``score_fn`` then receives the
+      prepared arrays. Use it when per-row work costs more than scoring.
+    prepared_dim: width of the prepared rows (picks the tile sizes; default: db's width).
+    super_block: rows per prepared super-block (default ~64k, a multiple of base_block).
 
   Returns:
     (scores f32[nq, k] descending, ids i32[nq, k]); ties are broken by lower id.
@@ -147,14 +180,20 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
   nq, nb = xq.shape[0], db[0].shape[0]
   ndev = sharding.mesh_size(mesh)
   d = int(np.prod(db[0].shape[1:])) if db[0].ndim > 1 else 1
-  qb, bb = _block_sizes(nq, -(-nb // ndev), k, query_block, base_block, d)
+  nb_local = -(-nb // ndev)
+  qb, bb = _block_sizes(nq, nb_local, k, query_block, base_block, prepared_dim or d)
   xq = sharding.pad_rows(jnp.asarray(xq), sharding.round_up(nq, qb))
-  nb_pad = sharding.round_up(nb, bb * ndev)
+  sb = None
+  if prepare_fn is not None:
+    sb = super_block or max(bb, _SUPER_BLOCK_ROWS // bb * bb)
+    sb = min(sharding.round_up(sb, bb), sharding.round_up(nb_local, bb))
+  nb_pad = sharding.round_up(nb, (sb or bb) * ndev)
   db = tuple(sharding.pad_rows(jnp.asarray(a), nb_pad) for a in db)
   if mesh is not None:
     db = tuple(sharding.shard_rows(a, mesh) for a in db)
     xq = sharding.replicate(xq, mesh)
-  s, i = _topk_search(score_fn, xq, db, jnp.int32(nb), k=k, qb=qb, bb=bb, mesh=mesh)
+  s, i = _topk_search(score_fn, xq, db, jnp.int32(nb), k=k, qb=qb, bb=bb, mesh=mesh,
+                      prepare_fn=prepare_fn, sb=sb)
   return s[:nq], i[:nq]
 
 
@@ -275,17 +314,26 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
 # Lattice codes.
 
 @functools.lru_cache(maxsize=None)
-def _lattice_score_fn(codec):
-  """One score function per codec, so that the compiled search is reused across calls."""
-  def score(xq, codes):
-    # Decoding happens block by block inside the scan: memory stays O(block), never O(nb*d).
-    return jnp.dot(xq, codec.decode(codes).T, precision=jax.lax.Precision.HIGHEST)
-  return score
+def _lattice_decode_fn(codec):
+  """One decode function per codec (hashable, so the compiled search is reused)."""
+  def prepare(codes):
+    return (codec.decode(codes),)
+  return prepare
+
+
+_LATTICE_FNS: dict = {}
+
+
+def _lattice_fns(codec):
+  key = (codec.d, codec.r2)
+  if key not in _LATTICE_FNS:
+    _LATTICE_FNS[key] = _lattice_decode_fn(codec)
+  return _LATTICE_FNS[key]
 
 
 def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
                    mesh: Mesh | None = None, query_block: int | None = None,
-                   base_block: int | None = None):
+                   base_block: int | None = None, super_block: int | None = None):
   """Top-k search of float queries against a database of Zn lattice codes.
 
   Asymmetric (the paper's lattice search): the score is the inner product between the
@@ -299,6 +347,8 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
     k: number of results, 1 <= k <= nb.
     symmetric: quantize the queries too.
     mesh: optional mesh; the codes are sharded over its data axis.
+    query_block, base_block, super_block: tile sizes (see ``topk_search``); codes are
+      decoded one super-block at a time, once per call.
 
   Returns:
     (scores f32[nq, k] descending inner products, ids i32[nq, k]); ties to the lower id.
@@ -309,15 +359,12 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
   xq = _as_float(xq)
   if symmetric:
     xq = codec.decode(codec.encode(xq))
-  score = _lattice_score_fn(codec)
-  # Decoding costs more than scoring, and the scan decodes every database block once per
-  # query block: take many queries per block so that the database is decoded once.
-  if query_block is None:
-    query_block = min(4096, sharding.round_up(max(xq.shape[0], 1), 8))
-  if base_block is None:
-    base_block = max(1024, _TILE_ELEMENTS // query_block)
-  return topk_search(score, xq, (jnp.asarray(codes),), k, mesh=mesh, query_block=query_block,
-                     base_block=base_block)
+  # Decoding costs more than scoring: each 64k-row super-block of codes is decoded once
+  # and then scored against every query block like a float database.
+  return topk_search(_ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
+                     query_block=query_block, base_block=base_block,
+                     prepare_fn=_lattice_fns(codec), prepared_dim=codec.d,
+                     super_block=super_block)
 
 
 # ---------------------------------------------------------------------------------------

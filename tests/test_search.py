@@ -168,5 +168,13 @@ def test_search_lattice_asymmetric_symmetric_and_sharded():
   xq_q = np.asarray(codec.decode(codec.encode(xq)))
   _, ref_sym = search.knn(xq_q, np.asarray(codec.decode(codes)), 20, metric="ip")
   np.testing.assert_array_equal(np.asarray(isym), np.asarray(ref_sym))
+  # Several decoded super-blocks and query blocks, single device and sharded, against a
+  # numpy reference (stable sort: ties to the lower id).
+  points = np.asarray(codec.decode(codes), np.float64)
+  ref_ids = np.argsort(-(xq.astype(np.float64) @ points.T), axis=1, kind="stable")[:, :20]
+  for mesh in [None] + ([sharding.make_mesh(4)] if jax.device_count() >= 4 else []):
+    _, ib = search.search_lattice(xq, codes, codec, 20, query_block=8, base_block=128,
+                                  super_block=256, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(ib), ref_ids)
   with pytest.raises(ValueError, match="words"):
     search.search_lattice(xq, codes[:, :1], codec, 5)
