@@ -93,33 +93,11 @@ def demo(args):
     Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
   with atomic_output(out / "demo.md") as tmp:
     Path(tmp).write_text(table + "\n")
-  plot = _plot_training(result.history, out / "training.png")
+  plot = evaluate.plot_training({"catalyzer": result.history}, out / "training.png")
   print(f"\nwrote {out / 'demo.json'}, {out / 'demo.md'} and {plot}")
 
 
 demo.configure = _configure_demo
-
-
-def _plot_training(history, path: Path) -> Path:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from spreading_jax.data import atomic_output
-  epochs = [h["epoch"] for h in history]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  ax1.plot(epochs, [h["loss"] for h in history], marker=".", label="loss")
-  ax1.plot(epochs, [h["triplet"] for h in history], marker=".", label="triplet")
-  ax1.set_xlabel("epoch"), ax1.set_title("training loss"), ax1.legend()
-  val = [h for h in history if "lattice_R@10" in h]
-  for key in ("lattice_R@1", "lattice_R@10", "lattice_R@100", "sign_R@10"):
-    if val and key in val[0]:
-      ax2.plot([h["epoch"] for h in val], [h[key] for h in val], marker="o", label=key)
-  ax2.set_xlabel("epoch"), ax2.set_title("validation 1-recall"), ax2.legend()
-  fig.tight_layout()
-  with atomic_output(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=110)
-  plt.close(fig)
-  return path
 
 
 # ---------------------------------------------------------------------------------------

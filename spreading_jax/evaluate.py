@@ -132,7 +132,7 @@ def table1_lattice(dataset, config) -> tuple[list[dict], dict]:
   e2e = _train(config, dataset, end_to_end=True)
   rows.append({"method": "catalyzer+lattice end-to-end", "bits": codec.code_bits,
                "recall": evaluate_lattice(dataset, e2e.apply, codec)})
-  return rows, {"catalyzer": model}
+  return rows, {"catalyzer": model, "end-to-end": e2e}
 
 
 def table2_binary(dataset, config, bits: Sequence[int] = (16, 32, 64, 128)):
@@ -158,11 +158,14 @@ def crossval_lambda(dataset, config, lambdas: Sequence[float] = LAMBDAS):
     val = [h["lattice_R@10"] for h in model.history if "lattice_R@10" in h]
     score = val[-1] if val else float("nan")
     rows.append({"method": f"lambda={lam} (val R@10 {score:.3f})", "bits": codec.code_bits,
-                 "recall": evaluate_lattice(dataset, model.apply, codec), "val": score})
+                 "recall": evaluate_lattice(dataset, model.apply, codec), "val": score,
+                 "lambda": lam})
+    models[f"lambda={lam}"] = model
     if val and (best is None or score > best["val"]):
-      best, models["catalyzer"] = rows[-1], model
+      best = rows[-1]
   if best is not None:
     best["method"] += " <- selected"
+    models["catalyzer"] = models[f"lambda={best['lambda']}"]
   return rows, models
 
 
@@ -197,6 +200,58 @@ def nn_distance_histogram(dataset, transform: Transform, path: str) -> None:
   fig.tight_layout()
   with data.atomic_output(path) as tmp:
     fig.savefig(tmp, format="png")
+  plt.close(fig)
+
+
+def plot_training(histories: dict[str, list[dict]], path):
+  """PNG of training curves: loss per epoch (left) and validation lattice R@10 / sign R@10
+  (right), one line per named history (``TrainResult.history``). Returns ``path``."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  for name, history in histories.items():
+    ax1.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker=".",
+             label=name)
+    val = [h for h in history if "lattice_R@10" in h]
+    if val:
+      line, = ax2.plot([h["epoch"] for h in val], [h["lattice_R@10"] for h in val], marker="o",
+                       label=f"{name} lattice R@10")
+      ax2.plot([h["epoch"] for h in val], [h["sign_R@10"] for h in val], marker="x",
+               linestyle="--", color=line.get_color(), label=f"{name} sign R@10")
+  ax1.set_xlabel("epoch"), ax1.set_title("training loss (triplet + λ·KoLeo)")
+  ax2.set_xlabel("epoch"), ax2.set_title("validation 1-recall@10")
+  for ax in (ax1, ax2):
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  with data.atomic_output(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _lambda_plot(rows, ks, path) -> None:
+  """crossval_lambda: test recall against λ (log axis, λ=0 drawn as a dashed level)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for k in ks:
+    pts = sorted((r["lambda"], r["recall"][k]) for r in rows if r["lambda"] > 0)
+    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"R@{k}")
+    for r in rows:
+      if r["lambda"] == 0:
+        ax.axhline(r["recall"][k], linestyle="--", color=line.get_color(), linewidth=0.8)
+  ax.set_xscale("log")
+  ax.set_xlabel("λ (KoLeo weight); dashed: λ=0")
+  ax.set_ylabel("test 1-recall (catalyzer + lattice)")
+  ax.legend()
+  fig.tight_layout()
+  with data.atomic_output(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -275,9 +330,17 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
   ks = tuple(k for k in KS if k <= ds.nb)
   table = format_table(rows, ks)
   _recall_plot(rows, ks, os.path.join(out, f"{name}.png"))
+  if name == "crossval_lambda":
+    _lambda_plot(rows, ks, os.path.join(out, f"{name}_lambda.png"))
   if models:
     model = models.get("catalyzer", next(iter(models.values())))
     nn_distance_histogram(ds, model.apply, os.path.join(out, f"{name}_nn_hist.png"))
+    unique = {}  # "catalyzer" may alias another entry (crossval's selected λ)
+    for n, m in models.items():
+      if all(m is not other for other in unique.values()):
+        unique[n] = m
+    plot_training({n: m.history for n, m in unique.items()},
+                  os.path.join(out, f"{name}_training.png"))
   try:
     import faiss  # pylint: disable=import-outside-toplevel
     faiss_version = faiss.__version__

@@ -27,7 +27,10 @@ def test_experiment_script_writes_report(siftsmall, tmp_path, name):
   if name == "table1_lattice":
     pytest.importorskip("faiss")
   report = _main(name)(TINY + GRIDS[name] + ["--out", str(tmp_path)])
-  for suffix in (".json", ".md", ".png", "_nn_hist.png"):
+  suffixes = [".json", ".md", ".png", "_nn_hist.png", "_training.png"]
+  if name == "crossval_lambda":
+    suffixes.append("_lambda.png")
+  for suffix in suffixes:
     assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
   saved = json.loads((tmp_path / f"{name}.json").read_text())
   assert saved["experiment"] == name and saved["rows"] == json.loads(json.dumps(report["rows"]))
