@@ -42,6 +42,18 @@ def sign_codes(y) -> jax.Array:
   return _sign_codes(jnp.asarray(y, jnp.float32))
 
 
+def check_codes(name: str, codes, nbytes: int | None = None) -> None:
+  """Raises ValueError unless ``codes`` is a 2-D uint8 array of packed bits (with ``nbytes``
+  bytes per code when given)."""
+  shape = getattr(codes, "shape", None)
+  if shape is None or len(shape) != 2:
+    raise ValueError(f"{name} must be a 2-D uint8 array of packed bits, got shape {shape}")
+  if np.dtype(codes.dtype) != np.uint8:
+    raise ValueError(f"{name} must have dtype uint8 (packed bits), got {codes.dtype}")
+  if nbytes is not None and shape[1] != nbytes:
+    raise ValueError(f"{name} has {shape[1]} bytes per code but {nbytes} were expected")
+
+
 @functools.partial(jax.jit, static_argnames=("d",))
 def _unpack(codes, d):
   bits = (codes[:, :, None].astype(jnp.uint32) >> jnp.arange(8, dtype=jnp.uint32)) & 1
@@ -52,10 +64,5 @@ def _unpack(codes, d):
 def unpack(codes, d: int) -> jax.Array:
   """Inverse of ``sign_codes``. codes: u8[n, ceil(d/8)] -> f32[n, d] of +1/-1."""
   d = check_int("d", d, minimum=1)
-  shape = getattr(codes, "shape", None)
-  if shape is None or len(shape) != 2 or np.dtype(codes.dtype) != np.uint8:
-    raise ValueError(f"codes must be a 2-D uint8 array, got {getattr(codes, 'dtype', None)} "
-                     f"of shape {shape}")
-  if shape[1] != num_bytes(d):
-    raise ValueError(f"codes have {shape[1]} bytes but d={d} needs {num_bytes(d)}")
+  check_codes("codes", codes, num_bytes(d))
   return _unpack(jnp.asarray(codes), d)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from spreading_jax import sharding
+from spreading_jax import binary, sharding
 from spreading_jax._validation import check_int, check_vectors
 
 # Working set of one (query block x database block) score matrix, in elements.
@@ -279,16 +279,6 @@ def _hamming_score(q, b):
   return -jnp.sum(x, axis=2).astype(jnp.float32)
 
 
-def _check_codes(name, codes, nbytes=None):
-  shape = getattr(codes, "shape", None)
-  if shape is None or len(shape) != 2:
-    raise ValueError(f"{name} must be a 2-D uint8 array of packed bits, got shape {shape}")
-  if np.dtype(codes.dtype) != np.uint8:
-    raise ValueError(f"{name} must have dtype uint8 (packed bits), got {codes.dtype}")
-  if nbytes is not None and shape[1] != nbytes:
-    raise ValueError(f"{name} has {shape[1]} bytes per code but {nbytes} were expected")
-
-
 def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
                 query_block: int | None = None, base_block: int | None = None):
   """Exact Hamming kNN on packed bit codes.
@@ -296,8 +286,8 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
   query_codes: u8[nq, B], base_codes: u8[nb, B] -> (D i32[nq, k] ascending, I i32[nq, k]).
   Ties are broken by lower index. Sharded over ``mesh`` like ``knn``.
   """
-  _check_codes("base_codes", base_codes)
-  _check_codes("query_codes", query_codes, base_codes.shape[1])
+  binary.check_codes("base_codes", base_codes)
+  binary.check_codes("query_codes", query_codes, base_codes.shape[1])
   k = _check_k(k, base_codes.shape[0])
   q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
   if query_block is None:
