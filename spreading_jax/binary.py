@@ -61,6 +61,12 @@ def _unpack(codes, d):
   return jnp.where(bits == 1, 1.0, -1.0).astype(jnp.float32)
 
 
+@jax.jit
+def unpack_all(codes) -> jax.Array:
+  """All 8 * nbytes bits of u8[n, nbytes] codes as f32 +1/-1 (no validation; jittable)."""
+  return _unpack(codes, 8 * codes.shape[1])
+
+
 def unpack(codes, d: int) -> jax.Array:
   """Inverse of ``sign_codes``. codes: u8[n, ceil(d/8)] -> f32[n, d] of +1/-1."""
   d = check_int("d", d, minimum=1)

@@ -263,20 +263,10 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
 # ---------------------------------------------------------------------------------------
 # Binary codes.
 
-def _pack_words(codes):
-  """u8[n, nbytes] -> u32[n, ceil(nbytes/4)] (little-endian), zero padded."""
-  n, nbytes = codes.shape
-  nwords = -(-nbytes // 4)
-  codes = jnp.pad(codes, ((0, 0), (0, nwords * 4 - nbytes))).astype(jnp.uint32)
-  codes = codes.reshape(n, nwords, 4)
-  shifts = jnp.arange(4, dtype=jnp.uint32) * 8
-  return jnp.sum(codes << shifts, axis=2, dtype=jnp.uint32)
-
-
-def _hamming_score(q, b):
-  # Negated Hamming distance, so that the largest score is the nearest code.
-  x = jax.lax.population_count(q[:, None, :] ^ b[None, :, :]).astype(jnp.int32)
-  return -jnp.sum(x, axis=2).astype(jnp.float32)
+def _unpack_signs(codes):
+  """u8[n, nbytes] -> f32[n, 8 * nbytes] of +1/-1 (padding bits included: they are equal
+  in every code, so they add the same constant to every inner product)."""
+  return (binary.unpack_all(codes),)
 
 
 def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
@@ -289,15 +279,17 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
   binary.check_codes("base_codes", base_codes)
   binary.check_codes("query_codes", query_codes, base_codes.shape[1])
   k = _check_k(k, base_codes.shape[0])
-  q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
-  if query_block is None:
-    # The xor tile is [qb, bb, words]: keep it within the usual tile budget.
-    query_block = min(256, sharding.round_up(max(q.shape[0], 1), 8))
-  if base_block is None:
-    base_block = max(1024, _TILE_ELEMENTS // (query_block * q.shape[1]))
-  s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
-                     base_block=base_block)
-  return (-s).astype(jnp.int32), i
+  nbits = 8 * base_codes.shape[1]
+  # For s, t in {-1, +1}^n: hamming(s, t) = (n - <s, t>) / 2, exact in float32 for
+  # n < 2^24, so the search is a matrix product over unpacked signs (the CPU's fastest
+  # primitive) instead of xor + popcount. Base codes are unpacked a super-block at a time.
+  q = binary.unpack_all(jnp.asarray(query_codes))
+  if query_block is None:  # integer scores tie a lot: long rows keep the top-k cheap
+    query_block = min(64, sharding.round_up(max(q.shape[0], 1), 8))
+  s, i = topk_search(_ip_score, q, (jnp.asarray(base_codes),), k, mesh=mesh,
+                     query_block=query_block, base_block=base_block,
+                     prepare_fn=_unpack_signs, prepared_dim=nbits)
+  return jnp.round((nbits - s) / 2).astype(jnp.int32), i
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,16 +301,6 @@ def _lattice_decode_fn(codec):
   def prepare(codes):
     return (codec.decode(codes),)
   return prepare
-
-
-_LATTICE_FNS: dict = {}
-
-
-def _lattice_fns(codec):
-  key = (codec.d, codec.r2)
-  if key not in _LATTICE_FNS:
-    _LATTICE_FNS[key] = _lattice_decode_fn(codec)
-  return _LATTICE_FNS[key]
 
 
 def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
@@ -353,7 +335,7 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
   # and then scored against every query block like a float database.
   return topk_search(_ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
                      query_block=query_block, base_block=base_block,
-                     prepare_fn=_lattice_fns(codec), prepared_dim=codec.d,
+                     prepare_fn=_lattice_decode_fn(codec), prepared_dim=codec.d,
                      super_block=super_block)
 
 
