@@ -182,13 +182,26 @@ def dout_sweep(dataset, config, d_outs: Sequence[int] = (16, 24, 32, 40)):
   return rows, models
 
 
-def nn_distance_histogram(dataset, transform: Transform, path: str) -> None:
-  """PNG of nearest-neighbour distance histograms of the base before and after ``transform``
-  (both L2-normalized): a catalyzer spreads points, moving the histogram right."""
+def _pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend (imported on first use)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _save_figure(plt, fig, path) -> None:
+  """Writes ``fig`` as PNG to ``path`` atomically and frees it."""
   from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  with data.atomic_output(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
+  plt.close(fig)
+
+
+def nn_distance_histogram(dataset, transform: Transform, path: str) -> None:
+  """PNG of nearest-neighbour distance histograms of the base before and after ``transform``
+  (both L2-normalized): a catalyzer spreads points, moving the histogram right."""
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for label, x in (("input", _apply(None, dataset.base)),
                    ("catalyzer", _apply(transform, dataset.base))):
@@ -198,18 +211,13 @@ def nn_distance_histogram(dataset, transform: Transform, path: str) -> None:
   ax.set_xlabel("distance to nearest neighbour (unit sphere)")
   ax.legend()
   fig.tight_layout()
-  with data.atomic_output(path) as tmp:
-    fig.savefig(tmp, format="png")
-  plt.close(fig)
+  _save_figure(plt, fig, path)
 
 
 def plot_training(histories: dict[str, list[dict]], path):
   """PNG of training curves: loss per epoch (left) and validation lattice R@10 / sign R@10
   (right), one line per named history (``TrainResult.history``). Returns ``path``."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   for name, history in histories.items():
     ax1.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker=".",
@@ -226,18 +234,13 @@ def plot_training(histories: dict[str, list[dict]], path):
     if ax.lines:
       ax.legend(fontsize=7)
   fig.tight_layout()
-  with data.atomic_output(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=110)
-  plt.close(fig)
+  _save_figure(plt, fig, path)
   return path
 
 
 def _lambda_plot(rows, ks, path) -> None:
   """crossval_lambda: test recall against λ (log axis, λ=0 drawn as a dashed level)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for k in ks:
     pts = sorted((r["lambda"], r["recall"][k]) for r in rows if r["lambda"] > 0)
@@ -250,16 +253,11 @@ def _lambda_plot(rows, ks, path) -> None:
   ax.set_ylabel("test 1-recall (catalyzer + lattice)")
   ax.legend()
   fig.tight_layout()
-  with data.atomic_output(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=110)
-  plt.close(fig)
+  _save_figure(plt, fig, path)
 
 
 def _recall_plot(rows, ks, path) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from spreading_jax import data  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   rows = [r for r in rows if r["recall"]]
   fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
   names = [f"{r['method']} ({r['bits']}b)" for r in rows]
@@ -270,9 +268,7 @@ def _recall_plot(rows, ks, path) -> None:
   ax.set_xlabel("1-recall")
   ax.legend()
   fig.tight_layout()
-  with data.atomic_output(path) as tmp:
-    fig.savefig(tmp, format="png")
-  plt.close(fig)
+  _save_figure(plt, fig, path)
 
 
 _GRID_ARG = {"table2_binary": ("bits", int), "crossval_lambda": ("lambdas", float),
