@@ -155,7 +155,7 @@ def _configure_train(p):
 @command("train", "train a catalyzer and save it to a model directory")
 def train_cmd(args):
   from spreading_jax import data, sharding
-  from spreading_jax.train import TrainConfig, train
+  from spreading_jax.train import TrainConfig, rows_to_read, train
   _init_distributed(args)
   config = TrainConfig()
   if args.config:
@@ -173,8 +173,9 @@ def train_cmd(args):
     xt = data.read_vectors(args.dataset)  # a user's file: all of it is training data
   else:
     xt = data.load_dataset(args.dataset, args.root).train
-  if jax.process_count() > 1:
-    xt = sharding.gather_process_slices(xt)  # each process reads 1/P of the file
+  # Only the rows training can use are read (a seeded sample when num_train caps a large
+  # learn set); in a distributed job each process reads 1/P of them.
+  xt = sharding.gather_process_slices(xt, rows_to_read(xt.shape[0], config))
   mesh = sharding.make_mesh() if jax.device_count() > 1 else None
   if mesh is not None and config.batch_size % jax.device_count():
     if jax.process_count() > 1:

@@ -386,6 +386,25 @@ class ValidationSplit(NamedTuple):
   groundtruth: np.ndarray  # i32[nq, k] exact input-space neighbours of query in base
 
 
+def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
+  """Rows of an n-row learn set that training can use when ``num_train`` caps it: a seeded
+  sample of num_train + validation rows (sorted), or None when every row may be used.
+
+  For learn sets far larger than the recipe needs (Deep1B's learn file has 350M rows for
+  500k training vectors), reading this sample first avoids touching the whole file;
+  ``split_train_validation`` then splits the sample.
+  """
+  if config.num_train is None:
+    return None
+  need = check_int("num_train", config.num_train, minimum=1)
+  if config.val_every > 0:
+    need += config.val_queries + (config.val_base if config.val_base is not None else 10_000)
+    need *= 2  # the validation split may take at most half of the rows it is given
+  if need >= n:
+    return None
+  return np.sort(np.random.default_rng(config.seed + 1).choice(n, need, replace=False))
+
+
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
   """Carves validation queries and database from the training vectors (seeded, disjoint).
 

@@ -85,3 +85,21 @@ def test_two_process_train_and_encode(tmp_path):
   assert [len(p) for p in parts] == [500, 501]
   np.testing.assert_array_equal(np.concatenate(parts),
                                 np.asarray(encode.make_encoder(remote)(x)))
+
+
+def test_rows_to_read_samples_only_what_training_uses():
+  cfg = TrainConfig(num_train=1000, val_queries=100, val_base=400)
+  from spreading_jax.train import rows_to_read, split_train_validation
+  assert rows_to_read(10_000, TrainConfig()) is None       # no cap: every row may train
+  assert rows_to_read(3000, cfg) is None                     # the cap needs all rows anyway
+  rows = rows_to_read(1_000_000, cfg)
+  assert len(rows) == 2 * (1000 + 100 + 400) and np.all(np.diff(rows) > 0)
+  np.testing.assert_array_equal(rows, rows_to_read(1_000_000, cfg))  # seeded
+  x = np.arange(40, dtype=np.float32).reshape(20, 2)
+  picked = np.array([1, 4, 5, 19])
+  np.testing.assert_array_equal(sharding.gather_process_slices(x, picked), x[picked])
+  np.testing.assert_array_equal(sharding.gather_process_slices(x), x)
+  # The sample trains like any array: the split keeps validation disjoint from training.
+  xt, val = split_train_validation(
+      np.random.default_rng(0).standard_normal((len(rows), 4)).astype(np.float32), cfg)
+  assert len(xt) == 1000 and val.query.shape[0] == 100 and val.base.shape[0] == 400
