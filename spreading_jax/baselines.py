@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from spreading_jax import search
+from spreading_jax import data, search
 
 Transform = Callable[[np.ndarray], np.ndarray]
 MAX_TRAIN = 100_000
@@ -28,13 +28,6 @@ def _faiss():
 def _apply(transform: Transform | None, x) -> np.ndarray:
   y = np.asarray(x if transform is None else transform(x), np.float32)
   return np.ascontiguousarray(y)
-
-
-def _sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
-  if x.shape[0] <= n:
-    return x
-  rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], n, replace=False))
-  return x[rows]
 
 
 def opq_factory(d: int, m: int = 8) -> str:
@@ -98,7 +91,7 @@ def evaluate_faiss(dataset, factory: str, transform: Transform | None = None, *,
   ks = tuple(k for k in ks if k <= dataset.nb)
   if not ks:
     raise ValueError(f"no k fits a database of {dataset.nb} vectors")
-  xt = _apply(transform, _sample(np.asarray(
+  xt = _apply(transform, data.sample_rows(np.asarray(
       dataset.train if train_vectors is None else train_vectors), max_train, seed))
   xb, xq = _apply(transform, dataset.base), _apply(transform, dataset.query)
   if not xt.shape[1] == xb.shape[1] == xq.shape[1]:

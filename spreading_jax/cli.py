@@ -169,7 +169,7 @@ def train_cmd(args):
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
   import jax
-  if Path(args.dataset).suffix in data.VECTOR_SUFFIXES:
+  if Path(args.dataset).suffix.lower() in data.VECTOR_SUFFIXES:
     xt = data.read_vectors(args.dataset)  # a user's file: all of it is training data
   else:
     xt = data.load_dataset(args.dataset, args.root).train

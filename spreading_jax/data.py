@@ -498,6 +498,19 @@ _VECS_READERS: dict[str, Callable[[str], np.ndarray]] = {
 # ---------------------------------------------------------------------------------------
 # Locations.
 
+def sample_indices(total: int, n: int, seed: int) -> np.ndarray:
+  """``n`` distinct row indices of ``range(total)`` drawn with ``seed``, sorted (so that a
+  memory map is read front to back). Requires n <= total."""
+  return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+
+
+def sample_rows(x, n: int, seed: int):
+  """At most ``n`` rows of ``x`` drawn with ``seed`` (``x`` itself when it has no more)."""
+  if x.shape[0] <= n:
+    return x
+  return x[sample_indices(x.shape[0], n, seed)]
+
+
 def data_root(root: PathLike | None = None) -> Path:
   """The directory holding the datasets.
 

@@ -168,11 +168,9 @@ class SpreadingIndex:
     check_vectors("x", x, d=self.d, d_name="d_in")
     if not self.is_faiss:
       return
-    n = x.shape[0]
-    rows = np.arange(n)
-    if n > max_train:
-      rows = np.sort(np.random.default_rng(seed).choice(n, max_train, replace=False))
-    y = np.ascontiguousarray(self.model.apply(np.asarray(x[rows], np.float32)), np.float32)
+    from spreading_jax.data import sample_rows  # pylint: disable=import-outside-toplevel
+    xt = np.asarray(sample_rows(x, max_train, seed), np.float32)
+    y = np.ascontiguousarray(self.model.apply(xt), np.float32)
     self.faiss_index.train(y)
 
   # -------------------------------------------------------------------------------------

@@ -95,23 +95,21 @@ def process_rows(n: int, index: int | None = None, count: int | None = None) -> 
 def gather_process_slices(x, rows: np.ndarray | None = None) -> np.ndarray:
   """Every process reads only its own ``process_rows`` slice of ``x`` (a memory map or any
   array-like with row indexing), or of ``x[rows]`` when ``rows`` is given, and receives
-  the full array, assembled with one all-gather.
+  the full array, assembled with one all-gather. With one process nothing is copied when
+  ``rows`` is None (``x`` is returned as it is).
 
   Used where each process needs all rows (training: exact kNN positives and negative mining
   span the whole training set) but the input should be read once across the job.
   """
-  n = int(x.shape[0] if rows is None else len(rows))
-
-  def read(lo, hi):
-    return np.asarray(x[lo:hi] if rows is None else x[np.asarray(rows[lo:hi])])
-
   if jax.process_count() == 1:
-    return read(0, n)
+    return x if rows is None else np.asarray(x[np.asarray(rows)])  # no copy of a whole input
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  n = int(x.shape[0] if rows is None else len(rows))
   count = jax.process_count()
-  lo, hi = process_rows(n)
+  spans = [process_rows(n, i, count) for i in range(count)]
+  lo, hi = spans[jax.process_index()]
+  local = x[lo:hi] if rows is None else x[np.asarray(rows[lo:hi])]
   width = -(-n // count)  # all_gather needs equal shapes: pad every slice to ceil(n / P)
-  local = pad_rows(np.ascontiguousarray(read(lo, hi)), width)
+  local = pad_rows(np.ascontiguousarray(local), width)
   gathered = np.asarray(multihost_utils.process_allgather(local, tiled=False))
-  return np.concatenate([gathered[i, :process_rows(n, i, count)[1] - process_rows(n, i, count)[0]]
-                         for i in range(count)])
+  return np.concatenate([gathered[i, :b - a] for i, (a, b) in enumerate(spans)])

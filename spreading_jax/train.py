@@ -31,7 +31,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, lattice, search, sharding
+from spreading_jax import binary, data, lattice, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.losses import koleo, triplet_rank
@@ -177,13 +177,12 @@ class TrainResult:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the model to the directory ``path`` atomically (params + JSON metadata)."""
-    from spreading_jax.data import atomic_output_dir
     blob = flax.serialization.to_bytes(self.variables)
     meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
             "config": self.config.to_dict(), "d_in": self.d_in,
             "input_scale": self.input_scale, "variables_bytes": len(blob),
             "variables_sha256": _sha256(blob)}
-    with atomic_output_dir(path) as tmp:
+    with data.atomic_output_dir(path) as tmp:
       with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
         f.write(blob)
       with open(os.path.join(tmp, "model.json"), "w") as f:
@@ -402,7 +401,7 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
     need *= 2  # the validation split may take at most half of the rows it is given
   if need >= n:
     return None
-  return np.sort(np.random.default_rng(config.seed + 1).choice(n, need, replace=False))
+  return data.sample_indices(n, need, config.seed + 1)
 
 
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
@@ -459,8 +458,7 @@ def _checkpoint_manager(directory: str):
 
 
 def _write_json_atomic(path: str, obj, jsonl: bool = False) -> None:
-  from spreading_jax.data import atomic_output
-  with atomic_output(path) as tmp:
+  with data.atomic_output(path) as tmp:
     with open(tmp, "w") as f:
       if jsonl:
         f.writelines(json.dumps(r) + "\n" for r in obj)
