@@ -28,6 +28,23 @@ def timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
   return times
 
 
+def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Wall-clock seconds of every ``fn()`` in ``cases`` ({name: fn}) over ``repeats`` rounds,
+  after ``warmup`` rounds (compilation, first touch). Each round runs every case in turn,
+  so load spikes on a shared machine hit all of them. Each ``fn`` must block until done.
+  """
+  for _ in range(warmup):
+    for fn in cases.values():
+      fn()
+  times = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, fn in cases.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
 def median(xs) -> float:
   return float(statistics.median(xs))
 
@@ -95,6 +112,17 @@ def small_trained_model(xt, d_out: int = 24, r2: int = 79, num_train: int = 5000
   config = TrainConfig(epochs=1, d_out=d_out, r2=r2, val_every=0, num_train=num_train,
                        verbose=False)
   return train(config, xt)
+
+
+def deep_like_setup(d: int, threads: int, train_rows: int = 20_000):
+  """The shared start of the encode/search benchmarks: faiss with ``threads`` OpenMP
+  threads, Deep1M-shaped training vectors (seed 1) and a catalyzer trained on them.
+
+  Returns (faiss module, training vectors, TrainResult).
+  """
+  faiss = faiss_threads(threads)
+  xt = deep_like(train_rows, d, seed=1)
+  return faiss, xt, small_trained_model(xt)
 
 
 def faiss_threads(threads: int):

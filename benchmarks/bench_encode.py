@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import (deep_like, faiss_threads, median, small_trained_model, table,  # noqa: E402
+from _common import (deep_like, deep_like_setup, interleaved, median, table,  # noqa: E402
                      write_result)
 
 from spreading_jax import encode, sharding  # noqa: E402
@@ -47,10 +46,8 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=os.cpu_count())
   args = p.parse_args(argv)
-  faiss = faiss_threads(args.threads)
-  xt = deep_like(20_000, args.d, seed=1)
+  faiss, xt, model = deep_like_setup(args.d, args.threads)
   xb = deep_like(args.n, args.d, seed=2)
-  model = small_trained_model(xt)
   codec = make_codec(model.config)
   enc = encode.make_encoder(model)
   fwd = _forward_fn(model.module)
@@ -78,14 +75,7 @@ def main(argv=None):
 
   cases = {"ours end-to-end": ours, "ours catalyzer forward": ours_forward,
            "ours lattice encode": ours_lattice, "faiss OPQ8_64,PQ8 sa_encode": theirs}
-  for fn in cases.values():  # warm-up: compilation and first-touch excluded
-    fn()
-  times = {name: [] for name in cases}
-  for _ in range(args.repeats):  # interleaved so that load spikes hit every case
-    for name, fn in cases.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
+  times = interleaved(cases, args.repeats)
   rows = [{"case": name, "vectors_per_s": args.n / median(ts), "median_s": median(ts),
            "times_s": ts} for name, ts in times.items()]
   ref = args.n / median(times["faiss OPQ8_64,PQ8 sa_encode"])

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import (deep_like, faiss_threads, median, small_trained_model, table,  # noqa: E402
+from _common import (deep_like, deep_like_setup, interleaved, median, table,  # noqa: E402
                      write_result)
 
 from spreading_jax.index import SpreadingIndex  # noqa: E402
@@ -37,11 +37,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=os.cpu_count())
   args = p.parse_args(argv)
-  faiss = faiss_threads(args.threads)
-  xt = deep_like(20_000, args.d, seed=1)
+  faiss, xt, model = deep_like_setup(args.d, args.threads)
   xb = deep_like(args.nb, args.d, seed=2)
   xq = deep_like(args.nq, args.d, seed=3)
-  model = small_trained_model(xt)
 
   t = time.perf_counter()
   ours = SpreadingIndex(model, "zn", bits=64)
@@ -58,14 +56,8 @@ def main(argv=None):
 
   cases = {"ours SpreadingIndex zn 64-bit": lambda: ours.search(xq, args.k),
            "faiss OPQ8_64,PQ8": lambda: opq.search(xq, args.k)}
-  for fn in cases.values():  # warm-up (compilation excluded)
-    fn()
-  times = {name: [] for name in cases}
-  for _ in range(args.repeats):
-    for name, fn in cases.items():
-      t = time.perf_counter()
-      fn()  # both return host numpy arrays, so the work is done when they return
-      times[name].append(time.perf_counter() - t)
+  # Both return host numpy arrays, so the work is done when they return.
+  times = interleaved(cases, args.repeats)
   rows = [{"case": name, "queries_per_s": args.nq / median(ts), "median_s": median(ts),
            "times_s": ts} for name, ts in times.items()]
   for r in rows:
