@@ -319,14 +319,68 @@ def _as_float(x):
   return jnp.asarray(x, dtype=jnp.float32)
 
 
+# Re-ranking of the l2 search: rows of queries per gather, and the extra candidates.
+_RERANK_ROWS = 1024
+
+
+def _rerank_margin(k: int) -> int:
+  return max(8, k // 8)
+
+
+def _center(xb):
+  """A centre for xb that makes ``x - centre`` exact in float32.
+
+  Per coordinate: the mean (taken relative to the first row, so a large common offset
+  does not cost accuracy), rounded to a multiple of the largest power of two <= the
+  coordinate's standard deviation. Any x near the data is then a multiple of ulp(x) <=
+  that power, so the difference is exact, and integer data stays integer (its ties stay
+  exact ties). A constant coordinate is centred on its value.
+  """
+  x0 = xb[0]
+  dev = xb - x0
+  mean = jnp.mean(dev, axis=0)
+  std = jnp.sqrt(jnp.maximum(jnp.mean(dev * dev, axis=0) - mean * mean, 0.0))
+  grid = jnp.exp2(jnp.floor(jnp.log2(jnp.where(std > 0, std, 1.0))))
+  centre = jnp.round((x0 + mean) / grid) * grid
+  return jnp.where(std > 0, centre, x0)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _rerank_l2(xq, xb, ids, k: int):
+  """Exact re-rank: xq f32[nq, d], candidate ids i32[nq, kc] into xb -> the k nearest by
+  squared L2 computed from differences (no |x|^2 - 2<x, q> cancellation), ties to the
+  lower id. -> (f32[nq, k], i32[nq, k])."""
+  nq, kc = ids.shape
+  rows = min(_RERANK_ROWS, nq)
+  nq_pad = sharding.round_up(nq, rows)
+  xq_b = sharding.pad_rows(xq, nq_pad).reshape(nq_pad // rows, rows, xq.shape[1])
+  ids_b = sharding.pad_rows(ids, nq_pad).reshape(nq_pad // rows, rows, kc)
+
+  def one(args):
+    q, i = args
+    diff = q[:, None, :] - jnp.take(xb, i, axis=0)  # f32[rows, kc, d]
+    d = jnp.sum(diff * diff, axis=2)
+    d, i = jax.lax.sort((d, i), dimension=1, num_keys=2)
+    return d[:, :k], i[:, :k]
+
+  d, i = jax.lax.map(one, (xq_b, ids_b))
+  return d.reshape(nq_pad, k)[:nq], i.reshape(nq_pad, k)[:nq]
+
+
 def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
-        query_block: int | None = None, base_block: int | None = None):
+        query_block: int | None = None, base_block: int | None = None,
+        recall_target: float | None = None):
   """Exact k-nearest neighbours. xq: f32[nq, d], xb: f32[nb, d] -> (D f32[nq, k], I i32[nq, k]).
 
   For ``metric="l2"`` D holds squared L2 distances in ascending order; for ``"ip"`` inner
   products in descending order. Ties are broken by lower index. The computation is
   blocked over queries and database and jit-compiled; with ``mesh`` the database is
   sharded over the mesh's data axis and the result is identical to the unsharded call.
+
+  L2 is exact on data far from the origin too: both sides are centred (exactly, see
+  ``_center``) on the database's middle before the matmul-based scoring, which otherwise
+  subtracts large, nearly equal numbers, and the best ``k + max(8, k // 8)`` candidates
+  are re-ranked by distances computed from coordinate differences.
 
   Args:
     xq: queries, any real dtype (converted to float32).
@@ -335,6 +389,8 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
     metric: "l2" or "ip".
     mesh: optional 1-D ``jax.sharding.Mesh`` (see ``sharding.make_mesh``).
     query_block, base_block: optional tile sizes.
+    recall_target: opt-in approximate selection (``lax.approx_max_k``, see
+      ``topk_search``); None (default) is exact.
 
   Example:
     >>> xb = np.eye(3, dtype=np.float32)
@@ -348,46 +404,62 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   check_vectors("xq", xq, d=xb.shape[1])
   k = _check_k(k, xb.shape[0])
   xq, xb = _as_float(xq), _as_float(xb)
+  opts = dict(mesh=mesh, query_block=query_block, base_block=base_block,
+              recall_target=recall_target)
   if metric == "ip":
-    return topk_search(_ip_score, xq, (xb,), k, mesh=mesh, query_block=query_block,
-                       base_block=base_block)
-  half_norm = 0.5 * jnp.sum(xb * xb, axis=1)
-  s, i = topk_search(_l2_score, xq, (xb, half_norm), k, mesh=mesh, query_block=query_block,
-                     base_block=base_block)
-  d = jnp.maximum(jnp.sum(xq * xq, axis=1, keepdims=True) - 2.0 * s, 0.0)
-  return d, i
+    return topk_search(_ip_score, xq, (xb,), k, **opts)
+  kc = min(xb.shape[0], k + _rerank_margin(k))
+  xbc, xqc = _centered(xb, xq)
+  half_norm = 0.5 * jnp.sum(xbc * xbc, axis=1)
+  _, i = topk_search(_l2_score, xqc, (xbc, half_norm), kc, **opts)
+  return _rerank_l2(xq, xb, i, k)
+
+
+@jax.jit
+def _centered(xb, xq):
+  c = _center(xb)
+  return xb - c, xq - c
 
 
 # ---------------------------------------------------------------------------------------
 # Binary codes.
 
-def _unpack_signs(codes):
-  """u8[n, nbytes] -> f32[n, 8 * nbytes] of +1/-1 (padding bits included: they are equal
-  in every code, so they add the same constant to every inner product)."""
-  return (binary.unpack_all(codes),)
+@jax.jit
+def _pack_words(codes):
+  """u8[n, B] -> u32[n, ceil(B / 4)] (zero bytes pad the last word: they are equal in
+  every code, so they never add to a distance)."""
+  n, nbytes = codes.shape
+  codes = jnp.pad(codes, ((0, 0), (0, -nbytes % 4)))
+  return jax.lax.bitcast_convert_type(codes.reshape(n, -1, 4), jnp.uint32)
+
+
+def _hamming_score(xq, xb):
+  """-Hamming distance, u32[qb, W] x u32[bb, W] -> f32[qb, bb] (exact integers): xor and
+  popcount word by word, which XLA vectorizes (AVX-512 VPOPCNTDQ on recent x86)."""
+  dist = jnp.zeros((xq.shape[0], xb.shape[0]), jnp.int32)
+  for w in range(xq.shape[1]):
+    dist = dist + jax.lax.population_count(xq[:, None, w] ^ xb[None, :, w]).astype(jnp.int32)
+  return -dist.astype(jnp.float32)
 
 
 def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
-                query_block: int | None = None, base_block: int | None = None):
+                query_block: int | None = None, base_block: int | None = None,
+                recall_target: float | None = None):
   """Exact Hamming kNN on packed bit codes.
 
   query_codes: u8[nq, B], base_codes: u8[nb, B] -> (D i32[nq, k] ascending, I i32[nq, k]).
-  Ties are broken by lower index. Sharded over ``mesh`` like ``knn``.
+  Ties are broken by lower index. Sharded over ``mesh`` like ``knn``. Distances are
+  xor + popcount on 32-bit words; the selection is the same threshold-pruned engine as
+  every search (integer distances make its strict "beats the k-th best" test prune hard).
   """
   binary.check_codes("base_codes", base_codes)
   binary.check_codes("query_codes", query_codes, base_codes.shape[1])
   k = _check_k(k, base_codes.shape[0])
-  nbits = 8 * base_codes.shape[1]
-  # For s, t in {-1, +1}^n: hamming(s, t) = (n - <s, t>) / 2, exact in float32 for
-  # n < 2^24, so the search is a matrix product over unpacked signs (the CPU's fastest
-  # primitive) instead of xor + popcount. Base codes are unpacked a super-block at a time.
-  q = binary.unpack_all(jnp.asarray(query_codes))
-  if query_block is None:  # integer scores tie a lot: long rows keep the top-k cheap
-    query_block = min(64, sharding.round_up(max(q.shape[0], 1), 8))
-  s, i = topk_search(_ip_score, q, (jnp.asarray(base_codes),), k, mesh=mesh,
-                     query_block=query_block, base_block=base_block,
-                     prepare_fn=_unpack_signs, prepared_dim=nbits)
-  return jnp.round((nbits - s) / 2).astype(jnp.int32), i
+  q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
+  s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
+                     base_block=base_block, prepared_dim=8 * base_codes.shape[1],
+                     recall_target=recall_target)
+  return (-s).astype(jnp.int32), i
 
 
 # ---------------------------------------------------------------------------------------
