@@ -35,8 +35,6 @@ _SUPER_BLOCK_ROWS = 1 << 16
 _MAX_QUERY_BLOCK = 64
 # Scores per chunk: the unit of pruning (and of the two-stage top-k, see _block_topk).
 _CHUNK = 32
-# Rows that share one choice of selection path (the path is picked per row group).
-_ROW_GROUP = 1 << 20
 # Capacities, in chunks, of the pruned selection paths (tried smallest first).
 _PRUNED_CHUNKS = (8, 16, 32, 64)
 
@@ -95,13 +93,15 @@ def _select_into(best_s, best_i, s, ids, k: int, n_valid):
 
   best_s f32[q, k] (descending), best_i i32[q, k]: the running top-k, whose ids are all
   lower than ``ids``; s f32[q, b]: the block's raw scores; ids i32[b]: their ids
-  (increasing), those >= n_valid being padding. Padding and -0.0 are cleaned on the
-  gathered candidates only (chunks are picked on raw maxima, which can only over-select),
-  so the block is read once for its chunk maxima and not rewritten.
+  (increasing), those >= n_valid being padding.
+
   A score equal to the running k-th best cannot enter (its id is higher), so only chunks
   whose maximum is strictly above it are candidates. If every row holds at most f such
   chunks, those chunks alone are merged (the smallest capacity f of ``_PRUNED_CHUNKS``
-  that fits; none at all when no row has one); otherwise the exact top-k of the block is.
+  that fits; nothing at all when no row has one); otherwise the exact top-k of the whole
+  block is. Padding and -0.0 are cleaned on the gathered candidates only (chunks are
+  picked on raw maxima, which can only over-select), so on the pruned paths the block is
+  read once, for its chunk maxima, and never rewritten.
   """
   q, b = s.shape
   chunk = _CHUNK if b % _CHUNK == 0 else 1
@@ -129,22 +129,6 @@ def _select_into(best_s, best_i, s, ids, k: int, n_valid):
   return jax.lax.switch(branch, branches)
 
 
-def _select_rows(best_s, best_i, s, ids, k: int, n_valid):
-  """``_select_into`` per group of ``_ROW_GROUP`` rows, so that one row with many
-  candidates sends only its own group down the expensive path."""
-  q = s.shape[0]
-  if q <= _ROW_GROUP or q % _ROW_GROUP:
-    return _select_into(best_s, best_i, s, ids, k, n_valid)
-  g = q // _ROW_GROUP
-
-  def one(args):
-    return _select_into(*args, ids, k, n_valid)
-
-  bs, bi = jax.lax.map(one, (best_s.reshape(g, _ROW_GROUP, k), best_i.reshape(g, _ROW_GROUP, k),
-                             s.reshape(g, _ROW_GROUP, s.shape[1])))
-  return bs.reshape(q, k), bi.reshape(q, k)
-
-
 def _empty_topk(shape):
   return jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, -1, jnp.int32)
 
@@ -170,7 +154,7 @@ def _scan_database(score_fn: ScoreFn, xq, db, k: int, bb: int, n_valid, offset, 
       vals, pos = jax.lax.approx_max_k(_clean(s, ids[None, :], n_valid), kb,
                                        recall_target=recall_target)
       return _merge_topk(*carry, vals, ids[pos], k), None
-    return _select_rows(*carry, s, ids, k, n_valid), None
+    return _select_into(*carry, s, ids, k, n_valid), None
 
   best, _ = jax.lax.scan(step, best, (blocks, jnp.arange(nblocks, dtype=jnp.int32)))
   return best
