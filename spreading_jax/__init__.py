@@ -7,7 +7,8 @@ from spreading_jax.lattice import ZnSphereCodec, zn_r2_for_bits
 from spreading_jax.losses import koleo, spreading_loss, triplet_rank
 from spreading_jax.search import hamming_knn, knn, recall_at, search_lattice
 from spreading_jax.sharding import make_mesh
-from spreading_jax.train import TrainConfig, TrainResult  # train(): spreading_jax.train.train
+from spreading_jax.config import TrainConfig
+from spreading_jax.model import TrainResult  # train(): spreading_jax.train.train
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from spreading_jax import lattice, sharding
 from spreading_jax._validation import check_int
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.train import TrainResult, make_codec
+from spreading_jax.config import make_codec
+from spreading_jax.model import TrainResult
 
 
 def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from spreading_jax import binary, lattice, search, sharding
 from spreading_jax._validation import check_int, check_vectors
-from spreading_jax.train import TrainResult
+from spreading_jax.model import TrainResult
 
 FORMAT_VERSION = 1
 _KIND = "spreading_jax.index"
