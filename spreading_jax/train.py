@@ -31,7 +31,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, data, lattice, search, sharding
+from spreading_jax import _files, binary, datasets, lattice, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.losses import koleo, triplet_rank
@@ -181,8 +181,8 @@ class TrainResult:
     meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
             "config": self.config.to_dict(), "d_in": self.d_in,
             "input_scale": self.input_scale, "variables_bytes": len(blob),
-            "variables_sha256": _sha256(blob)}
-    with data.atomic_output_dir(path) as tmp:
+            "variables_sha256": _files.sha256_bytes(blob)}
+    with _files.atomic_output_dir(path) as tmp:
       with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
         f.write(blob)
       with open(os.path.join(tmp, "model.json"), "w") as f:
@@ -210,7 +210,8 @@ class TrainResult:
                        f"this library reads version {FORMAT_VERSION}")
     with open(var_path, "rb") as f:
       blob = f.read()
-    if len(blob) != meta["variables_bytes"] or _sha256(blob) != meta["variables_sha256"]:
+    if (len(blob) != meta["variables_bytes"]
+        or _files.sha256_bytes(blob) != meta["variables_sha256"]):
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     config = TrainConfig.from_dict(meta["config"])
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
@@ -223,11 +224,6 @@ class TrainResult:
         history = json.load(f)
     return cls(variables["params"], variables["batch_stats"], config, int(meta["d_in"]),
                float(meta["input_scale"]), history)
-
-
-def _sha256(blob: bytes) -> str:
-  import hashlib
-  return hashlib.sha256(blob).hexdigest()
 
 
 _FORWARD_CACHE: dict = {}
@@ -401,7 +397,7 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
     need *= 2  # the validation split may take at most half of the rows it is given
   if need >= n:
     return None
-  return data.sample_indices(n, need, config.seed + 1)
+  return datasets.sample_indices(n, need, config.seed + 1)
 
 
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
@@ -458,7 +454,7 @@ def _checkpoint_manager(directory: str):
 
 
 def _write_json_atomic(path: str, obj, jsonl: bool = False) -> None:
-  with data.atomic_output(path) as tmp:
+  with _files.atomic_output(path) as tmp:
     with open(tmp, "w") as f:
       if jsonl:
         f.writelines(json.dumps(r) + "\n" for r in obj)
@@ -529,7 +525,7 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
 
   Args:
     config: hyper-parameters (see ``TrainConfig``).
-    dataset: a ``data.Dataset`` (only ``train`` is used: queries never train), or any
+    dataset: a ``datasets.Dataset`` (only ``train`` is used: queries never train), or any
       object with a ``train`` array, or the array itself.
     mesh: optional 1-D mesh; the batch is split over its data axis (results match one
       device up to float rounding).
