@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from spreading_jax import data
+from spreading_jax import _files
 from spreading_jax.config import TrainConfig
 
 # Config fields that do not change what is computed, so a resumed run may differ in them.
@@ -33,7 +33,7 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 
 def _write_json_atomic(path: str, obj, jsonl: bool = False) -> None:
-  with data.atomic_output(path) as tmp:
+  with _files.atomic_output(path) as tmp:
     with open(tmp, "w") as f:
       if jsonl:
         f.writelines(json.dumps(r) + "\n" for r in obj)

@@ -7,7 +7,6 @@ nor orbax.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spreading_jax import data, lattice, sharding
+from spreading_jax import _files, lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.config import TrainConfig, make_codec
@@ -82,8 +81,8 @@ class TrainResult:
     meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
             "config": self.config.to_dict(), "d_in": self.d_in,
             "input_scale": self.input_scale, "variables_bytes": len(blob),
-            "variables_sha256": _sha256(blob)}
-    with data.atomic_output_dir(path) as tmp:
+            "variables_sha256": _files.sha256_bytes(blob)}
+    with _files.atomic_output_dir(path) as tmp:
       with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
         f.write(blob)
       with open(os.path.join(tmp, "model.json"), "w") as f:
@@ -111,7 +110,7 @@ class TrainResult:
                        f"this library reads version {FORMAT_VERSION}")
     with open(var_path, "rb") as f:
       blob = f.read()
-    if len(blob) != meta["variables_bytes"] or _sha256(blob) != meta["variables_sha256"]:
+    if len(blob) != meta["variables_bytes"] or _files.sha256_bytes(blob) != meta["variables_sha256"]:
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     config = TrainConfig.from_dict(meta["config"])
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
@@ -124,10 +123,6 @@ class TrainResult:
         history = json.load(f)
     return cls(variables["params"], variables["batch_stats"], config, int(meta["d_in"]),
                float(meta["input_scale"]), history)
-
-
-def _sha256(blob: bytes) -> str:
-  return hashlib.sha256(blob).hexdigest()
 
 
 _FORWARD_CACHE: dict = {}

@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, data, lattice, mining, search, sharding
+from spreading_jax import binary, datasets, lattice, mining, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
@@ -267,7 +267,7 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
     need *= 2  # the validation split may take at most half of the rows it is given
   if need >= n:
     return None
-  return data.sample_indices(n, need, config.seed + 1)
+  return datasets.sample_indices(n, need, config.seed + 1)
 
 
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
@@ -352,7 +352,7 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
 
   Args:
     config: hyper-parameters (see ``TrainConfig``).
-    dataset: a ``data.Dataset`` (only ``train`` is used: queries never train), or any
+    dataset: a ``datasets.Dataset`` (only ``train`` is used: queries never train), or any
       object with a ``train`` array, or the array itself.
     mesh: optional 1-D mesh; the batch is split over its data axis (results match one
       device up to float rounding).
