@@ -25,8 +25,8 @@ TINY = T.TrainConfig(d_out=8, r2=10, bits=32, hidden=(32, 32), epochs=2, batch_s
 
 
 @pytest.fixture(scope="module")
-def small_train(siftsmall):
-  return np.asarray(siftsmall.base[:2500])
+def small_train(mini):
+  return np.asarray(mini.train[:2500])
 
 
 def _batch(seed=0, k=1):

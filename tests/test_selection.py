@@ -19,8 +19,8 @@ class TrainOnly:
 
 
 @pytest.fixture(scope="module")
-def xt(siftsmall):
-  return np.asarray(siftsmall.base[:1500], np.float32)
+def xt(mini):
+  return np.asarray(mini.train[:1500], np.float32)
 
 
 def test_candidate_shapes():
