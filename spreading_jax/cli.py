@@ -46,7 +46,7 @@ def _configure_demo(p):
 
 @command("demo", "train on the default dataset, print a recall table, write a plot")
 def demo(args):
-  from spreading_jax import data, evaluate, lattice
+  from spreading_jax import data, evaluate, lattice, report
   from spreading_jax.train import TrainConfig, train
 
   ds = data.load_dataset(args.dataset, args.root)
@@ -57,7 +57,7 @@ def demo(args):
   t0 = time.perf_counter()
   result = train(config, ds)
   train_s = time.perf_counter() - t0
-  codec = lattice.ZnSphereCodec(config.d_out, config.lattice_r2())
+  codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
   rows = []
 
   def add(method, bits, fn):
@@ -84,16 +84,11 @@ def demo(args):
   print()
   print(table)
   out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   payload = {"dataset": ds.name, "config": config.to_dict(), "train_seconds": round(train_s, 1),
-             "history": result.history, "rows": rows,
+             "history": result.history, "rows": rows, "versions": report.environment(),
              "command": "python -m spreading_jax demo " + " ".join(sys.argv[2:])}
-  from spreading_jax.data import atomic_output
-  with atomic_output(out / "demo.json") as tmp:
-    Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
-  with atomic_output(out / "demo.md") as tmp:
-    Path(tmp).write_text(table + "\n")
-  plot = evaluate.plot_training({"catalyzer": result.history}, out / "training.png")
+  report.write_report(out, "demo", payload, table)
+  plot = report.plot_training({"catalyzer": result.history}, out / "training.png")
   print(f"\nwrote {out / 'demo.json'}, {out / 'demo.md'} and {plot}")
 
 
@@ -199,11 +194,10 @@ def _configure_eval(p):
 
 @command("eval", "recall table of a model on a dataset (lattice and sign codes)")
 def eval_cmd(args):
-  from spreading_jax import data, evaluate
-  from spreading_jax.train import make_codec
+  from spreading_jax import data, evaluate, lattice
   model = _load_model(args.model)
   ds = data.load_dataset(args.dataset, args.root)
-  codec = make_codec(model.config)
+  codec = lattice.zn_codec(model.config.d_out, model.config.bits, model.config.r2)
   rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
            "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
           {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,
@@ -260,7 +254,8 @@ def _configure_build(p):
                  help="'zn' (lattice, default), 'sign', or a faiss index-factory string on the "
                  "catalyzed vectors, e.g. 'OPQ8_32,PQ8' (then --train is required)")
   p.add_argument("--bits", type=int, default=None,
-                 help="code size (zn: default 64; sign: d_out; faiss: the factory's)")
+                 help="code size (zn: default the model's own lattice; sign: d_out; faiss: "
+                 "the factory's)")
   p.add_argument("--train", default=None,
                  help="training vectors file for a faiss quantizer (never the queries)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")
