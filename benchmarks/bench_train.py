@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import median, table, timeit, write_result  # noqa: E402
 
-from spreading_jax import lattice, search  # noqa: E402
+from spreading_jax import lattice  # noqa: E402
 from spreading_jax import train as T  # noqa: E402
 from spreading_jax.catalyzer import Catalyzer  # noqa: E402
 
@@ -54,7 +53,7 @@ def step_flops(d_in: int, hidden: int, d_out: int, batch: int) -> float:
 def time_jax_epoch(x, pos, neg, config, repeats):
   n, d_in = x.shape
   steps = n // config.batch_size
-  codec = lattice.ZnSphereCodec(config.d_out, config.lattice_r2())
+  codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
 
   def module_def(axis):
     return Catalyzer(d_out=config.d_out, hidden=config.hidden, axis_name=axis)
@@ -145,7 +144,8 @@ def main(argv=None):
                 "mining_s_500k_projected": mine_500k, "epoch_s_500k_projected": epoch_500k,
                 "full_recipe_hours_projected": 160 * epoch_500k / 3600}
   print(f"negative mining: {t_mine:.2f} s for {args.mine_n} vectors -> {mine_500k:.0f} s at 500k "
-        f"(projected); full recipe (500k x 160 epochs) ~ {projection['full_recipe_hours_projected']:.1f}"
+        "(projected); full recipe (500k x 160 epochs) ~ "
+        f"{projection['full_recipe_hours_projected']:.1f}"
         " h on this device", flush=True)
   print(table(rows, ["impl", "vectors_per_s", "ms_per_step", "epoch_s"]))
   path = write_result("bench_train", {

@@ -49,8 +49,8 @@ class SpreadingIndex:
       faiss index-factory string such as "OPQ8_32,PQ8" or "PQ8" applied to the catalyzed
       vectors (needs ``train`` before ``add``; searched by faiss on the CPU).
     bits: code size when ``quantizer`` is a name. "zn": a budget: the model's own lattice
-      when its codes fit (always when None), else the largest sphere that fits. "sign": must be d_out when given. faiss: must
-      equal the factory's code size when given.
+      when its codes fit (always when None), else the largest sphere that fits. "sign":
+      must be d_out when given. faiss: must equal the factory's code size when given.
 
   Example::
 

@@ -448,7 +448,8 @@ class ZnSphereCodec:
     ci = c.astype(jnp.int32)
     j = 2 * jnp.abs(ci) - (ci > 0).astype(jnp.int32)                       # signed choice
     pos = jnp.arange(d, dtype=jnp.int32)[None, :]
-    index = (pos * (r2 + 1) + jnp.clip(left, 0, r2)) * (2 * radius) + jnp.clip(j - 1, 0, 2 * radius - 1)
+    index = ((pos * (r2 + 1) + jnp.clip(left, 0, r2)) * (2 * radius)
+             + jnp.clip(j - 1, 0, 2 * radius - 1))
     index = jnp.where(j > 0, index, self._enc_table.shape[0] - 1)
     table = jnp.asarray(self._enc_table)[index]                                  # u32[n, d, W]
     entries = [table[..., w] for w in range(self.code_words)]

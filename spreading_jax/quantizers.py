@@ -384,7 +384,8 @@ def make_quantizer(name: str, d: int, bits: int | None = None, *, r2: int | None
     return ZnQuantizer(lattice.zn_codec(d, 64 if bits is None and r2 is None else bits, r2))
   if name == SIGN:
     if bits is not None and bits != d:
-      raise ValueError(f"the sign quantizer has one bit per output dimension: bits={bits} but d={d}")
+      raise ValueError(f"the sign quantizer has one bit per output dimension: bits={bits} "
+                       f"but d={d}")
     return SignQuantizer(d)
   q = FaissQuantizer(name, d)
   if bits is not None and bits != q.code_bits:

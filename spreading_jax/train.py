@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.serialization
@@ -469,7 +469,8 @@ def _write_json_atomic(path: str, obj, jsonl: bool = False) -> None:
 def _check_resume_config(directory: str, config: TrainConfig, d_in: int) -> None:
   path = os.path.join(directory, "config.json")
   want = dict(config.to_dict(), d_in=d_in)
-  want.pop("verbose"); want.pop("checkpoint_dir")
+  want.pop("verbose")
+  want.pop("checkpoint_dir")
   if os.path.exists(path):
     with open(path) as f:
       have = json.load(f)
