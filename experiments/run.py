@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from spreading_jax import data, evaluate, lattice, report
+from spreading_jax import datasets, evaluate, lattice, report
 from spreading_jax.train import TrainConfig, TrainResult, train
 
 DEFAULTS: dict[str, Any] = {
@@ -202,7 +202,7 @@ def run(config: dict, out: str | None = None, command: str | None = None) -> dic
   if name not in EXPERIMENTS:
     raise ValueError(f"experiment={name!r}; known: {sorted(EXPERIMENTS)}")
   stem = config["name"] or name
-  ds = data.load_dataset(config["dataset"], config["root"])
+  ds = datasets.load_dataset(config["dataset"], config["root"])
   if config["nb"] or config["nq"] or config["nt"]:
     ds = ds.subset(nb=config["nb"], nq=config["nq"], nt=config["nt"])
   tc = train_config(config)

@@ -50,7 +50,7 @@ def evaluate_quantizer(dataset, transform: Transform | None, quantizer: quantize
   """
   ks = _ks(dataset.nb, ks)
   if quantizer.needs_training:
-    from spreading_jax.data import sample_rows  # pylint: disable=import-outside-toplevel
+    from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
     quantizer.train(_apply(transform, sample_rows(dataset.train, max_train, seed)))
   codes = quantizers.encode_in_chunks(lambda x: quantizer.encode(_apply(transform, x)),
                                       dataset.base)

@@ -6,7 +6,6 @@ Everything specific to a kind of quantizer (Zn lattice, sign bits, faiss) lives 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,8 +18,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from spreading_jax import quantizers, sharding
+from spreading_jax._files import atomic_output_dir, sha256_file
 from spreading_jax._validation import check_int, check_vectors
-from spreading_jax.train import TrainResult
+from spreading_jax.model import TrainResult
 
 FORMAT_VERSION = 2
 _KIND = "spreading_jax.index"
@@ -28,14 +28,6 @@ _META = "index.json"
 _CODES = "codes.npy"
 _MODEL = "model"
 _WRITER = ".writer.json"  # inside a save's temporary directory while it is being written
-
-
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 class SpreadingIndex:
@@ -130,7 +122,7 @@ class SpreadingIndex:
     check_vectors("x", x, d=self.d, d_name="d_in")
     if not self.quantizer.needs_training:
       return
-    from spreading_jax.data import sample_rows  # pylint: disable=import-outside-toplevel
+    from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
     xt = np.asarray(sample_rows(x, check_int("max_train", max_train, minimum=1), seed),
                     np.float32)
     self.quantizer.train(self.model.apply(xt))
@@ -195,7 +187,6 @@ class SpreadingIndex:
     Temporary or old copies that an interrupted save of this index left beside ``path``
     are removed once the new copy is in place.
     """
-    from spreading_jax.data import atomic_output_dir  # pylint: disable=import-outside-toplevel
     codes = self.codes
     with atomic_output_dir(path) as tmp:
       writer = os.path.join(tmp, _WRITER)
@@ -209,7 +200,7 @@ class SpreadingIndex:
         for name in names:
           full = os.path.join(root, name)
           if full != writer:
-            files[os.path.relpath(full, tmp).replace(os.sep, "/")] = _file_sha256(full)
+            files[os.path.relpath(full, tmp).replace(os.sep, "/")] = sha256_file(full)
       meta = {"format_version": FORMAT_VERSION, "kind": _KIND,
               "quantizer": self.quantizer.meta(), "d_in": self.d,
               "d_out": self.model.config.d_out, "ntotal": int(codes.shape[0]),
@@ -297,7 +288,7 @@ def _read_meta(path: str) -> dict:
     full = os.path.join(path, rel)
     if not os.path.isfile(full):
       raise ValueError(f"{full} is missing from the index")
-    if _file_sha256(full) != digest:
+    if sha256_file(full) != digest:
       raise ValueError(f"{full} is truncated or corrupt (checksum mismatch)")
   return meta
 

@@ -46,7 +46,7 @@ def write_report(out: str | os.PathLike, name: str, payload: dict, markdown: str
     >>> [p.name for p in paths], json.loads(paths[0].read_text())
     (['run.json', 'run.md'], {'recall': {'1': 0.5}})
   """
-  from spreading_jax.data import atomic_output  # pylint: disable=import-outside-toplevel
+  from spreading_jax._files import atomic_output  # pylint: disable=import-outside-toplevel
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   paths = out / f"{name}.json", out / f"{name}.md"
@@ -69,7 +69,7 @@ def _pyplot():
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
   """Writes a matplotlib figure as PNG to ``path`` atomically and frees it."""
-  from spreading_jax.data import atomic_output  # pylint: disable=import-outside-toplevel
+  from spreading_jax._files import atomic_output  # pylint: disable=import-outside-toplevel
   with atomic_output(path) as tmp:
     fig.savefig(tmp, format="png", dpi=110)
   _pyplot().close(fig)
