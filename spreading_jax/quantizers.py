@@ -195,7 +195,8 @@ class ZnQuantizer(Quantizer):
     """Unit-norm lattice points f32[n, d]."""
     return np.asarray(self.codec.decode(codes), np.float32)
 
-  def search(self, yq, codes, k, mesh=None):
+  def search(self, yq, codes, k: int, mesh: Mesh | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """D: f32[nq, k] inner products with the decoded points, descending."""
     D, I = search.search_lattice(yq, codes, self.codec, k, symmetric=self.symmetric,
                                  mesh=mesh)
@@ -237,7 +238,8 @@ class SignQuantizer(Quantizer):
     """The ±1 vertices scaled to unit norm, f32[n, d]."""
     return np.asarray(binary.unpack(codes, self.d), np.float32) / np.float32(np.sqrt(self.d))
 
-  def search(self, yq, codes, k, mesh=None):
+  def search(self, yq, codes, k: int, mesh: Mesh | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """D: i32[nq, k] Hamming distances, ascending."""
     check_vectors("yq", yq, d=self.d)
     if yq.shape[0] == 0:
@@ -304,7 +306,10 @@ class FaissQuantizer(Quantizer):
   def decode(self, codes) -> np.ndarray:
     self.check_codes("codes", codes)
     self._require_trained()
-    return self.index.sa_decode(np.ascontiguousarray(codes))
+    try:
+      return self.index.sa_decode(np.ascontiguousarray(codes))
+    except RuntimeError as e:  # e.g. ITQ: its rotation has no inverse in faiss
+      raise ValueError(f"faiss quantizer {self.name!r} cannot decode codes: {e}") from e
 
   def _index_over(self, codes: np.ndarray):
     """A copy of the trained index holding ``codes`` (reused while the same array is
@@ -322,13 +327,14 @@ class FaissQuantizer(Quantizer):
     except RuntimeError as e:
       raise ValueError(f"faiss quantizer {self.name!r} cannot search stored codes: {e}") from e
     node = faiss.downcast_index(filled)
-    while isinstance(node, faiss.IndexPreTransform):
+    while isinstance(node, faiss.IndexPreTransform):  # keeps the wrappers' counts true
       node.ntotal = codes.shape[0]
       node = faiss.downcast_index(node.index)
     self._filled = (codes, filled)
     return filled
 
-  def search(self, yq, codes, k, mesh=None):
+  def search(self, yq, codes, k: int, mesh: Mesh | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     del mesh  # faiss searches on the CPU
     check_vectors("yq", yq, d=self.d)
     self.check_codes("codes", codes)

@@ -193,6 +193,23 @@ def test_quantizer_interface(model, siftsmall):
   np.testing.assert_array_equal(chunks, quantizers.SignQuantizer(8).encode(y))
 
 
+@pytest.mark.parametrize("factory", ["ITQ8", "LSH8", "IVF16,PQ2", "SQ8"])
+def test_faiss_quantizer_searches_codes_like_faiss(model, siftsmall, factory, one_faiss_thread):
+  from spreading_jax import baselines
+  y = model.apply(np.asarray(siftsmall.base[:3000], np.float32))
+  q = quantizers.make_quantizer(factory, 8)
+  q.train(y)
+  codes = q.encode(y)
+  assert codes.shape == (3000, q.code_width) and q.code_bits == 8 * q.code_width
+  ref = baselines.build_index(factory, 8)
+  ref.train(y)
+  ref.add(y)
+  D, I = q.search(y[:30], codes, 5)
+  D_ref, I_ref = ref.search(y[:30], 5)
+  np.testing.assert_array_equal(I, I_ref)
+  np.testing.assert_allclose(D, D_ref, rtol=1e-5)
+
+
 def test_bad_quantizer(model):
   with pytest.raises(ValueError, match="quantizer"):
     SpreadingIndex(model, "pq")
