@@ -6,7 +6,7 @@ import os
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
-TINY = ["--dataset", "siftsmall", "--epochs", "1", "--hidden", "32", "--nb", "1000",
+TINY = ["--dataset", "fashion-mnist-mini", "--epochs", "1", "--hidden", "32", "--nb", "1000",
         "--nq", "20", "--nt", "1000", "--val-queries", "50", "--bits", "16", "--d-out", "8"]
 GRIDS = {"table1_lattice": [], "table2_binary": ["--grid", "16"],
          "crossval_lambda": ["--grid", "0,0.05"], "dout_sweep": ["--grid", "8"]}
@@ -23,7 +23,7 @@ def _main(name):
 
 
 @pytest.mark.parametrize("name", sorted(GRIDS))
-def test_experiment_script_writes_report(siftsmall, tmp_path, name):
+def test_experiment_script_writes_report(mini, tmp_path, name):
   if name == "table1_lattice":
     pytest.importorskip("faiss")
   report = _main(name)(TINY + GRIDS[name] + ["--out", str(tmp_path)])
