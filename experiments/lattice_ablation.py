@@ -36,7 +36,8 @@ def run(dataset: str, epochs: int, lambdas=(0.01, 0.0), seed: int = 0, out: str 
                "lambda": None, "recall": evaluate.evaluate_lattice(ds, proj, codec)})
   histories = {}
   for lam in lambdas:
-    config = TrainConfig(epochs=epochs, lambda_koleo=lam, seed=seed, hidden=tuple(hidden),
+    config = TrainConfig(d_out=24, r2=79, epochs=epochs, lambda_koleo=lam, seed=seed,
+                         hidden=tuple(hidden),
                          val_every=max(1, epochs // 5), verbose=True)
     t = time.perf_counter()
     model = train(config, ds)

@@ -56,8 +56,10 @@ def demo(args):
   ds = datasets.load_dataset(args.dataset, args.root).as_float32()
   print(f"dataset {ds.name}: train {ds.train.shape}, base {ds.base.shape}, "
         f"query {ds.query.shape} (models train on `train` only)", flush=True)
-  config = TrainConfig(epochs=args.epochs, lambda_koleo=args.lambda_koleo, seed=args.seed,
-                       val_every=max(1, args.epochs // 5), val_queries=500)
+  # d_out and λ given: the demo stays within its time budget (``train`` would otherwise
+  # choose them by validation, see selection.py).
+  config = TrainConfig(d_out=24, epochs=args.epochs, lambda_koleo=args.lambda_koleo,
+                       seed=args.seed, val_every=max(1, args.epochs // 5), val_queries=500)
   t = time.perf_counter()
   model = train(config, ds)
   seconds = {"train": time.perf_counter() - t}
@@ -86,7 +88,7 @@ def demo(args):
   rot = evaluate.random_projection(ds.d, codec.d, seed=args.seed)
   add(f"random projection + Zn lattice (d={codec.d}, r2={codec.r2})", codec.code_bits,
       lambda: evaluate.evaluate_lattice(ds, rot, codec))
-  add(f"catalyzer + sign ({config.d_out} bits)", config.d_out,
+  add(f"catalyzer + sign ({model.config.d_out} bits)", model.config.d_out,
       lambda: evaluate.evaluate_sign(ds, model.apply))
   try:
     from spreading_jax import baselines

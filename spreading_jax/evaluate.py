@@ -313,7 +313,7 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
   config = train_lib.TrainConfig(
       epochs=args.epochs, hidden=tuple(int(h) for h in args.hidden.split(",") if h),
       seed=args.seed, val_queries=args.val_queries, val_every=max(1, args.epochs // 5),
-      verbose=False, bits=args.bits, d_out=args.d_out,
+      verbose=False, bits=args.bits, d_out=args.d_out, lambda_koleo=0.05,
       r2=79 if (args.bits, args.d_out) == (64, 24) else None)
   out = args.out or os.path.join("experiments", "results", os.path.basename(str(args.dataset)))
   os.makedirs(out, exist_ok=True)

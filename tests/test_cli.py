@@ -11,6 +11,7 @@ from spreading_jax.cli import main
 def model_dir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cli")
   config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
+            "lambda_koleo": 0.05,
             "verbose": False, "num_train": 3000}
   (tmp / "config.json").write_text(json.dumps(config))
   out = tmp / "model"
