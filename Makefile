@@ -20,8 +20,10 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m spreading_jax demo
 
+# Lint (ruff, configured in pyproject.toml), then the tests and the package's doctests.
 test: $(VENV)/.installed
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

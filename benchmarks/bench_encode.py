@@ -19,7 +19,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import (deep_like, deep_like_setup, interleaved, median, table,  # noqa: E402
@@ -88,7 +87,8 @@ def main(argv=None):
         f"{flops * rows[1]['vectors_per_s'] / 1e9:.1f} GFLOP/s achieved")
   path = write_result("bench_encode", {
       "n": args.n, "d": args.d, "d_out": 24, "r2": codec.r2, "code_bits": codec.code_bits,
-      "threads": args.threads, "batch_rows": int(batches[0].shape[0]), "load_average": os.getloadavg(),
+      "threads": args.threads, "batch_rows": int(batches[0].shape[0]),
+      "load_average": os.getloadavg(),
       "devices": jax.device_count(), "forward_flops_per_vector": flops, "rows": rows,
       "command": "python " + " ".join(sys.argv)})
   print(f"wrote {path}")

@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -135,9 +134,10 @@ def main(argv=None):
   projection = {"mining_s_measured": t_mine, "mining_n": args.mine_n,
                 "mining_s_500k_projected": mine_500k, "epoch_s_500k_projected": epoch_500k,
                 "full_recipe_hours_projected": 160 * epoch_500k / 3600}
+  hours = projection["full_recipe_hours_projected"]
   print(f"negative mining: {t_mine:.2f} s for {args.mine_n} vectors -> {mine_500k:.0f} s at 500k "
-        f"(projected); full recipe (500k x 160 epochs) ~ {projection['full_recipe_hours_projected']:.1f}"
-        " h on this device", flush=True)
+        f"(projected); full recipe (500k x 160 epochs) ~ {hours:.1f} h on this device",
+        flush=True)
   print(table(rows, ["impl", "vectors_per_s", "ms_per_step", "epoch_s"]))
   path = write_result("bench_train", {
       "benchmark": "one training epoch, 96->1024->1024->24, batch 64",

@@ -47,8 +47,7 @@ def _configure_demo(p):
 
 @command("demo", "train a catalyzer, build/save/reload an index, search, print a recall table")
 def demo(args):
-  from spreading_jax import datasets, evaluate, search
-  from spreading_jax._files import atomic_output
+  from spreading_jax import datasets, evaluate, report, search
   from spreading_jax.index import SpreadingIndex
   from spreading_jax.train import TrainConfig, train
 
@@ -104,13 +103,10 @@ def demo(args):
   total = time.perf_counter() - t_start
   payload = {"dataset": ds.name, "config": config.to_dict(),
              "seconds": {k: round(v, 1) for k, v in dict(seconds, total=total).items()},
-             "history": model.history, "rows": rows,
+             "history": model.history, "rows": rows, "versions": report.environment(),
              "command": "python -m spreading_jax demo " + " ".join(sys.argv[2:])}
-  with atomic_output(out / "demo.json") as tmp:
-    Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
-  with atomic_output(out / "demo.md") as tmp:
-    Path(tmp).write_text(table + "\n")
-  plot = evaluate.plot_training({"catalyzer": model.history}, out / "training.png")
+  report.write_report(out, "demo", payload, table)
+  plot = report.plot_training({"catalyzer": model.history}, out / "training.png")
   print(f"\ntrain {seconds['train']:.0f} s, index build+save+load+search "
         f"{seconds['index']:.1f} s, total {total:.0f} s")
   print(f"wrote {out / 'demo.json'}, {out / 'demo.md'}, {plot} and the index {out / 'index'}")
@@ -219,10 +215,9 @@ def _configure_eval(p):
 @command("eval", "recall table of a model on a dataset (lattice and sign codes)")
 def eval_cmd(args):
   from spreading_jax import datasets, evaluate
-  from spreading_jax.train import make_codec
   model = _load_model(args.model)
   ds = datasets.load_dataset(args.dataset, args.root)
-  codec = make_codec(model.config)
+  codec = model.codec
   rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
            "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
           {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,
@@ -279,7 +274,8 @@ def _configure_build(p):
                  help="'zn' (lattice, default), 'sign', or a faiss index-factory string on the "
                  "catalyzed vectors, e.g. 'OPQ8_32,PQ8' (then --train is required)")
   p.add_argument("--bits", type=int, default=None,
-                 help="code size (zn: default 64; sign: d_out; faiss: the factory's)")
+                 help="code size (zn: default the model's own lattice; sign: d_out; faiss: "
+                 "the factory's)")
   p.add_argument("--train", default=None,
                  help="training vectors file for a faiss quantizer (never the queries)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")

@@ -102,7 +102,8 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   ndev = sharding.mesh_size(mesh)
   chunk = sharding.round_up(chunk, ndev)
   partial, progress = output_path + ".partial", _progress_path(output_path)
-  job = {"input": os.path.abspath(input_path), "row_range": list(row_range or (0, n)), "n": n, "code_words": width, "r2": codec.r2,
+  job = {"input": os.path.abspath(input_path), "row_range": list(row_range or (0, n)), "n": n,
+         "code_words": width, "r2": codec.r2,
          "input_scale": model.input_scale}
   done = 0
   if os.path.exists(progress) and os.path.exists(partial):

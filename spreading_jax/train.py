@@ -331,6 +331,7 @@ def _check_inputs(config: TrainConfig, x, ndev: int) -> None:
   check_vectors("dataset.train", x, min_rows=1)
   if config.d_out is not None:
     check_int("d_out", config.d_out, minimum=1)
+    make_codec(config)  # d_out/r2/bits that do not fit fail here, before any compute
   check_int("epochs", config.epochs, minimum=1)
   check_int("batch_size", config.batch_size, minimum=2)
   check_int("rank_positive", config.rank_positive, minimum=1)
@@ -379,30 +380,17 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
     (the last ones when validation is off), the per-epoch history and, when d_out or λ
     was left unset and chosen (``selection.select_shape``), the screening record.
 
-  Example (a config in ``experiments/configs`` holds the paper's settings)::
+  Example (d_out and λ left unset are chosen by validation first; a resumed run chooses
+  them again, deterministically)::
 
-    result = train(TrainConfig(epochs=10), load_dataset("wordllama-256"))
-    y = result.apply(xq)
+    ds = load_dataset("fashion-mnist-mini")
+    result = train(TrainConfig(d_out=24, lambda_koleo=0.05, epochs=10), ds)
+    y = result.apply(ds.query)
   """
   x_all = getattr(dataset, "train", dataset)
   ndev = sharding.mesh_size(mesh)
   _check_inputs(config, x_all, ndev)
-  selection = None
-  if not config.shape_is_set:
-    from spreading_jax.selection import select_shape  # pylint: disable=import-outside-toplevel
-    chosen = select_shape(config, x_all, mesh=mesh)
-    selection = chosen.to_dict()
-    config = config.replace(d_out=chosen.d_out, r2=chosen.r2, lambda_koleo=chosen.lambda_koleo)
-    logger.info("chose d_out=%d r2=%s lambda=%g by %s in %.0fs:\n%s", chosen.d_out, chosen.r2,
-                chosen.lambda_koleo, chosen.metric, chosen.cost_s, chosen.format_table())
-    if config.verbose:
-      print(f"shape chosen by validation ({chosen.cost_s:.0f}s, {len(chosen.table)} screening "
-            f"runs of {chosen.screen_epochs} epochs on {chosen.screen_rows} vectors):\n"
-            + chosen.format_table(), flush=True)
-  codec = make_codec(config)
   d_in = int(x_all.shape[1])
-  metric = f"{config.quantizer}_R@10"
-
   if validation is None:
     xt, val = split_train_validation(x_all, config, mesh)
   else:
@@ -413,6 +401,21 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
                        f"vectors have d={d_in}")
   nt = xt.shape[0]
   _check_train_size(config, nt)
+  selection = None
+  if not config.shape_is_set:
+    # Screened on the training rows only: this run's validation split stays unseen.
+    from spreading_jax.selection import select_shape  # pylint: disable=import-outside-toplevel
+    chosen = select_shape(config, xt, mesh=mesh)
+    selection = chosen.to_dict()
+    config = config.replace(d_out=chosen.d_out, r2=chosen.r2, lambda_koleo=chosen.lambda_koleo)
+    logger.info("chose d_out=%d r2=%s lambda=%g by %s in %.0fs:\n%s", chosen.d_out, chosen.r2,
+                chosen.lambda_koleo, chosen.metric, chosen.cost_s, chosen.format_table())
+    if config.verbose:
+      print(f"shape chosen by validation ({chosen.cost_s:.0f}s, {len(chosen.table)} screening "
+            f"runs of {chosen.screen_epochs} epochs on {chosen.screen_rows} vectors):\n"
+            + chosen.format_table(), flush=True)
+  codec = make_codec(config)
+  metric = f"{config.quantizer}_R@10"
   scale = 1.0
   if config.input_scaling == "mean_norm":
     scale = float(np.mean(np.linalg.norm(xt, axis=1))) or 1.0

@@ -320,7 +320,8 @@ def test_first_root_holding_every_file_wins(mini, tmp_path, monkeypatch):
     (root / "siftsmall").mkdir(parents=True)
     sub = mini.subset(nb=nb, nq=5)
     for f, x in zip(files, (sub.base, sub.query, sub.groundtruth)):
-      (vecs_io.write_ivecs if f.endswith("ivecs") else vecs_io.write_fvecs)(root / "siftsmall" / f, x)
+      write = vecs_io.write_ivecs if f.endswith("ivecs") else vecs_io.write_fvecs
+      write(root / "siftsmall" / f, x)
   monkeypatch.setenv("SPREADING_DATA", str(b))
   assert datasets.load_dataset("siftsmall", a).nb == 300
   assert datasets.load_dataset("siftsmall").nb == 200
