@@ -350,7 +350,9 @@ class Dataset:
       ValueError: a size is not an integer in [1, current size].
 
     Example:
-      >>> small = load_dataset("siftsmall").subset(nb=1000, nq=10)  # doctest: +SKIP
+      >>> small = load_dataset("fashion-mnist-mini").subset(nb=1000, nq=10)
+      >>> small.nb, small.nq, small.groundtruth.shape
+      (1000, 10, (10, 100))
     """
     nb = self.nb if nb is None else check_int("nb", nb, minimum=1, maximum=self.nb)
     nq = self.nq if nq is None else check_int("nq", nq, minimum=1, maximum=self.nq)
