@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+# Two commands on a fresh clone: `make demo` and `make test` (see README.md). They need the
+# package index for the first install only; the demo's dataset ships in the package.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,11 +8,11 @@ TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=4
 
 .PHONY: demo test bench venv clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# pyproject.toml is the one dependency list: the package and its "test" extra.
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed

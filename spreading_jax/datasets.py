@@ -9,7 +9,6 @@ bar, sha256 check, resume, atomic rename).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import http.client
@@ -351,7 +350,9 @@ class Dataset:
       ValueError: a size is not an integer in [1, current size].
 
     Example:
-      >>> small = load_dataset("siftsmall").subset(nb=1000, nq=10)  # doctest: +SKIP
+      >>> small = load_dataset("fashion-mnist-mini").subset(nb=1000, nq=10)
+      >>> small.nb, small.nq, small.groundtruth.shape
+      (1000, 10, (10, 100))
     """
     nb = self.nb if nb is None else check_int("nb", nb, minimum=1, maximum=self.nb)
     nq = self.nq if nq is None else check_int("nq", nq, minimum=1, maximum=self.nq)
@@ -630,8 +631,8 @@ def load_dataset(name: str | os.PathLike, root: PathLike | None = None) -> Datas
 
   Example:
     >>> ds = load_dataset("fashion-mnist-mini")
-    >>> ds
-    Dataset('fashion-mnist-mini', d=784, nt=20000, nb=10000, nq=1000, gt_k=100, dtype=float32, metric='l2')
+    >>> ds.nt, ds.nb, ds.nq, ds.d, ds.groundtruth.shape
+    (20000, 10000, 1000, 784, (1000, 100))
   """
   if os.fspath(name).lower().endswith((".hdf5", ".h5")):
     return _load_hdf5_dataset(_find_hdf5(name, data_roots(root)))

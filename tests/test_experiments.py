@@ -11,7 +11,7 @@ import pytest
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
 REPO = os.path.dirname(EXPERIMENTS)
 CONFIGS = sorted(glob.glob(os.path.join(EXPERIMENTS, "configs", "*.py")))
-TINY = ["dataset=siftsmall", "epochs=1", "hidden=32", "nb=1000", "nq=20", "nt=1000",
+TINY = ["dataset=fashion-mnist-mini", "epochs=1", "hidden=32", "nb=1000", "nq=20", "nt=1000",
         "val_queries=50", "bits=16", "d_out=8", "verbose=false"]
 GRIDS = {"table1_lattice": None, "table2_binary": "16", "crossval_lambda": "0,0.05",
          "dout_sweep": "8", "lattice_ablation": "0.05"}
@@ -57,12 +57,12 @@ def test_config_docstring_states_command_runtime_and_recorded_numbers(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_runner_smoke_run_writes_report(siftsmall, tmp_path, path):
+def test_runner_smoke_run_writes_report(mini, tmp_path, path):
   name = os.path.basename(path)[:-3]
   if name == "table1_lattice":
     pytest.importorskip("faiss")
   grid = [] if GRIDS[name] is None else ["--set", f"grid={GRIDS[name]}"]
-  args = [f"{path}:siftsmall", "--out", str(tmp_path), *grid]
+  args = [f"{path}:fashion-mnist-mini", "--out", str(tmp_path), *grid]
   for item in TINY:
     args += ["--set", item]
   payload = _runner().main(args)

@@ -14,21 +14,21 @@ from spreading_jax.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def model(siftsmall):
+def model(mini):
   config = TrainConfig(d_out=8, r2=10, bits=32, hidden=(32, 32), epochs=1, val_every=0,
                        lambda_koleo=0.05, verbose=False)
-  return train(config, np.asarray(siftsmall.base[:3000], np.float32))
+  return train(config, np.asarray(mini.train[:3000], np.float32))
 
 
 @pytest.fixture(scope="module")
-def zn_index(model, siftsmall):
+def zn_index(model, mini):
   index = SpreadingIndex(model, "zn", bits=32)
-  index.add(np.asarray(siftsmall.base, np.float32), chunk=4000)
+  index.add(np.asarray(mini.base, np.float32), chunk=4000)
   return index
 
 
-def test_add_search_matches_codec(zn_index, model, siftsmall):
-  xb, xq = np.asarray(siftsmall.base, np.float32), np.asarray(siftsmall.query[:20], np.float32)
+def test_add_search_matches_codec(zn_index, model, mini):
+  xb, xq = np.asarray(mini.base, np.float32), np.asarray(mini.query[:20], np.float32)
   assert zn_index.ntotal == xb.shape[0]
   codec = zn_index.quantizer.codec
   np.testing.assert_array_equal(zn_index.codes, np.asarray(codec.encode(model.apply(xb))))
@@ -52,10 +52,10 @@ def test_bytes_per_vector_and_reconstruct(model, zn_index):
     zn_index.reconstruct(np.array([zn_index.ntotal]))
 
 
-def test_sign_quantizer(model, siftsmall):
+def test_sign_quantizer(model, mini):
   index = SpreadingIndex(model, "sign")
-  index.add(np.asarray(siftsmall.base[:500], np.float32))
-  D, I = index.search(np.asarray(siftsmall.base[:5], np.float32), 3)
+  index.add(np.asarray(mini.base[:500], np.float32))
+  D, I = index.search(np.asarray(mini.base[:5], np.float32), 3)
   assert np.all(D[:, 0] == 0)
   with pytest.raises(ValueError, match="no rows"):
     index.search(np.zeros((0, index.d), np.float32), 3)
@@ -63,12 +63,12 @@ def test_sign_quantizer(model, siftsmall):
     index.quantizer.search(np.zeros((0, 8), np.float32), index.codes, 3)
 
 
-def test_save_load_round_trip(zn_index, siftsmall, tmp_path):
+def test_save_load_round_trip(zn_index, mini, tmp_path):
   path = tmp_path / "idx"
   zn_index.save(path)
   loaded = SpreadingIndex.load(path)
   np.testing.assert_array_equal(loaded.codes, zn_index.codes)
-  xq = np.asarray(siftsmall.query[:5], np.float32)
+  xq = np.asarray(mini.query[:5], np.float32)
   np.testing.assert_array_equal(loaded.search(xq, 5)[1], zn_index.search(xq, 5)[1])
   assert "ntotal=10000" in loaded.info()
 
@@ -217,10 +217,10 @@ def test_bad_quantizer(model):
     SpreadingIndex(model, "sign", bits=64)
 
 
-def test_faiss_quantizer(model, siftsmall, tmp_path, one_faiss_thread):
+def test_faiss_quantizer(model, mini, tmp_path, one_faiss_thread):
   faiss = pytest.importorskip("faiss")
-  xt = np.asarray(siftsmall.train[:3000], np.float32)
-  xb, xq = np.asarray(siftsmall.base, np.float32), np.asarray(siftsmall.query[:20], np.float32)
+  xt = np.asarray(mini.train[:3000], np.float32)
+  xb, xq = np.asarray(mini.base, np.float32), np.asarray(mini.query[:20], np.float32)
   index = SpreadingIndex(model, "OPQ4,PQ4")
   assert index.code_bits == 32 and index.bytes_per_vector == 4 and not index.is_trained
   with pytest.raises(ValueError, match="standalone codec"):
@@ -255,20 +255,20 @@ def test_faiss_quantizer(model, siftsmall, tmp_path, one_faiss_thread):
     SpreadingIndex.load(tmp_path / "opq")
 
 
-def test_encoder_matches_codec(model, siftsmall):
+def test_encoder_matches_codec(model, mini):
   from spreading_jax.encode import make_encoder
   from spreading_jax.train import make_codec
-  x = np.asarray(siftsmall.base[:256], np.float32)
+  x = np.asarray(mini.base[:256], np.float32)
   codec = make_codec(model.config)
   np.testing.assert_array_equal(np.asarray(make_encoder(model)(x)),
                                 np.asarray(codec.encode(model.apply(x))))
 
 
-def test_encode_file_resume(model, siftsmall, tmp_path):
+def test_encode_file_resume(model, mini, tmp_path):
   from spreading_jax import sharding
   from spreading_jax.encode import encode_file
   src = tmp_path / "x.npy"
-  np.save(src, np.asarray(siftsmall.base[:1000], np.float32))
+  np.save(src, np.asarray(mini.base[:1000], np.float32))
   full, resumed = tmp_path / "full.npy", tmp_path / "resumed.npy"
   assert encode_file(model, src, full, chunk=256)
   # Interrupted after 300 rows (two chunks written), then resumed on a 4-device mesh.
@@ -279,10 +279,10 @@ def test_encode_file_resume(model, siftsmall, tmp_path):
   assert not os.path.exists(str(resumed) + ".progress.json")
 
 
-def test_encode_file_row_ranges(model, siftsmall, tmp_path):
+def test_encode_file_row_ranges(model, mini, tmp_path):
   from spreading_jax.encode import encode_file
   src = tmp_path / "x.npy"
-  np.save(src, np.asarray(siftsmall.base[:600], np.float32))
+  np.save(src, np.asarray(mini.base[:600], np.float32))
   encode_file(model, src, tmp_path / "full.npy", chunk=256)
   encode_file(model, src, tmp_path / "a.npy", chunk=256, row_range=(0, 250))
   encode_file(model, src, tmp_path / "b.npy", chunk=256, row_range=(250, 600))
