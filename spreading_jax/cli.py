@@ -197,7 +197,7 @@ def eval_cmd(args):
   from spreading_jax import datasets, evaluate
   model = _load_model(args.model)
   ds = datasets.load_dataset(args.dataset, args.root)
-  codec = model.codec
+  codec = model.codec()
   rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
            "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
           {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,

@@ -32,3 +32,15 @@ def test_lattice_and_sign_protocols_equal_direct_search(small):
       ids, small.groundtruth, (1, 10))
   with pytest.raises(ValueError, match="no k"):
     evaluate.evaluate_sign(small, proj, ks=(5000,))
+
+
+def test_cli_eval_prints_lattice_and_sign_rows(siftsmall, tmp_path, capsys):
+  from spreading_jax.cli import main
+  from spreading_jax.train import TrainConfig, train
+  config = TrainConfig(d_out=16, hidden=(32,), epochs=1, val_every=0, verbose=False, r2=None,
+                       bits=32)
+  train(config, np.asarray(siftsmall.base[:3000], np.float32)).save(tmp_path / "model")
+  assert main(["eval", str(tmp_path / "model"), "siftsmall"]) in (0, None)
+  out = capsys.readouterr().out
+  assert "catalyzer + Zn lattice (d=16, r2=" in out and "| 32 |" in out
+  assert "catalyzer + sign (16 bits) | 16 |" in out
