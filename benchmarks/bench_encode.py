@@ -25,7 +25,8 @@ from _common import (deep_like, deep_like_setup, interleaved, median, table,  # 
                      write_result)
 
 from spreading_jax import encode, sharding  # noqa: E402
-from spreading_jax.train import _forward_fn, make_codec  # noqa: E402
+from spreading_jax.config import make_codec  # noqa: E402
+from spreading_jax.model import _forward_fn  # noqa: E402
 
 MAX_BATCH = 65536
 

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "bits": 64,              # code budget of the lattice (table1, crossval, dout_sweep)
     "d_out": 24,             # catalyzer output dimension
+    "lambda_koleo": 0.05,    # KoLeo weight (the original's default; None: cross-validated)
     "val_queries": 1000,
     "grid": None,            # the swept values (None: the paper's)
     "verbose": False,        # per-epoch log lines
@@ -193,7 +194,7 @@ def train_config(config: dict) -> TrainConfig:
   return TrainConfig(epochs=epochs, hidden=hidden, seed=config["seed"],
                      val_queries=config["val_queries"], val_every=max(1, epochs // 5),
                      verbose=bool(config["verbose"]), bits=config["bits"],
-                     d_out=config["d_out"], r2=None)
+                     d_out=config["d_out"], lambda_koleo=config["lambda_koleo"], r2=None)
 
 
 def run(config: dict, out: str | None = None, command: str | None = None) -> dict:

@@ -12,6 +12,7 @@ def model_dir(siftsmall, tmp_path_factory):
   from spreading_jax import datasets
   tmp = tmp_path_factory.mktemp("cli")
   config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
+            "lambda_koleo": 0.05,
             "verbose": False, "num_train": 3000}
   (tmp / "config.json").write_text(json.dumps(config))
   out = tmp / "model"

@@ -16,7 +16,7 @@ from spreading_jax.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def model(siftsmall):
   config = TrainConfig(d_out=8, r2=10, bits=32, hidden=(32, 32), epochs=1, val_every=0,
-                       verbose=False)
+                       lambda_koleo=0.05, verbose=False)
   return train(config, np.asarray(siftsmall.base[:3000], np.float32))
 
 
