@@ -28,7 +28,8 @@ from spreading_jax.vecs_io import read_idx_gz
 
 SEED = 0
 N_TRAIN, N_BASE, N_QUERY, K = 20_000, 10_000, 1_000, 100
-OUT = Path(__file__).resolve().parents[1] / "spreading_jax" / "_shipped" / "fashion-mnist-mini.npz.xz"
+OUT = (Path(__file__).resolve().parents[1] / "spreading_jax" / "_shipped"
+       / "fashion-mnist-mini.npz.xz")
 
 
 def main(argv=None) -> int:

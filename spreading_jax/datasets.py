@@ -9,7 +9,6 @@ bar, sha256 check, resume, atomic rename).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import http.client
@@ -630,8 +629,8 @@ def load_dataset(name: str | os.PathLike, root: PathLike | None = None) -> Datas
 
   Example:
     >>> ds = load_dataset("fashion-mnist-mini")
-    >>> ds
-    Dataset('fashion-mnist-mini', d=784, nt=20000, nb=10000, nq=1000, gt_k=100, dtype=float32, metric='l2')
+    >>> ds.name, ds.d, ds.nt, ds.nb, ds.nq, ds.groundtruth.shape[1], ds.metric
+    ('fashion-mnist-mini', 784, 20000, 10000, 1000, 100, 'l2')
   """
   if os.fspath(name).lower().endswith((".hdf5", ".h5")):
     return _load_hdf5_dataset(_find_hdf5(name, data_roots(root)))
