@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import faiss_threads, interleaved, median, table, write_result  # noqa: E402
 
-from spreading_jax import data, search  # noqa: E402
+from spreading_jax import datasets, search  # noqa: E402
 
 
 def unit(rng, n, d):
@@ -68,7 +68,7 @@ def main(argv=None):
     del xb
   if not args.no_siftsmall:
     try:
-      ds = data.load_dataset("siftsmall")
+      ds = datasets.load_dataset("siftsmall")
       rows.append(bench_case("siftsmall", np.asarray(ds.query), np.asarray(ds.base), args.k,
                              max(args.repeats, 5), args.threads))
     except ValueError as e:

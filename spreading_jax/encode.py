@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from spreading_jax import lattice, sharding
 from spreading_jax._validation import check_int
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.train import TrainResult, make_codec
+from spreading_jax.config import make_codec
+from spreading_jax.model import TrainResult
 
 
 def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,
@@ -73,7 +74,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
 
   Args:
     model: the trained catalyzer.
-    input_path: vectors file (``data.read_vectors``).
+    input_path: vectors file (``vecs_io.read_vectors``).
     output_path: destination .npy file.
     chunk: rows per compiled batch.
     mesh: optional 1-D mesh; each batch is split over its data axis.
@@ -85,7 +86,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   Returns:
     True when the output is complete, False when stopped early by ``max_rows``.
   """
-  from spreading_jax.data import read_vectors
+  from spreading_jax.vecs_io import read_vectors
   output_path, input_path = os.fspath(output_path), os.fspath(input_path)
   chunk = check_int("chunk", chunk, minimum=1)
   x = read_vectors(input_path, key=key)
@@ -101,7 +102,8 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   ndev = sharding.mesh_size(mesh)
   chunk = sharding.round_up(chunk, ndev)
   partial, progress = output_path + ".partial", _progress_path(output_path)
-  job = {"input": os.path.abspath(input_path), "row_range": list(row_range or (0, n)), "n": n, "code_words": width, "r2": codec.r2,
+  job = {"input": os.path.abspath(input_path), "row_range": list(row_range or (0, n)), "n": n,
+         "code_words": width, "r2": codec.r2,
          "input_scale": model.input_scale}
   done = 0
   if os.path.exists(progress) and os.path.exists(partial):
