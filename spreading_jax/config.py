@@ -141,7 +141,8 @@ class TrainConfig:
     try:
       return lattice.zn_r2_for_bits(self.d_out, bits)
     except ValueError as e:
-      raise ValueError(f"d_out={self.d_out} is too large for a {bits}-bit lattice code: {e}") from e
+      raise ValueError(f"d_out={self.d_out} has no usable Zn sphere for a {bits}-bit code: {e}"
+                       ) from e
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
