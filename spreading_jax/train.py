@@ -164,6 +164,7 @@ class TrainResult:
   def apply(self, x, batch_size: int = 16384) -> np.ndarray:
     """Catalyzes x: [n, d_in] -> f32[n, d_out] (unit rows), in chunks of ``batch_size``."""
     check_vectors("x", x, d=self.d_in, d_name="d_in")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     fwd = _forward_fn(self.module)
     n = x.shape[0]
     out = np.empty((n, self.config.d_out), np.float32)
