@@ -76,7 +76,7 @@ def _cpu_model() -> str:
 
 def write_result(name: str, payload: dict) -> Path:
   """Writes experiments/results/<name>.json (atomically) and returns its path."""
-  from spreading_jax.data import atomic_output
+  from spreading_jax._files import atomic_output
   RESULTS.mkdir(parents=True, exist_ok=True)
   path = RESULTS / f"{name}.json"
   with atomic_output(path) as tmp:

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import median, table, timeit, write_result  # noqa: E402
 
-from spreading_jax import data, search  # noqa: E402
+from spreading_jax import datasets, search  # noqa: E402
 
 
 def unit(rng, n, d):
@@ -65,7 +65,7 @@ def main(argv=None):
     xb, xq = unit(rng, args.nb, d), unit(rng, args.nq, d)
     rows.append(bench_case(f"random d={d}", xq, xb, args.k, args.repeats, args.threads))
   try:
-    ds = data.load_dataset("siftsmall")
+    ds = datasets.load_dataset("siftsmall")
     rows.append(bench_case("siftsmall", np.asarray(ds.query), np.asarray(ds.base), args.k,
                            max(args.repeats, 5), args.threads))
   except ValueError as e:

@@ -21,13 +21,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from spreading_jax import data, evaluate, lattice
+from spreading_jax import _files, datasets, evaluate, lattice
 from spreading_jax.train import TrainConfig, train
 
 
 def run(dataset: str, epochs: int, lambdas=(0.01, 0.0), seed: int = 0, out: str | None = None,
         hidden=(1024, 1024), root=None) -> dict:
-  ds = data.load_dataset(dataset, root)
+  ds = datasets.load_dataset(dataset, root)
   codec = lattice.ZnSphereCodec(24, 79)
   rows = []
   t0 = time.perf_counter()
@@ -53,9 +53,9 @@ def run(dataset: str, epochs: int, lambdas=(0.01, 0.0), seed: int = 0, out: str 
              "command": "python " + " ".join(sys.argv)}
   out = Path(out or Path(__file__).parent / "results" / ds.name)
   out.mkdir(parents=True, exist_ok=True)
-  with data.atomic_output(out / "lattice_ablation.json") as tmp:
+  with _files.atomic_output(out / "lattice_ablation.json") as tmp:
     Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
-  with data.atomic_output(out / "lattice_ablation.md") as tmp:
+  with _files.atomic_output(out / "lattice_ablation.md") as tmp:
     Path(tmp).write_text(f"`{payload['command']}`\n\n{table}\n")
   print(table)
   return payload

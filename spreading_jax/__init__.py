@@ -1,13 +1,14 @@
 """spreading-jax: learned spherical quantization ("Spreading vectors", ICLR 2019) in JAX."""
 from spreading_jax.binary import sign_codes, unpack
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
-from spreading_jax.data import Dataset, load_dataset, read_fvecs, read_ivecs, read_bvecs
-from spreading_jax.data import write_fvecs, write_ivecs
+from spreading_jax.datasets import Dataset, load_dataset
+from spreading_jax.vecs_io import read_bvecs, read_fvecs, read_ivecs, write_fvecs, write_ivecs
 from spreading_jax.lattice import ZnSphereCodec, zn_r2_for_bits
 from spreading_jax.losses import koleo, spreading_loss, triplet_rank
 from spreading_jax.search import hamming_knn, knn, recall_at, search_lattice
 from spreading_jax.sharding import make_mesh
-from spreading_jax.train import TrainConfig, TrainResult  # train(): spreading_jax.train.train
+from spreading_jax.config import TrainConfig
+from spreading_jax.model import TrainResult  # train(): spreading_jax.train.train
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from spreading_jax import data, search
+from spreading_jax import datasets, search
 
 Transform = Callable[[np.ndarray], np.ndarray]
 MAX_TRAIN = 100_000
@@ -91,7 +91,7 @@ def evaluate_faiss(dataset, factory: str, transform: Transform | None = None, *,
   ks = tuple(k for k in ks if k <= dataset.nb)
   if not ks:
     raise ValueError(f"no k fits a database of {dataset.nb} vectors")
-  xt = _apply(transform, data.sample_rows(np.asarray(
+  xt = _apply(transform, datasets.sample_rows(np.asarray(
       dataset.train if train_vectors is None else train_vectors), max_train, seed))
   xb, xq = _apply(transform, dataset.base), _apply(transform, dataset.query)
   if not xt.shape[1] == xb.shape[1] == xq.shape[1]:

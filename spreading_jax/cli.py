@@ -46,10 +46,10 @@ def _configure_demo(p):
 
 @command("demo", "train on the default dataset, print a recall table, write a plot")
 def demo(args):
-  from spreading_jax import data, evaluate, lattice
+  from spreading_jax import datasets, evaluate, lattice
   from spreading_jax.train import TrainConfig, train
 
-  ds = data.load_dataset(args.dataset, args.root)
+  ds = datasets.load_dataset(args.dataset, args.root)
   print(f"dataset {ds.name}: train {ds.train.shape}, base {ds.base.shape}, "
         f"query {ds.query.shape} (models train on `train` only)", flush=True)
   config = TrainConfig(epochs=args.epochs, lambda_koleo=args.lambda_koleo, seed=args.seed,
@@ -88,7 +88,7 @@ def demo(args):
   payload = {"dataset": ds.name, "config": config.to_dict(), "train_seconds": round(train_s, 1),
              "history": result.history, "rows": rows,
              "command": "python -m spreading_jax demo " + " ".join(sys.argv[2:])}
-  from spreading_jax.data import atomic_output
+  from spreading_jax._files import atomic_output
   with atomic_output(out / "demo.json") as tmp:
     Path(tmp).write_text(json.dumps(payload, indent=2, default=str))
   with atomic_output(out / "demo.md") as tmp:
@@ -154,7 +154,7 @@ def _configure_train(p):
 
 @command("train", "train a catalyzer and save it to a model directory")
 def train_cmd(args):
-  from spreading_jax import data, sharding
+  from spreading_jax import datasets, sharding, vecs_io
   from spreading_jax.train import TrainConfig, rows_to_read, train
   _init_distributed(args)
   config = TrainConfig()
@@ -169,10 +169,10 @@ def train_cmd(args):
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
   import jax
-  if Path(args.dataset).suffix.lower() in data.VECTOR_SUFFIXES:
-    xt = data.read_vectors(args.dataset)  # a user's file: all of it is training data
+  if Path(args.dataset).suffix.lower() in vecs_io.VECTOR_SUFFIXES:
+    xt = vecs_io.read_vectors(args.dataset)  # a user's file: all of it is training data
   else:
-    xt = data.load_dataset(args.dataset, args.root).train
+    xt = datasets.load_dataset(args.dataset, args.root).train
   # Only the rows training can use are read (a seeded sample when num_train caps a large
   # learn set); in a distributed job each process reads 1/P of them.
   xt = sharding.gather_process_slices(xt, rows_to_read(xt.shape[0], config))
@@ -199,10 +199,10 @@ def _configure_eval(p):
 
 @command("eval", "recall table of a model on a dataset (lattice and sign codes)")
 def eval_cmd(args):
-  from spreading_jax import data, evaluate
+  from spreading_jax import datasets, evaluate
   from spreading_jax.train import make_codec
   model = _load_model(args.model)
-  ds = data.load_dataset(args.dataset, args.root)
+  ds = datasets.load_dataset(args.dataset, args.root)
   codec = make_codec(model.config)
   rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
            "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
@@ -239,7 +239,7 @@ def encode_cmd(args):
   output, row_range = args.output, None
   if args.distributed and jax.process_count() > 1:
     # Each process encodes its own contiguous slice into its own part file.
-    from spreading_jax.data import read_vectors
+    from spreading_jax.vecs_io import read_vectors
     i, count = jax.process_index(), jax.process_count()
     row_range = sharding.process_rows(read_vectors(args.input, key=args.key).shape[0])
     output = f"{args.output[:-4] if args.output.endswith('.npy') else args.output}" \
@@ -268,7 +268,7 @@ def _configure_build(p):
 
 @command("build", "build an index (model + codes) from a vectors file")
 def build_cmd(args):
-  from spreading_jax.data import read_vectors
+  from spreading_jax.vecs_io import read_vectors
   from spreading_jax.index import SpreadingIndex
   index = SpreadingIndex(_load_model(args.model), args.quantizer, args.bits)
   if not index.is_trained:
@@ -296,7 +296,8 @@ def _configure_search(p):
 def search_cmd(args):
   import numpy as np
   from spreading_jax import search
-  from spreading_jax.data import atomic_output, read_vectors
+  from spreading_jax._files import atomic_output
+  from spreading_jax.vecs_io import read_vectors
   from spreading_jax.index import SpreadingIndex
   index = SpreadingIndex.load(args.index)
   D, I = index.search(read_vectors(args.queries, key=args.key), args.k)

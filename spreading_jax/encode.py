@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from spreading_jax import lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.train import TrainResult, make_codec
+from spreading_jax.config import make_codec
+from spreading_jax.model import TrainResult
 
 
 def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,
@@ -211,7 +212,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
 
   Args:
     model: the trained catalyzer.
-    input_path: vectors file (``data.read_vectors``).
+    input_path: vectors file (``vecs_io.read_vectors``).
     output_path: destination .npy file (never one of the inputs).
     chunk: rows per compiled batch.
     mesh: optional 1-D mesh; each batch is split over its data axis.
@@ -229,7 +230,8 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       a progress file of another model/input or a corrupt one.
   """
   from spreading_jax import _outputs
-  from spreading_jax.data import atomic_output, read_vectors
+  from spreading_jax._files import atomic_output
+  from spreading_jax.vecs_io import read_vectors
   output_path, input_path = os.fspath(output_path), os.fspath(input_path)
   chunk = check_int("chunk", chunk, minimum=1)
   if max_rows is not None:

@@ -192,8 +192,8 @@ def _pyplot():
 
 def _save_figure(plt, fig, path) -> None:
   """Writes ``fig`` as PNG to ``path`` atomically and frees it."""
-  from spreading_jax import data  # pylint: disable=import-outside-toplevel
-  with data.atomic_output(path) as tmp:
+  from spreading_jax._files import atomic_output  # pylint: disable=import-outside-toplevel
+  with atomic_output(path) as tmp:
     fig.savefig(tmp, format="png", dpi=110)
   plt.close(fig)
 
@@ -283,7 +283,8 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
   import sys  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from spreading_jax import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  from spreading_jax import _files, datasets  # pylint: disable=import-outside-toplevel
+  from spreading_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   if name not in EXPERIMENTS:
     raise ValueError(f"unknown experiment {name!r}; known: {EXPERIMENTS}")
   p = argparse.ArgumentParser(prog=name, description=globals()[name].__doc__)
@@ -306,7 +307,7 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
                  help="comma-separated sweep values (bits, lambdas or d_outs) instead of the "
                  "paper's")
   args = p.parse_args(argv)
-  ds = data.load_dataset(args.dataset, args.root)
+  ds = datasets.load_dataset(args.dataset, args.root)
   if args.nb or args.nq or args.nt:
     ds = ds.subset(nb=args.nb, nq=args.nq, nt=args.nt)
   config = train_lib.TrainConfig(
@@ -347,10 +348,10 @@ def run_experiment(name: str, argv: Sequence[str] | None = None) -> dict:
             "versions": {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version},
             "wall_time_s": wall, "sizes": {"nt": ds.nt, "nb": ds.nb, "nq": ds.nq},
             "rows": [{**r, "recall": {str(k): v for k, v in r["recall"].items()}} for r in rows]}
-  with data.atomic_output(os.path.join(out, f"{name}.json")) as tmp:
+  with _files.atomic_output(os.path.join(out, f"{name}.json")) as tmp:
     with open(tmp, "w") as f:
       json.dump(report, f, indent=1, default=str)
-  with data.atomic_output(os.path.join(out, f"{name}.md")) as tmp:
+  with _files.atomic_output(os.path.join(out, f"{name}.md")) as tmp:
     with open(tmp, "w") as f:
       f.write(f"# {name} on {args.dataset}\n\n`{report['command']}`\n\n{table}\n\n"
               f"wall time {wall:.0f} s, nt={ds.nt} nb={ds.nb} nq={ds.nq}\n")

@@ -3,7 +3,6 @@ database of codes, with streaming add, exact search over codes, and checksummed 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -13,21 +12,14 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from spreading_jax import binary, lattice, search, sharding
+from spreading_jax._files import atomic_output_dir, sha256_file
 from spreading_jax._validation import check_int, check_vectors
-from spreading_jax.train import TrainResult
+from spreading_jax.model import TrainResult
 
 FORMAT_VERSION = 1
 _KIND = "spreading_jax.index"
 _QUANTIZERS = ("zn", "sign")
 _FAISS_FILE = "faiss.index"
-
-
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 class SpreadingIndex:
@@ -168,7 +160,7 @@ class SpreadingIndex:
     check_vectors("x", x, d=self.d, d_name="d_in")
     if not self.is_faiss:
       return
-    from spreading_jax.data import sample_rows  # pylint: disable=import-outside-toplevel
+    from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
     xt = np.asarray(sample_rows(x, max_train, seed), np.float32)
     y = np.ascontiguousarray(self.model.apply(xt), np.float32)
     self.faiss_index.train(y)
@@ -247,7 +239,6 @@ class SpreadingIndex:
   # -------------------------------------------------------------------------------------
   def save(self, path) -> None:
     """Writes the index atomically to directory ``path``: model/, codes.npy, index.json."""
-    from spreading_jax.data import atomic_output_dir
     with atomic_output_dir(path) as tmp:
       self.model.save(os.path.join(tmp, "model"))
       if self.is_faiss:
@@ -259,7 +250,7 @@ class SpreadingIndex:
       for root, _, names in os.walk(tmp):
         for name in names:
           full = os.path.join(root, name)
-          files[os.path.relpath(full, tmp)] = _file_sha256(full)
+          files[os.path.relpath(full, tmp)] = sha256_file(full)
       meta = {"format_version": FORMAT_VERSION, "kind": _KIND, "quantizer": self.quantizer,
               "bits": self.bits, "d_in": self.d, "d_out": self.model.config.d_out,
               "r2": self.codec.r2 if self.codec is not None else None,
@@ -288,7 +279,7 @@ class SpreadingIndex:
       full = os.path.join(path, rel)
       if not os.path.isfile(full):
         raise ValueError(f"{full} is missing from the index")
-      if _file_sha256(full) != digest:
+      if sha256_file(full) != digest:
         raise ValueError(f"{full} is truncated or corrupt (checksum mismatch)")
     data_file = "codes.npy" if meta.get("quantizer") in _QUANTIZERS else _FAISS_FILE
     if data_file not in meta.get("sha256", {}):

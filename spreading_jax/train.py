@@ -1,12 +1,13 @@
-"""The paper's training recipe: triplet + KoLeo loss, SGD with a block lr schedule, as a jitted
-optax loop whose every epoch is one compiled program, data parallel over a device mesh.
+"""The paper's training recipe as an optax loop: ``train_step`` (one SGD step on triplet +
+λ·KoLeo), an epoch compiled as one ``lax.scan`` of it, per-epoch hard-negative mining,
+validation and checkpointing; data parallel over a device mesh.
 
-Per epoch (Sablayrolles et al. 2019, section 4):
-  1. negatives: the ``rank_negative``-th nearest neighbour of every catalyzed training
-     vector among the catalyzed (end-to-end: quantized) training vectors;
-  2. one ``lax.scan`` over shuffled batches: the positive of each anchor is drawn among
-     its ``rank_positive`` exact input-space neighbours (computed once), then one SGD step
-     on triplet + λ·KoLeo;
+Per epoch (Sablayrolles et al. 2019, section 4; the original code where the paper is silent):
+  1. negatives: the ``rank_negative``-th output-space neighbour of every catalyzed training
+     vector (among the quantized outputs in end-to-end mode), see ``mining.py``;
+  2. one ``lax.scan`` of ``train_step`` over shuffled batches, then the final partial batch;
+     each anchor's positive is drawn among its ``rank_positive`` exact input-space
+     neighbours (computed once);
   3. every ``val_every`` epochs, 1-recall@1/10/100 of catalyzer + Zn lattice (and + sign
      bits) on a validation split carved from the training vectors; the best model by
      lattice recall@10 is kept.
@@ -15,15 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
-import flax
-import flax.serialization
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,350 +29,217 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, data, lattice, search, sharding
+from spreading_jax import binary, datasets, lattice, mining, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
-from spreading_jax.losses import koleo, triplet_rank
+from spreading_jax.checkpoint import Checkpointer, fingerprint
+from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.losses import spreading_loss
+from spreading_jax.model import TrainResult
+
+__all__ = ["Batch", "Recipe", "TrainConfig", "TrainResult", "TrainState", "make_codec",
+           "make_epoch_fn", "make_optimizer", "make_train_state", "train", "train_step",
+           "validate"]
 
 logger = logging.getLogger("spreading_jax")
 
-FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Hyper-parameters; the defaults are the paper's 64-bit lattice recipe.
-
-  Attributes:
-    d_out: output dimension of the catalyzer (24 in the paper's 64-bit setting).
-    hidden: hidden layer widths.
-    epochs: number of epochs (160 in the paper; ~90% of the accuracy after 10).
-    batch_size: global batch size (split across devices when a mesh is given).
-    lr_schedule: comma-separated learning rates, each held for an equal share of epochs.
-    momentum: SGD momentum.
-    lambda_koleo: weight λ of the KoLeo regularizer (paper grid 0.001 ... 0.05).
-    rank_positive: positives are drawn among this many exact input-space neighbours.
-    rank_negative: the negative is this-th output-space neighbour (self excluded).
-    end_to_end: pass positives and negatives through the lattice quantizer
-      (straight-through) and mine negatives among quantized outputs.
-    r2: squared radius of the Zn lattice used for validation and end-to-end training;
-      None picks the largest one whose code fits ``bits``.
-    bits: code size used when ``r2`` is None.
-    val_every: validate every this many epochs (and after the last one); 0 disables.
-    val_queries: validation queries carved from the training vectors.
-    val_base: validation database size carved from the training vectors (None: up to
-      10,000 and at most a fifth of the training set).
-    num_train: cap on the number of training vectors (None: all that remain).
-    seed: seed of initialization, shuffling, positive draws and the validation split.
-    checkpoint_dir: directory for per-epoch checkpoints and history.jsonl; a run finds
-      its last checkpoint there and resumes from it.
-    verbose: progress bar and one log line per epoch.
-  """
-  d_out: int = 24
-  hidden: tuple[int, ...] = (1024, 1024)
-  epochs: int = 160
-  batch_size: int = 64
-  lr_schedule: str = "0.1,0.1,0.05,0.01"
-  momentum: float = 0.9
-  lambda_koleo: float = 0.05
-  rank_positive: int = 10
-  rank_negative: int = 50
-  end_to_end: bool = False
-  r2: int | None = 79
-  bits: int = 64
-  val_every: int = 10
-  val_queries: int = 1000
-  val_base: int | None = None
-  num_train: int | None = None
-  seed: int = 0
-  checkpoint_dir: str | None = None
-  verbose: bool = True
-
-  def replace(self, **changes) -> "TrainConfig":
-    return dataclasses.replace(self, **changes)
-
-  def lr_values(self) -> list[float]:
-    try:
-      values = [float(v) for v in str(self.lr_schedule).split(",") if v.strip()]
-    except ValueError:
-      values = []
-    if not values or any(not math.isfinite(v) or v < 0 for v in values):
-      raise ValueError(f"lr_schedule={self.lr_schedule!r} must be comma-separated non-negative "
-                       "numbers, e.g. '0.1,0.1,0.05,0.01'")
-    return values
-
-  def lattice_r2(self) -> int:
-    """The lattice squared radius, from ``r2`` or from ``bits``."""
-    if self.r2 is not None:
-      return check_int("r2", self.r2, minimum=1)
-    bits = check_int("bits", self.bits, minimum=1)
-    try:
-      return lattice.zn_r2_for_bits(self.d_out, bits)
-    except ValueError as e:
-      raise ValueError(f"d_out={self.d_out} is too large for a {bits}-bit lattice code: {e}") from e
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["hidden"] = list(self.hidden)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "TrainConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-    d = dict(d)
-    if "hidden" in d:
-      d["hidden"] = tuple(int(h) for h in d["hidden"])
-    return cls(**d)
-
-
-def lr_for_epoch(config: TrainConfig, epoch: int) -> float:
-  """Block schedule: value j of the list is used for epochs [j*E/L, (j+1)*E/L)."""
-  values = config.lr_values()
-  return values[min(len(values) - 1, epoch * len(values) // config.epochs)]
-
 
 # ---------------------------------------------------------------------------------------
-# The trained model.
+# The optimizer.
 
-@dataclasses.dataclass
-class TrainResult:
-  """A trained catalyzer: parameters, BatchNorm statistics, the input scale and the history.
-
-  ``apply(x)`` maps raw vectors (numpy or jax, any batch size, any real dtype) to
-  catalyzed unit vectors with a jitted forward pass run in fixed-size chunks.
-  """
-  params: Any
-  batch_stats: Any
-  config: TrainConfig
-  d_in: int
-  input_scale: float
-  history: list[dict] = dataclasses.field(default_factory=list)
-
-  @property
-  def module(self) -> Catalyzer:
-    return Catalyzer(d_out=self.config.d_out, hidden=tuple(self.config.hidden))
-
-  @property
-  def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats}
-
-  def apply(self, x, batch_size: int = 16384) -> np.ndarray:
-    """Catalyzes x: [n, d_in] -> f32[n, d_out] (unit rows), in chunks of ``batch_size``."""
-    check_vectors("x", x, d=self.d_in, d_name="d_in")
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    fwd = _forward_fn(self.module)
-    n = x.shape[0]
-    out = np.empty((n, self.config.d_out), np.float32)
-    chunk = min(batch_size, sharding.round_up(max(n, 1), 8))
-    for start in range(0, n, chunk):
-      xb = np.asarray(x[start:start + chunk], np.float32)
-      m = xb.shape[0]
-      y = fwd(self.variables, jnp.asarray(sharding.pad_rows(xb, chunk)), self.input_scale)
-      out[start:start + m] = np.asarray(y[:m])
-    return out
-
-  def save(self, path: str | os.PathLike) -> None:
-    """Writes the model to the directory ``path`` atomically (params + JSON metadata)."""
-    blob = flax.serialization.to_bytes(self.variables)
-    meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
-            "config": self.config.to_dict(), "d_in": self.d_in,
-            "input_scale": self.input_scale, "variables_bytes": len(blob),
-            "variables_sha256": _sha256(blob)}
-    with data.atomic_output_dir(path) as tmp:
-      with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
-        f.write(blob)
-      with open(os.path.join(tmp, "model.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-      with open(os.path.join(tmp, "history.json"), "w") as f:
-        json.dump(self.history, f)
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> "TrainResult":
-    """Reads a model written by ``save``; raises ValueError if it is incomplete or corrupt."""
-    path = os.fspath(path)
-    meta_path = os.path.join(path, "model.json")
-    var_path = os.path.join(path, "variables.msgpack")
-    if not os.path.isfile(meta_path) or not os.path.isfile(var_path):
-      raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack missing)")
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{meta_path} is corrupt: {e}") from e
-    if meta.get("kind") != "spreading_jax.catalyzer":
-      raise ValueError(f"{meta_path} does not describe a catalyzer")
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path} has format version {meta.get('format_version')}, "
-                       f"this library reads version {FORMAT_VERSION}")
-    with open(var_path, "rb") as f:
-      blob = f.read()
-    if len(blob) != meta["variables_bytes"] or _sha256(blob) != meta["variables_sha256"]:
-      raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
-    config = TrainConfig.from_dict(meta["config"])
-    module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
-    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, meta["d_in"])), train=False)
-    variables = flax.serialization.from_bytes(template, blob)
-    history = []
-    hist_path = os.path.join(path, "history.json")
-    if os.path.isfile(hist_path):
-      with open(hist_path) as f:
-        history = json.load(f)
-    return cls(variables["params"], variables["batch_stats"], config, int(meta["d_in"]),
-               float(meta["input_scale"]), history)
-
-
-def _sha256(blob: bytes) -> str:
-  import hashlib
-  return hashlib.sha256(blob).hexdigest()
-
-
-_FORWARD_CACHE: dict = {}
-
-
-def _forward_fn(module: Catalyzer) -> Callable:
-  """A cached jitted eval-mode forward pass for ``module``."""
-  key = (module.d_out, tuple(module.hidden))
-  if key not in _FORWARD_CACHE:
-    @jax.jit
-    def fwd(variables, x, scale):
-      return module.apply(variables, x / scale, train=False)
-    _FORWARD_CACHE[key] = fwd
-  return _FORWARD_CACHE[key]
-
-
-# ---------------------------------------------------------------------------------------
-# Training state and the compiled epoch.
-
-class TrainState(NamedTuple):
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-
-def make_optimizer(config: TrainConfig, steps_per_epoch: int):
+def make_optimizer(config: TrainConfig, steps_per_epoch: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD with momentum and the block learning-rate schedule, indexed by the step count.
 
-  Returns (optax transformation, schedule(step) -> lr).
+  Value j of ``config.lr_schedule`` (L values) holds for epochs [ceil(j·E/L), ceil((j+1)·E/L))
+  of the E epochs: the original repeats each value E/L times (and requires L | E).
+
+  Returns:
+    (optax transformation, schedule(step) -> lr).
   """
-  values = jnp.asarray(config.lr_values(), jnp.float32)
-  n_values, epochs = len(config.lr_values()), config.epochs
-
-  def schedule(count):
-    epoch = count // steps_per_epoch
-    return values[jnp.minimum(n_values - 1, (epoch * n_values) // epochs)]
-
+  steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+  values, epochs = config.lr_schedule, check_int("epochs", config.epochs, minimum=1)
+  n = len(values)
+  boundaries = [math.ceil(j * epochs / n) * steps_per_epoch for j in range(1, n)]
+  schedule = optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries)
   return optax.sgd(learning_rate=schedule, momentum=config.momentum), schedule
 
 
-def _loss_and_grads(module: Catalyzer, config: TrainConfig, codec, global_batch: int,
-                    axis: str | None):
-  """Returns f(params, batch_stats, x f32[b, 3, d_in]) -> (grads, batch_stats, metrics).
+# ---------------------------------------------------------------------------------------
+# The training step.
 
-  x holds (anchor, positive, negative) rows; b is the local batch. The loss is written
-  as this device's share of the global mean, so that the gradients summed over devices
-  (which shard_map's transpose of a replicated input does) equal the global gradient.
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """What ``train_step`` needs besides arrays (static under ``jit``).
+
+  Attributes:
+    module: the catalyzer (its ``axis_name`` is set from ``mesh`` inside the step).
+    lambda_koleo: weight of the KoLeo term.
+    bn_mode: "separate" (three train-mode passes) or "joint" (one concatenated pass).
+    codec: the Zn codec that quantizes positives and negatives (straight-through) in
+      end-to-end training, or None.
+    mesh: a 1-D mesh to split the batch over (global-batch BatchNorm and KoLeo), or None.
   """
-  def local_loss(params, batch_stats, x):
-    b = x.shape[0]
-    flat = jnp.concatenate([x[:, 0], x[:, 1], x[:, 2]], axis=0)
-    y, updates = module.apply({"params": params, "batch_stats": batch_stats}, flat, train=True,
-                              mutable=["batch_stats"])
-    a, p, n = y[:b], y[b:2 * b], y[2 * b:]
-    if config.end_to_end:
-      p, n = codec.quantize_ste(p), codec.quantize_ste(n)
-    t, violations = triplet_rank(a, p, n)
-    k = koleo(a, axis_name=axis)
-    loss = (jnp.sum(t) + config.lambda_koleo * jnp.sum(k)) / global_batch
-    return loss, (updates["batch_stats"], jnp.sum(t), jnp.sum(k), violations)
-
-  def fn(params, batch_stats, x):
-    grads, (batch_stats, t_sum, k_sum, violations) = jax.grad(local_loss, has_aux=True)(
-        params, batch_stats, x)
-    if axis is not None:
-      t_sum, k_sum, violations = jax.lax.psum((t_sum, k_sum, violations), axis)
-    metrics = {"triplet": t_sum / global_batch, "koleo": k_sum / global_batch,
-               "violations": violations}
-    return grads, batch_stats, metrics
-
-  return fn
+  module: Catalyzer
+  lambda_koleo: float
+  bn_mode: str = "separate"
+  codec: lattice.ZnSphereCodec | None = None
+  mesh: Mesh | None = None
 
 
-def make_epoch_fn(module_def: Callable[[str | None], Catalyzer], config: TrainConfig, codec,
-                  tx: optax.GradientTransformation, schedule: Callable, steps_per_epoch: int,
-                  mesh: Mesh | None = None) -> Callable:
-  """Builds the jitted epoch: ``epoch(state, xt, positives, negatives, key, epoch_index)
-  -> (state, metrics)``.
+class TrainState(flax.struct.PyTreeNode):
+  """Arrays that change during training, plus the static optimizer and recipe."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  schedule: Callable = flax.struct.field(pytree_node=False)
+  recipe: Recipe = flax.struct.field(pytree_node=False)
 
-  The whole epoch is one ``lax.scan`` over batches of a device-resident permutation; the
-  batch is split across the mesh's data axis with ``shard_map`` (BatchNorm statistics and
-  KoLeo neighbours over the global batch), and the optax update is applied to the
-  replicated parameters. metrics: per-step arrays (loss, triplet, koleo, violations, lr).
+  def arrays(self) -> dict:
+    """The checkpointed part of the state."""
+    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state}
+
+
+class Batch(NamedTuple):
+  """One batch of input vectors: anchor f32[b, d_in], positives f32[b, k, d_in] (the
+  anchor's k positive candidates, one of which the step draws), negative f32[b, d_in]."""
+  anchor: jax.Array
+  positives: jax.Array
+  negative: jax.Array
+
+
+def make_train_state(config: TrainConfig, d_in: int, steps_per_epoch: int, key: jax.Array,
+                     mesh: Mesh | None = None) -> TrainState:
+  """A freshly initialised TrainState for ``config`` on d_in-dimensional inputs."""
+  module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden), init_scheme=config.init)
+  variables = module.init(key, jnp.zeros((2, d_in)), train=False)
+  tx, schedule = make_optimizer(config, steps_per_epoch)
+  recipe = Recipe(module, float(config.lambda_koleo), config.bn_mode,
+                  make_codec(config) if config.end_to_end else None, mesh)
+  return TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
+                    tx.init(variables["params"]), tx, schedule, recipe)
+
+
+def _catalyze_triplet(recipe: Recipe, axis: str | None, params, batch_stats, anchor, positive,
+                      negative):
+  """Train-mode forward of the three roles and the spreading loss.
+
+  Returns (loss, (new batch_stats, parts)); with ``axis`` the arrays are this device's
+  shard of the batch and every returned value is global.
   """
-  bs = config.batch_size
-  if mesh is None:
-    grad_fn = _loss_and_grads(module_def(None), config, codec, bs, None)
+  module = recipe.module.clone(axis_name=axis)
+  if recipe.bn_mode == "separate":
+    # The original forwards anchors, positives and negatives as three train-mode calls:
+    # three sets of batch statistics, running statistics updated three times per step.
+    stats, outs = batch_stats, []
+    for x in (anchor, positive, negative):
+      y, updates = module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                mutable=["batch_stats"])
+      stats = updates["batch_stats"]
+      outs.append(y)
+    ya, yp, yn = outs
   else:
-    axis = sharding.axis_name(mesh)
-    grad_fn = jax.shard_map(
-        _loss_and_grads(module_def(axis), config, codec, bs, axis), mesh=mesh,
-        in_specs=(P(), P(), P(axis)), out_specs=(P(), P(), P()))
+    b = anchor.shape[0]
+    y, updates = module.apply({"params": params, "batch_stats": batch_stats},
+                              jnp.concatenate([anchor, positive, negative]), train=True,
+                              mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    ya, yp, yn = y[:b], y[b:2 * b], y[2 * b:]
+  if recipe.codec is not None:
+    yp, yn = recipe.codec.quantize_ste(yp), recipe.codec.quantize_ste(yn)
+  loss, parts = spreading_loss(ya, yp, yn, recipe.lambda_koleo, axis_name=axis)
+  return loss, (stats, parts)
 
-  def step(state: TrainState, inputs, xt, positives, negatives, epoch_key, epoch_index):
-    idx, i = inputs
-    key = jax.random.fold_in(epoch_key, i)
-    pick = jax.random.randint(key, (bs,), 0, positives.shape[1])
-    pos = positives[idx, pick]
-    neg = negatives[idx]
-    x = jnp.stack([xt[idx], xt[pos], xt[neg]], axis=1)  # f32[bs, 3, d_in]
-    grads, batch_stats, metrics = grad_fn(state.params, state.batch_stats, x)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    lr = schedule(epoch_index * steps_per_epoch + i)
-    metrics = dict(metrics, lr=lr,
-                   loss=metrics["triplet"] + config.lambda_koleo * metrics["koleo"])
-    return TrainState(params, batch_stats, opt_state), metrics
+
+def _loss_fn(recipe: Recipe) -> Callable:
+  """f(params, batch_stats, anchor, positive, negative) -> (loss, (batch_stats, parts)),
+  split over the mesh's data axis when the recipe has one."""
+  if recipe.mesh is None:
+    return functools.partial(_catalyze_triplet, recipe, None)
+  axis = sharding.axis_name(recipe.mesh)
+  return jax.shard_map(functools.partial(_catalyze_triplet, recipe, axis), mesh=recipe.mesh,
+                       in_specs=(P(), P(), P(axis), P(axis), P(axis)),
+                       out_specs=(P(), (P(), P())))
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+  """One SGD step on the spreading loss. Pure; jit it (the epoch scans it).
+
+  Args:
+    state: the training state (``make_train_state``).
+    batch: anchors, their positive candidates and their negatives (input vectors).
+    rng: this step's key; it draws each anchor's positive uniformly among its candidates.
+
+  Returns:
+    (new state, metrics): metrics is a flat dict of scalars: loss, triplet, koleo (global
+    batch means), violations (count of triplets ranked the wrong way) and lr.
+  """
+  recipe = state.recipe
+  b, k = batch.positives.shape[:2]
+  pick = jax.random.randint(rng, (b,), 0, k)
+  positive = jnp.take_along_axis(batch.positives, pick[:, None, None], axis=1)[:, 0]
+  (loss, (batch_stats, parts)), grads = jax.value_and_grad(
+      lambda p: _loss_fn(recipe)(p, state.batch_stats, batch.anchor, positive, batch.negative),
+      has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "triplet": parts["triplet"], "koleo": parts["koleo"],
+             "violations": parts["violations"], "lr": state.schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), metrics
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled epoch.
+
+def _gather(xt, positives, negatives, idx) -> Batch:
+  return Batch(xt[idx], xt[positives[idx]], xt[negatives[idx]])
+
+
+def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False) -> Callable:
+  """Builds the jitted epoch ``epoch(state, xt, positives, negatives, key) -> (state,
+  metrics)`` over ``num_train`` training vectors.
+
+  The full batches of a permutation of the training set are one ``lax.scan`` of
+  ``train_step``; the final partial batch (if it has at least 2 rows and not
+  ``drop_remainder``) is one more step, unsharded, as the original trains on it too.
+  metrics: per-step arrays. The state is donated.
+  """
+  steps, rest = divmod(num_train, batch_size)
+  train_rest = rest >= 2 and not drop_remainder  # BatchNorm and KoLeo need 2 rows
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def epoch(state, xt, positives, negatives, epoch_key, epoch_index):
-    n = xt.shape[0]
-    perm = jax.random.permutation(epoch_key, n)[:steps_per_epoch * bs]
-    batches = perm.reshape(steps_per_epoch, bs).astype(jnp.int32)
-    body = lambda s, inp: step(s, inp, xt, positives, negatives, epoch_key, epoch_index)
-    return jax.lax.scan(body, state, (batches, jnp.arange(steps_per_epoch)))
+  def epoch(state, xt, positives, negatives, key):
+    perm_key, step_key = jax.random.split(key)
+    perm = jax.random.permutation(perm_key, num_train).astype(jnp.int32)
+    batches = perm[:steps * batch_size].reshape(steps, batch_size)
+
+    def body(state, inputs):
+      idx, i = inputs
+      return train_step(state, _gather(xt, positives, negatives, idx),
+                        jax.random.fold_in(step_key, i))
+
+    state, metrics = jax.lax.scan(body, state, (batches, jnp.arange(steps)))
+    if train_rest:
+      # A batch that need not divide over the mesh: one step on the whole of it.
+      recipe = state.recipe
+      state, last = train_step(state.replace(recipe=dataclasses.replace(recipe, mesh=None)),
+                               _gather(xt, positives, negatives, perm[steps * batch_size:]),
+                               jax.random.fold_in(step_key, steps))
+      state = state.replace(recipe=recipe)
+      metrics = jax.tree_util.tree_map(lambda m, x: jnp.concatenate([m, x[None]]), metrics, last)
+    return state, metrics
 
   return epoch
 
 
-# ---------------------------------------------------------------------------------------
-# Neighbours: positives once, negatives every epoch.
-
-def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
-  """Removes each row's own id from its neighbour list. ids: i32[n, k+1] -> i32[n, k].
-
-  Row i of ``ids`` lists neighbours of vector i, usually starting with i itself; with
-  duplicate vectors i may sit later (or be absent, then the last column is dropped).
-  """
-  ids = np.asarray(ids)
-  n = ids.shape[0]
-  is_self = ids == np.arange(n)[:, None]
-  # Stable sort puts every non-self column first, in order.
-  order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
-  return np.take_along_axis(ids, order, axis=1).astype(np.int32)
-
-
-def exact_positives(xt, rank_positive: int, mesh: Mesh | None = None) -> np.ndarray:
-  """The ``rank_positive`` exact input-space neighbours of every training vector (self excluded)."""
-  _, ids = search.knn(xt, xt, rank_positive + 1, mesh=mesh)
-  return drop_self(ids, rank_positive)
-
-
-def mine_negatives(yt, rank_negative: int, mesh: Mesh | None = None) -> np.ndarray:
-  """The ``rank_negative``-th neighbour (self excluded) of every row of yt among yt. -> i32[n]."""
-  _, ids = search.knn(yt, yt, rank_negative + 1, metric="ip", mesh=mesh)
-  return drop_self(ids, rank_negative)[:, rank_negative - 1]
+def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
+  """Optimizer steps in one epoch over ``num_train`` vectors (the partial batch counts)."""
+  steps, rest = divmod(num_train, config.batch_size)
+  return steps + int(rest >= 2 and not config.drop_remainder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +267,7 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
     need *= 2  # the validation split may take at most half of the rows it is given
   if need >= n:
     return None
-  return data.sample_indices(n, need, config.seed + 1)
+  return datasets.sample_indices(n, need, config.seed + 1)
 
 
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
@@ -448,39 +313,6 @@ def validate(result: TrainResult, val: ValidationSplit, codec, mesh: Mesh | None
   return out
 
 
-# ---------------------------------------------------------------------------------------
-# Checkpoints.
-
-def _checkpoint_manager(directory: str):
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")),
-                               options=options)
-
-
-def _write_json_atomic(path: str, obj, jsonl: bool = False) -> None:
-  with data.atomic_output(path) as tmp:
-    with open(tmp, "w") as f:
-      if jsonl:
-        f.writelines(json.dumps(r) + "\n" for r in obj)
-      else:
-        json.dump(obj, f, indent=2)
-
-
-def _check_resume_config(directory: str, config: TrainConfig, d_in: int) -> None:
-  path = os.path.join(directory, "config.json")
-  want = dict(config.to_dict(), d_in=d_in)
-  want.pop("verbose"); want.pop("checkpoint_dir")
-  if os.path.exists(path):
-    with open(path) as f:
-      have = json.load(f)
-    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    if diff:
-      raise ValueError(f"checkpoint_dir {directory} holds a run with a different config "
-                       f"({', '.join(diff)}); use another directory or the same config")
-  else:
-    os.makedirs(directory, exist_ok=True)
-    _write_json_atomic(path, want)
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,7 +330,6 @@ def _check_inputs(config: TrainConfig, x, ndev: int) -> None:
     raise ValueError(f"hidden={config.hidden} must be a non-empty tuple of positive widths")
   if not math.isfinite(config.lambda_koleo) or config.lambda_koleo < 0:
     raise ValueError(f"lambda_koleo={config.lambda_koleo} must be a finite number >= 0")
-  config.lr_values()
   if config.batch_size % ndev:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {ndev} devices "
                      "of the mesh")
@@ -513,15 +344,6 @@ def _check_train_size(config: TrainConfig, nt: int) -> None:
     raise ValueError(f"batch_size={config.batch_size} is larger than the {nt} training vectors")
 
 
-def make_codec(config: TrainConfig):
-  """The Zn sphere codec of ``config`` (raises if d_out does not fit the requested bits)."""
-  r2 = config.lattice_r2()
-  codec = lattice.ZnSphereCodec(config.d_out, r2)
-  if config.r2 is not None and codec.code_bits > config.bits:
-    raise ValueError(f"d_out={config.d_out} with r2={r2} needs {codec.code_bits}-bit codes, more "
-                     f"than bits={config.bits}; set r2=None to use the largest radius that fits "
-                     "or lower d_out")
-  return codec
 
 
 def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
@@ -530,7 +352,7 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
 
   Args:
     config: hyper-parameters (see ``TrainConfig``).
-    dataset: a ``data.Dataset`` (only ``train`` is used: queries never train), or any
+    dataset: a ``datasets.Dataset`` (only ``train`` is used: queries never train), or any
       object with a ``train`` array, or the array itself.
     mesh: optional 1-D mesh; the batch is split over its data axis (results match one
       device up to float rounding).
@@ -551,39 +373,39 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
   _check_inputs(config, x_all, ndev)
   codec = make_codec(config)
   d_in = int(x_all.shape[1])
-  if config.checkpoint_dir:
-    _check_resume_config(config.checkpoint_dir, config, d_in)
 
   xt, val = split_train_validation(x_all, config, mesh)
   nt = xt.shape[0]
   _check_train_size(config, nt)
-  steps = nt // config.batch_size
-  scale = float(np.mean(np.linalg.norm(xt, axis=1))) or 1.0
+  scale = 1.0
+  if config.input_scaling == "mean_norm":
+    scale = float(np.mean(np.linalg.norm(xt, axis=1))) or 1.0
+  checkpointer = None
+  if config.checkpoint_dir:
+    arrays = (xt,) if val is None else (xt, val.query, val.base)
+    checkpointer = Checkpointer(config.checkpoint_dir, config, d_in, fingerprint(*arrays))
   xt_dev = jnp.asarray(xt / np.float32(scale))
   if mesh is not None:
     xt_dev = sharding.replicate(xt_dev, mesh)
 
   t0 = time.perf_counter()
-  positives = jnp.asarray(exact_positives(xt_dev, config.rank_positive, mesh))
+  positives = jnp.asarray(mining.positives(xt_dev, config.rank_positive,
+                                           include_self=config.neighbors_include_self,
+                                           mesh=mesh))
   logger.info("exact positives for %d vectors in %.1fs", nt, time.perf_counter() - t0)
 
-  def module_def(axis):
-    return Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden), axis_name=axis)
-
   init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = module_def(None).init(init_key, jnp.zeros((2, d_in)), train=False)
-  tx, schedule = make_optimizer(config, steps)
-  state = TrainState(variables["params"], variables["batch_stats"],
-                     tx.init(variables["params"]))
-  epoch_fn = make_epoch_fn(module_def, config, codec, tx, schedule, steps, mesh)
+  state = make_train_state(config, d_in, steps_per_epoch(config, nt), init_key, mesh)
+  epoch_fn = make_epoch_fn(nt, config.batch_size, config.drop_remainder)
 
   result = TrainResult(state.params, state.batch_stats, config, d_in, scale, [])
   best = {"metric": -1.0, "params": None, "batch_stats": None}
   start = 0
-  manager = _checkpoint_manager(config.checkpoint_dir) if config.checkpoint_dir else None
-  if manager is not None and manager.latest_step() is not None:
-    state, best, result.history, start = _restore(manager, state, best)
-    logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)
+  if checkpointer is not None:
+    arrays, best, result.history, start = checkpointer.restore(state.arrays(), best)
+    state = state.replace(**arrays)
+    if start:
+      logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)
 
   bar = tqdm(range(start, config.epochs), desc="train", unit="epoch",
              disable=not config.verbose, initial=start, total=config.epochs)
@@ -591,14 +413,13 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
     for epoch in bar:
       t_epoch = time.perf_counter()
       result.params, result.batch_stats = state.params, state.batch_stats
-      yt = _catalyze_device(result, xt_dev)
-      if config.end_to_end:
-        yt = l2_normalize(codec.quantize(yt))
+      yt = result.apply_device(xt_dev)
       t_mine = time.perf_counter()
-      negatives = jnp.asarray(mine_negatives(yt, config.rank_negative, mesh))
+      negatives = jnp.asarray(mining.hard_negatives(
+          yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt,
+          config.rank_negative, include_self=config.neighbors_include_self, mesh=mesh))
       t_mine = time.perf_counter() - t_mine
-      state, metrics = epoch_fn(state, xt_dev, positives, negatives,
-                                jax.random.fold_in(key, epoch), jnp.int32(epoch))
+      state, metrics = epoch_fn(state, xt_dev, positives, negatives, jax.random.fold_in(key, epoch))
       metrics = jax.device_get(metrics)
       record = {"epoch": epoch + 1, "lr": float(metrics["lr"][-1]),
                 "loss": float(np.mean(metrics["loss"])),
@@ -620,31 +441,17 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
       record["time_s"] = round(time.perf_counter() - t_epoch, 3)
       result.history.append(record)
       _log_epoch(record, config, bar)
-      if manager is not None:
-        _save(manager, epoch, state, best, result.history, config.checkpoint_dir)
+      if checkpointer is not None:
+        checkpointer.save(epoch + 1, state.arrays(), best, result.history)
       if callback is not None:
         callback(record)
   finally:
     bar.close()
-    if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+    if checkpointer is not None:
+      checkpointer.close()
   if best["params"] is not None:
     result.params, result.batch_stats = best["params"], best["batch_stats"]
   return result
-
-
-def _catalyze_device(result: TrainResult, x_scaled: jax.Array, chunk: int = 16384) -> jax.Array:
-  """Eval-mode forward of already-scaled device-resident vectors, in fixed-size chunks."""
-  fwd = _forward_fn(result.module)
-  n = x_scaled.shape[0]
-  chunk = min(chunk, sharding.round_up(n, 8))
-  outs = []
-  for start in range(0, n, chunk):
-    xb = x_scaled[start:start + chunk]
-    m = xb.shape[0]
-    outs.append(fwd(result.variables, sharding.pad_rows(xb, chunk), 1.0)[:m])
-  return jnp.concatenate(outs, axis=0)
 
 
 def _log_epoch(record: dict, config: TrainConfig, bar) -> None:
@@ -660,48 +467,3 @@ def _log_epoch(record: dict, config: TrainConfig, bar) -> None:
     bar.write(line)
 
 
-def _best_meta(best: dict) -> dict:
-  """The best-so-far bookkeeping as arrays, saved inside the checkpoint so that it commits
-  atomically with the parameters it describes."""
-  return {"metric": np.asarray(best["metric"], np.float64),
-          "epoch": np.asarray(best.get("epoch") or 0, np.int32),
-          "has_best": np.asarray(best["params"] is not None)}
-
-
-def _save(manager, epoch: int, state: TrainState, best: dict, history: list, directory: str):
-  import orbax.checkpoint as ocp
-  has_best = best["params"] is not None
-  tree = {"state": state._asdict(),
-          "best_params": best["params"] if has_best else state.params,
-          "best_batch_stats": best["batch_stats"] if has_best else state.batch_stats,
-          "best_meta": _best_meta(best)}
-  # The history goes first: a crash before the checkpoint commits leaves a history one
-  # epoch ahead, which resuming trims to the checkpoint's epoch. The best-so-far record
-  # lives inside the checkpoint; best.json is a human-readable copy, never read back.
-  _write_json_atomic(os.path.join(directory, "history.jsonl"), history, jsonl=True)
-  manager.save(epoch, args=ocp.args.StandardSave(tree))
-  manager.wait_until_finished()
-  _write_json_atomic(os.path.join(directory, "best.json"),
-                     {"metric": best["metric"], "epoch": best.get("epoch"), "has_best": has_best,
-                      "checkpoint_epoch": epoch + 1})
-
-
-def _restore(manager, state: TrainState, best: dict):
-  import orbax.checkpoint as ocp
-  step = manager.latest_step()
-  directory = os.path.dirname(os.fspath(manager.directory))
-  template = {"state": state._asdict(), "best_params": state.params,
-              "best_batch_stats": state.batch_stats, "best_meta": _best_meta(best)}
-  tree = manager.restore(step, args=ocp.args.StandardRestore(template))
-  restored = TrainState(**tree["state"])
-  meta = tree["best_meta"]
-  history_path = os.path.join(directory, "history.jsonl")
-  history = []
-  if os.path.exists(history_path):
-    with open(history_path) as f:
-      history = [json.loads(line) for line in f if line.strip()]
-  history = [r for r in history if r["epoch"] <= step + 1]
-  if bool(meta["has_best"]):
-    best = {"metric": float(meta["metric"]), "params": tree["best_params"],
-            "batch_stats": tree["best_batch_stats"], "epoch": int(meta["epoch"])}
-  return restored, best, history, step + 1

@@ -7,12 +7,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _load(name):
-  from spreading_jax import data
+  from spreading_jax import datasets
   try:
-    root = data.data_root()
+    root = datasets.data_root()
   except ValueError as e:
     pytest.skip(f"real data not found: {e}")
-  return data.load_dataset(name, root)
+  return datasets.load_dataset(name, root)
 
 
 @pytest.fixture(scope="session")

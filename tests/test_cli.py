@@ -9,13 +9,13 @@ from spreading_jax.cli import main
 
 @pytest.fixture(scope="module")
 def model_dir(siftsmall, tmp_path_factory):
-  from spreading_jax import data
+  from spreading_jax import datasets
   tmp = tmp_path_factory.mktemp("cli")
   config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
             "verbose": False, "num_train": 3000}
   (tmp / "config.json").write_text(json.dumps(config))
   out = tmp / "model"
-  assert main(["train", "siftsmall", "--root", str(data.data_root()), "--config",
+  assert main(["train", "siftsmall", "--root", str(datasets.data_root()), "--config",
                str(tmp / "config.json"), "--out", str(out)]) == 0
   return out
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from spreading_jax import data
+from spreading_jax import _files, datasets, search, vecs_io
 
 
 def _root_or_skip():
   try:
-    return data.data_root()
+    return datasets.data_root()
   except ValueError as e:
     pytest.skip(f"real data not found: {e}")
 
@@ -54,11 +54,11 @@ def test_vecs_round_trip(tmp_path_factory, x, seed):
   i = rng.integers(-2**31, 2**31, x.shape, dtype=np.int64).astype(np.int32)
   i.flat[0] = np.iinfo(np.int32).min
   b = rng.integers(0, 256, x.shape).astype(np.uint8)
-  data.write_fvecs(tmp / "x.fvecs", x)
-  data.write_ivecs(tmp / "x.ivecs", i)
-  data.write_bvecs(tmp / "x.bvecs", b.astype(np.int64))  # any integer dtype in range
+  vecs_io.write_fvecs(tmp / "x.fvecs", x)
+  vecs_io.write_ivecs(tmp / "x.ivecs", i)
+  vecs_io.write_bvecs(tmp / "x.bvecs", b.astype(np.int64))  # any integer dtype in range
   for name, want in (("x.fvecs", x), ("x.ivecs", i), ("x.bvecs", b)):
-    got = data.read_vectors(tmp / name)
+    got = vecs_io.read_vectors(tmp / name)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
   assert os.path.getsize(tmp / "x.fvecs") == x.shape[0] * (4 + 4 * x.shape[1])
@@ -66,39 +66,39 @@ def test_vecs_round_trip(tmp_path_factory, x, seed):
 
 def test_reads_are_memory_mapped_views(tmp_path):
   x = np.arange(60, dtype=np.float32).reshape(5, 12)
-  data.write_fvecs(tmp_path / "x.fvecs", x)
-  got = data.read_fvecs(tmp_path / "x.fvecs")
+  vecs_io.write_fvecs(tmp_path / "x.fvecs", x)
+  got = vecs_io.read_fvecs(tmp_path / "x.fvecs")
   assert isinstance(got, np.memmap) and _maps_a_file(got)
   assert not got.flags.owndata and not got.flags.writeable
   assert got.strides == (4 + 4 * 12, 4)  # a strided view that skips each row's header
-  head = data.read_fvecs(tmp_path / "x.fvecs", max_rows=2)
+  head = vecs_io.read_fvecs(tmp_path / "x.fvecs", max_rows=2)
   np.testing.assert_array_equal(head, x[:2])
-  assert data.read_fvecs(tmp_path / "x.fvecs", max_rows=100).shape == (5, 12)
+  assert vecs_io.read_fvecs(tmp_path / "x.fvecs", max_rows=100).shape == (5, 12)
 
 
 def test_npy_and_hdf5_round_trip(tmp_path):
   x = np.arange(12, dtype=np.float32).reshape(4, 3)
   np.save(tmp_path / "x.npy", x)
-  got = data.read_vectors(tmp_path / "x.npy")
+  got = vecs_io.read_vectors(tmp_path / "x.npy")
   assert isinstance(got, np.memmap)
   np.testing.assert_array_equal(got, x)
   gt = np.array([[0, 1], [1, 0]], np.int32)
-  data.write_hdf5(tmp_path / "a.hdf5", x, x[:2], gt, distances=np.zeros((2, 2)))
-  f = data.read_hdf5(tmp_path / "a.hdf5")
+  vecs_io.write_hdf5(tmp_path / "a.hdf5", x, x[:2], gt, distances=np.zeros((2, 2)))
+  f = vecs_io.read_hdf5(tmp_path / "a.hdf5")
   np.testing.assert_array_equal(f["test"], x[:2])
   assert f["distance"] == "euclidean" and f["distances"].shape == (2, 2)
-  np.testing.assert_array_equal(data.read_vectors(tmp_path / "a.hdf5", key="neighbors"), gt)
+  np.testing.assert_array_equal(vecs_io.read_vectors(tmp_path / "a.hdf5", key="neighbors"), gt)
   with pytest.raises(ValueError, match=r"needs key=.*'distances', 'neighbors', 'test'"):
-    data.read_vectors(tmp_path / "a.hdf5")
+    vecs_io.read_vectors(tmp_path / "a.hdf5")
   with pytest.raises(ValueError, match="no dataset 'learn'"):
-    data.read_vectors(tmp_path / "a.hdf5", key="learn")
+    vecs_io.read_vectors(tmp_path / "a.hdf5", key="learn")
   with pytest.raises(ValueError, match="only applies to HDF5"):
-    data.read_vectors(tmp_path / "x.npy", key="train")
-  ds = data.load_dataset(tmp_path / "a.hdf5")
+    vecs_io.read_vectors(tmp_path / "x.npy", key="train")
+  ds = datasets.load_dataset(tmp_path / "a.hdf5")
   assert (ds.name, ds.nt, ds.nb, ds.nq, ds.d, ds.metric) == ("a", 4, 4, 2, 3, "l2")
   assert ds.train is ds.base
   # A relative path is also looked up under the data root.
-  assert data.load_dataset("a.hdf5", root=tmp_path).nb == 4
+  assert datasets.load_dataset("a.hdf5", root=tmp_path).nb == 4
 
 
 def test_hdf5_angular_is_normalised_and_unknown_distances_rejected(tmp_path):
@@ -106,18 +106,18 @@ def test_hdf5_angular_is_normalised_and_unknown_distances_rejected(tmp_path):
   xb, xq = rng.standard_normal((20, 5)) * rng.uniform(0.1, 9, (20, 1)), rng.standard_normal((3, 5))
   cos = (xq @ xb.T) / np.linalg.norm(xq, axis=1)[:, None] / np.linalg.norm(xb, axis=1)
   gt = np.argsort(-cos, axis=1)[:, :5]
-  data.write_hdf5(tmp_path / "c.hdf5", xb, xq, gt, distance="angular")
-  ds = data.load_dataset(tmp_path / "c.hdf5")
+  vecs_io.write_hdf5(tmp_path / "c.hdf5", xb, xq, gt, distance="angular")
+  ds = datasets.load_dataset(tmp_path / "c.hdf5")
   assert ds.metric == "l2"
   np.testing.assert_allclose(np.linalg.norm(ds.base, axis=1), 1, rtol=1e-6)
   # On the normalised vectors, L2 ranks exactly as the file's cosine groundtruth.
   np.testing.assert_array_equal(_brute_force_ids(ds.query, ds.base, 5), gt)
   xb[4] = 0  # a zero vector has no direction: it stays zero instead of becoming NaN
-  data.write_hdf5(tmp_path / "z.hdf5", xb, xq, gt, distance="angular")
-  np.testing.assert_array_equal(data.load_dataset(tmp_path / "z.hdf5").base[4], 0)
-  data.write_hdf5(tmp_path / "h.hdf5", xb, xq, gt, distance="hamming")
+  vecs_io.write_hdf5(tmp_path / "z.hdf5", xb, xq, gt, distance="angular")
+  np.testing.assert_array_equal(datasets.load_dataset(tmp_path / "z.hdf5").base[4], 0)
+  vecs_io.write_hdf5(tmp_path / "h.hdf5", xb, xq, gt, distance="hamming")
   with pytest.raises(ValueError, match="'hamming' is not supported"):
-    data.load_dataset(tmp_path / "h.hdf5")
+    datasets.load_dataset(tmp_path / "h.hdf5")
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,46 +149,46 @@ def test_malformed_vecs_are_rejected(tmp_path, case, match):
   }[case]
   path.write_bytes(raw)
   with pytest.raises(ValueError, match=match) as e:
-    data.read_fvecs(path)
+    vecs_io.read_fvecs(path)
   assert "bad.fvecs" in str(e.value)
 
 
 def test_missing_file_and_sampled_header_check(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="nope.ivecs: no such file"):
-    data.read_ivecs(tmp_path / "nope.ivecs")
+    vecs_io.read_ivecs(tmp_path / "nope.ivecs")
   # Big files get a sample of headers (first, last and evenly spaced rows) checked.
-  monkeypatch.setattr(data, "_FULL_HEADER_CHECK_BYTES", 0)
-  monkeypatch.setattr(data, "_HEADER_SAMPLE_ROWS", 4)
+  monkeypatch.setattr(vecs_io, "_FULL_HEADER_CHECK_BYTES", 0)
+  monkeypatch.setattr(vecs_io, "_HEADER_SAMPLE_ROWS", 4)
   path = tmp_path / "big.fvecs"
   path.write_bytes(_row(3) * 99 + np.int32(7).tobytes() + bytes(12))
   with pytest.raises(ValueError, match="row 99 declares d=7.*sampled rows"):
-    data.read_fvecs(path)
-  assert data.read_fvecs(path, max_rows=99).shape == (99, 3)
+    vecs_io.read_fvecs(path)
+  assert vecs_io.read_fvecs(path, max_rows=99).shape == (99, 3)
 
 
 def test_bad_writes_are_rejected_and_leave_no_file(tmp_path):
   target = tmp_path / "x.fvecs"
-  data.write_fvecs(target, np.ones((2, 2)))
+  vecs_io.write_fvecs(target, np.ones((2, 2)))
   before = target.read_bytes()
   nan_last = np.ones((5, 2), np.float32)
   nan_last[4, 1] = np.nan
   cases = [
-      (data.write_fvecs, nan_last, r"x.fvecs\): x contains NaN or Inf.*row 4, column 1"),
-      (data.write_fvecs, np.array([[1e39]]), "NaN or Inf as float32"),  # overflows float32
-      (data.write_fvecs, np.ones(3), "2-D array"),
-      (data.write_fvecs, np.ones((0, 3)), "n >= 1"),
-      (data.write_fvecs, np.ones((2, 2), np.complex64), "real numbers"),
-      (data.write_fvecs, np.ones((2, 2), bool), "real numbers"),
+      (vecs_io.write_fvecs, nan_last, r"x.fvecs\): x contains NaN or Inf.*row 4, column 1"),
+      (vecs_io.write_fvecs, np.array([[1e39]]), "NaN or Inf as float32"),  # overflows float32
+      (vecs_io.write_fvecs, np.ones(3), "2-D array"),
+      (vecs_io.write_fvecs, np.ones((0, 3)), "n >= 1"),
+      (vecs_io.write_fvecs, np.ones((2, 2), np.complex64), "real numbers"),
+      (vecs_io.write_fvecs, np.ones((2, 2), bool), "real numbers"),
   ]
   for write, x, match in cases:
     with pytest.raises(ValueError, match=match):
       write(target, x)
     assert target.read_bytes() == before
   for write, x, match in [
-      (data.write_bvecs, np.array([[300]]), r"\[0, 255\].*\[300, 300\]"),
-      (data.write_bvecs, np.array([[-1]]), r"\[0, 255\]"),
-      (data.write_ivecs, np.array([[1.5]]), "integer array"),
-      (data.write_ivecs, np.array([[2**31]]), "fit int32"),
+      (vecs_io.write_bvecs, np.array([[300]]), r"\[0, 255\].*\[300, 300\]"),
+      (vecs_io.write_bvecs, np.array([[-1]]), r"\[0, 255\]"),
+      (vecs_io.write_ivecs, np.array([[1.5]]), "integer array"),
+      (vecs_io.write_ivecs, np.array([[2**31]]), "fit int32"),
   ]:
     with pytest.raises(ValueError, match=match):
       write(tmp_path / "y.vecs", x)
@@ -199,22 +199,22 @@ def test_bad_hdf5_and_npy_are_rejected(tmp_path):
   with h5py.File(tmp_path / "bad.hdf5", "w") as f:
     f["train"] = np.ones((3, 2))
   with pytest.raises(ValueError, match=r"missing datasets \['test', 'neighbors'\]"):
-    data.read_hdf5(tmp_path / "bad.hdf5")
+    vecs_io.read_hdf5(tmp_path / "bad.hdf5")
   (tmp_path / "junk.hdf5").write_bytes(b"not hdf5 at all")
   with pytest.raises(ValueError, match="junk.hdf5: not a readable HDF5"):
-    data.read_hdf5(tmp_path / "junk.hdf5")
+    vecs_io.read_hdf5(tmp_path / "junk.hdf5")
   with h5py.File(tmp_path / "rows.hdf5", "w") as f:
     f["train"], f["test"], f["neighbors"] = np.ones((3, 2)), np.ones((2, 2)), np.zeros((5, 1))
   with pytest.raises(ValueError, match="'neighbors' has 5 rows for 2 test queries"):
-    data.read_hdf5(tmp_path / "rows.hdf5")
+    vecs_io.read_hdf5(tmp_path / "rows.hdf5")
   with pytest.raises(ValueError, match="unknown vector file type '.txt'"):
-    data.read_vectors(tmp_path / "x.txt")
+    vecs_io.read_vectors(tmp_path / "x.txt")
   (tmp_path / "x.npy").write_bytes(b"garbage")
   with pytest.raises(ValueError, match="x.npy: not a valid .npy"):
-    data.read_vectors(tmp_path / "x.npy")
+    vecs_io.read_vectors(tmp_path / "x.npy")
   np.save(tmp_path / "v.npy", np.ones(3))
   with pytest.raises(ValueError, match="v.npy: expected a 2-D array"):
-    data.read_vectors(tmp_path / "v.npy")
+    vecs_io.read_vectors(tmp_path / "v.npy")
 
 
 def _idx_gz(path, images: np.ndarray, magic=0x803, cut=0):
@@ -227,19 +227,19 @@ def test_idx_reader_rejects_bad_magic_truncation_and_size(tmp_path):
   gz = tmp_path / "img.gz"
   images = np.arange(2 * 3 * 3).reshape(2, 3, 3)
   _idx_gz(gz, images)
-  np.testing.assert_array_equal(data._read_idx_gz(gz, 0x803), images.reshape(2, 9))
+  np.testing.assert_array_equal(vecs_io.read_idx_gz(gz, 0x803), images.reshape(2, 9))
   _idx_gz(gz, images, magic=0x801)
   with pytest.raises(ValueError, match="img.gz: bad IDX magic 0x00000801, expected 0x00000803"):
-    data._read_idx_gz(gz, 0x803)
+    vecs_io.read_idx_gz(gz, 0x803)
   _idx_gz(gz, images, cut=6)
   with pytest.raises(ValueError, match="img.gz: corrupt or truncated gzip"):
-    data._read_idx_gz(gz, 0x803)
+    vecs_io.read_idx_gz(gz, 0x803)
   gz.write_bytes(b"plain bytes, not gzip")
   with pytest.raises(ValueError, match="corrupt or truncated gzip"):
-    data._read_idx_gz(gz, 0x803)
+    vecs_io.read_idx_gz(gz, 0x803)
   gz.write_bytes(gzip.compress((0x803).to_bytes(4, "big") + (2).to_bytes(4, "big") * 3 + bytes(5)))
   with pytest.raises(ValueError, match="payload has 5 bytes but dims"):
-    data._read_idx_gz(gz, 0x803)
+    vecs_io.read_idx_gz(gz, 0x803)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,18 +250,18 @@ def test_atomic_output_replaces_on_success_only(tmp_path):
   target.write_text("old")
   os.chmod(target, 0o640)
   with pytest.raises(RuntimeError):
-    with data.atomic_output(target) as tmp:
+    with _files.atomic_output(target) as tmp:
       assert os.path.dirname(tmp) == str(tmp_path)
       open(tmp, "w").write("half")
       raise RuntimeError("crash")
   assert target.read_text() == "old"
   assert os.listdir(tmp_path) == ["keep.txt"]
-  with data.atomic_output(target) as tmp:
+  with _files.atomic_output(target) as tmp:
     open(tmp, "w").write("new")
   assert target.read_text() == "new"
   assert stat.S_IMODE(target.stat().st_mode) == 0o640  # the replaced file's permissions
   # The temporary path keeps the suffix, so np.save writes exactly there.
-  with data.atomic_output(tmp_path / "sub" / "a.npy") as tmp:
+  with _files.atomic_output(tmp_path / "sub" / "a.npy") as tmp:
     np.save(tmp, np.arange(3))
   np.testing.assert_array_equal(np.load(tmp_path / "sub" / "a.npy"), np.arange(3))
   umask = os.umask(0)
@@ -269,10 +269,10 @@ def test_atomic_output_replaces_on_success_only(tmp_path):
   assert stat.S_IMODE((tmp_path / "sub" / "a.npy").stat().st_mode) == 0o666 & ~umask
   assert sorted(os.listdir(tmp_path)) == ["keep.txt", "sub"]
   with pytest.raises(ValueError, match="is a directory"):
-    with data.atomic_output(tmp_path / "sub"):
+    with _files.atomic_output(tmp_path / "sub"):
       pass
   with pytest.raises(ValueError, match="was removed"):
-    with data.atomic_output(tmp_path / "gone.txt") as tmp:
+    with _files.atomic_output(tmp_path / "gone.txt") as tmp:
       os.unlink(tmp)
   assert sorted(os.listdir(tmp_path)) == ["keep.txt", "sub"]
 
@@ -281,24 +281,24 @@ def test_atomic_output_dir_replaces_whole_directories(tmp_path):
   # Only a directory this library wrote is replaced: here a (fake) saved model.
   marker = '{"kind": "spreading_jax.catalyzer"}'
   target = tmp_path / "ckpt"
-  with data.atomic_output_dir(target) as tmp:
+  with _files.atomic_output_dir(target) as tmp:
     os.makedirs(os.path.join(tmp, "nested"))
     open(os.path.join(tmp, "nested", "a"), "w").write("1")
     open(os.path.join(tmp, "model.json"), "w").write(marker)
   assert (target / "nested" / "a").read_text() == "1"
   with pytest.raises(RuntimeError):
-    with data.atomic_output_dir(target) as tmp:
+    with _files.atomic_output_dir(target) as tmp:
       open(os.path.join(tmp, "b"), "w").write("2")
       raise RuntimeError("crash")
   assert sorted(p.name for p in target.iterdir()) == ["model.json", "nested"]
-  with data.atomic_output_dir(target) as tmp:
+  with _files.atomic_output_dir(target) as tmp:
     open(os.path.join(tmp, "b"), "w").write("2")
     open(os.path.join(tmp, "model.json"), "w").write(marker)
   assert sorted(p.name for p in target.iterdir()) == ["b", "model.json"]  # fully replaced
   assert os.listdir(tmp_path) == ["ckpt"]
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match="not a directory"):
-    with data.atomic_output_dir(tmp_path / "file"):
+    with _files.atomic_output_dir(tmp_path / "file"):
       pass
 
 
@@ -306,14 +306,14 @@ def test_atomic_output_dir_replaces_whole_directories(tmp_path):
 # Locations.
 
 def test_data_root_and_cache_dir(tmp_path, monkeypatch):
-  assert data.data_root(tmp_path) == tmp_path
+  assert datasets.data_root(tmp_path) == tmp_path
   monkeypatch.setenv("SPREADING_DATA", str(tmp_path))
-  assert data.data_root() == tmp_path
+  assert datasets.data_root() == tmp_path
   monkeypatch.setenv("SPREADING_DATA", str(tmp_path / "missing"))
   with pytest.raises(ValueError, match=r"missing \(from \$SPREADING_DATA\).*set SPREADING_DATA"):
-    data.data_root()
+    datasets.data_root()
   monkeypatch.setenv("SPREADING_CACHE", str(tmp_path / "c" / "d"))
-  assert data.cache_dir() == tmp_path / "c" / "d" and (tmp_path / "c" / "d").is_dir()
+  assert datasets.cache_dir() == tmp_path / "c" / "d" and (tmp_path / "c" / "d").is_dir()
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_data_root_and_cache_dir(tmp_path, monkeypatch):
 def _toy(rng, nt=30, nb=40, nq=6, d=4, k=5):
   xb = rng.integers(0, 4, (nb, d)).astype(np.float32)  # small integers: many exact ties
   xq = rng.integers(0, 4, (nq, d)).astype(np.float32)
-  return data.Dataset("toy", rng.standard_normal((nt, d)).astype(np.float32), xb, xq,
+  return datasets.Dataset("toy", rng.standard_normal((nt, d)).astype(np.float32), xb, xq,
                       _brute_force_ids(xq, xb, k).astype(np.int32))
 
 
@@ -341,9 +341,9 @@ def test_dataset_validation_and_repr():
       ((xt, xb[0], xq, gt), "base must be a 2-D array"),
   ]:
     with pytest.raises(ValueError, match=match):
-      data.Dataset("bad", *args)
+      datasets.Dataset("bad", *args)
   with pytest.raises(ValueError, match="metric must be 'l2' or 'ip'"):
-    data.Dataset("bad", xt, xb, xq, gt, metric="cosine")
+    datasets.Dataset("bad", xt, xb, xq, gt, metric="cosine")
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
@@ -351,7 +351,7 @@ def test_exact_groundtruth_matches_brute_force_with_ties(metric):
   rng = np.random.default_rng(1)
   xb = rng.integers(0, 3, (300, 5)).astype(np.uint8)  # heavy ties, uint8 like bigann
   xq = rng.integers(0, 3, (7, 5)).astype(np.uint8)
-  got = data.exact_groundtruth(xq, xb, 20, metric)
+  got = search.exact_groundtruth(xq, xb, 20, metric)
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, _brute_force_ids(xq, xb, 20, metric))
 
@@ -365,7 +365,7 @@ def test_subset_recomputes_groundtruth_exactly():
   np.testing.assert_array_equal(same_base.groundtruth, ds.groundtruth[:3])
   with pytest.raises(ValueError, match="nb=41 must be <= 40"):
     ds.subset(nb=41)
-  f = data.Dataset("u8", ds.base.astype(np.uint8), ds.base.astype(np.uint8),
+  f = datasets.Dataset("u8", ds.base.astype(np.uint8), ds.base.astype(np.uint8),
                    ds.query.astype(np.uint8), ds.groundtruth).as_float32()
   assert f.base.dtype == f.train.dtype == f.query.dtype == np.float32
   assert f.groundtruth.dtype == np.int32
@@ -394,8 +394,8 @@ def test_real_datasets_have_documented_shapes(siftsmall, wordllama):
 def test_unknown_dataset_lists_known_names():
   with pytest.raises(ValueError, match="unknown dataset 'nope'; known: siftsmall, "
                                       "wordllama-256, fashion-mnist, deep1m, bigann1m"):
-    data.load_dataset("nope")
-  assert data.DATASETS == ("siftsmall", "wordllama-256", "fashion-mnist", "deep1m", "bigann1m")
+    datasets.load_dataset("nope")
+  assert datasets.DATASETS == ("siftsmall", "wordllama-256", "fashion-mnist", "deep1m", "bigann1m")
 
 
 def test_fashion_mnist_layout_and_groundtruth_cache(tmp_path, monkeypatch):
@@ -407,33 +407,33 @@ def test_fashion_mnist_layout_and_groundtruth_cache(tmp_path, monkeypatch):
           rng.integers(0, 256, (300, 4, 4)))
   _idx_gz(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz",
           rng.integers(0, 256, (8, 4, 4)))
-  ds = data.load_dataset("fashion-mnist", tmp_path)
+  ds = datasets.load_dataset("fashion-mnist", tmp_path)
   assert (ds.nb, ds.nq, ds.d, ds.base.dtype) == (300, 8, 16, np.float32)
   assert ds.train is ds.base
   np.testing.assert_array_equal(ds.groundtruth, _brute_force_ids(ds.query, ds.base, 100))
   (cached,) = (tmp_path / "cache").glob("fashion-mnist-gt100-l2-*.ivecs")
   stamp = cached.stat().st_mtime_ns
-  np.testing.assert_array_equal(data.load_dataset("fashion-mnist", tmp_path).groundtruth,
+  np.testing.assert_array_equal(datasets.load_dataset("fashion-mnist", tmp_path).groundtruth,
                                 ds.groundtruth)
   assert cached.stat().st_mtime_ns == stamp  # reused, not rewritten
   # A wrong cache (valid file, wrong neighbours) fails the spot check and is recomputed.
-  data.write_ivecs(cached, np.zeros((8, 100), np.int32))
-  np.testing.assert_array_equal(data.load_dataset("fashion-mnist", tmp_path).groundtruth,
+  vecs_io.write_ivecs(cached, np.zeros((8, 100), np.int32))
+  np.testing.assert_array_equal(datasets.load_dataset("fashion-mnist", tmp_path).groundtruth,
                                 ds.groundtruth)
   cached.write_bytes(b"\0\0")  # corrupt file
-  np.testing.assert_array_equal(data.load_dataset("fashion-mnist", tmp_path).groundtruth,
+  np.testing.assert_array_equal(datasets.load_dataset("fashion-mnist", tmp_path).groundtruth,
                                 ds.groundtruth)
   assert len(list((tmp_path / "cache").iterdir())) == 1
   with pytest.raises(ValueError, match="missing t10k-images-idx3-ubyte.gz under"):
     os.unlink(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")
-    data.load_dataset("fashion-mnist", tmp_path)
+    datasets.load_dataset("fashion-mnist", tmp_path)
 
 
 @pytest.mark.slow
 def test_real_fashion_mnist():
   """60k x 784 base, 10k queries; the first run computes the groundtruth (~15 s, cached)."""
   root = _root_or_skip()
-  ds = data.load_dataset("fashion-mnist", root)
+  ds = datasets.load_dataset("fashion-mnist", root)
   assert (ds.nt, ds.nb, ds.nq, ds.d) == (60000, 60000, 10000, 784)
   assert ds.base.dtype == np.float32 and ds.groundtruth.shape == (10000, 100)
   for i in (0, 4321):
@@ -444,16 +444,16 @@ def test_real_fashion_mnist():
 
 def test_deep1m_layout_keeps_the_first_million(tmp_path):
   with pytest.raises(ValueError) as e:
-    data.load_dataset("deep1m", tmp_path)
+    datasets.load_dataset("deep1m", tmp_path)
   for name in ("base.fvecs", "learn.fvecs", "deep1B_queries.fvecs", "deep1M_groundtruth.ivecs",
                str(tmp_path)):
     assert name in str(e.value)
   rng = np.random.default_rng(4)
-  data.write_fvecs(tmp_path / "base.fvecs", np.zeros((1_000_003, 1), np.float32))
-  data.write_fvecs(tmp_path / "learn.fvecs", rng.standard_normal((50, 1)))
-  data.write_fvecs(tmp_path / "deep1B_queries.fvecs", rng.standard_normal((3, 1)))
-  data.write_ivecs(tmp_path / "deep1M_groundtruth.ivecs", rng.integers(0, 10**6, (3, 100)))
-  ds = data.load_dataset("deep1m", tmp_path)
+  vecs_io.write_fvecs(tmp_path / "base.fvecs", np.zeros((1_000_003, 1), np.float32))
+  vecs_io.write_fvecs(tmp_path / "learn.fvecs", rng.standard_normal((50, 1)))
+  vecs_io.write_fvecs(tmp_path / "deep1B_queries.fvecs", rng.standard_normal((3, 1)))
+  vecs_io.write_ivecs(tmp_path / "deep1M_groundtruth.ivecs", rng.integers(0, 10**6, (3, 100)))
+  ds = datasets.load_dataset("deep1m", tmp_path)
   assert (ds.nt, ds.nb, ds.nq, ds.d) == (50, 1_000_000, 3, 1)
   assert _maps_a_file(ds.base) and _maps_a_file(ds.train)
 
@@ -461,14 +461,14 @@ def test_deep1m_layout_keeps_the_first_million(tmp_path):
 def test_bigann1m_layout_stays_uint8(tmp_path):
   rng = np.random.default_rng(5)
   (tmp_path / "gnd").mkdir()
-  data.write_bvecs(tmp_path / "bigann_base.bvecs", rng.integers(0, 256, (50, 8)))
-  data.write_bvecs(tmp_path / "bigann_learn.bvecs", rng.integers(0, 256, (30, 8)))
-  data.write_bvecs(tmp_path / "bigann_query.bvecs", rng.integers(0, 256, (4, 8)))
+  vecs_io.write_bvecs(tmp_path / "bigann_base.bvecs", rng.integers(0, 256, (50, 8)))
+  vecs_io.write_bvecs(tmp_path / "bigann_learn.bvecs", rng.integers(0, 256, (30, 8)))
+  vecs_io.write_bvecs(tmp_path / "bigann_query.bvecs", rng.integers(0, 256, (4, 8)))
   with pytest.raises(ValueError, match=r"missing gnd/idx_1M.ivecs under .*expects the files "
                                        r"bigann_base.bvecs, bigann_learn.bvecs"):
-    data.load_dataset("bigann1m", tmp_path)
-  data.write_ivecs(tmp_path / "gnd" / "idx_1M.ivecs", rng.integers(0, 50, (4, 10)))
-  ds = data.load_dataset("bigann1m", tmp_path)
+    datasets.load_dataset("bigann1m", tmp_path)
+  vecs_io.write_ivecs(tmp_path / "gnd" / "idx_1M.ivecs", rng.integers(0, 50, (4, 10)))
+  ds = datasets.load_dataset("bigann1m", tmp_path)
   assert (ds.nt, ds.nb, ds.nq) == (30, 50, 4)
   assert ds.base.dtype == ds.train.dtype == ds.query.dtype == np.uint8
   assert _maps_a_file(ds.base)

@@ -1,0 +1,164 @@
+"""TrainConfig: the hyper-parameters of the catalyzer's training recipe.
+
+Kept apart from the training loop so that a saved model (``model.py``) can describe how it
+was trained without importing optax or orbax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from spreading_jax import lattice
+from spreading_jax._validation import check_int
+
+# Named recipe conventions and their accepted values (see TrainConfig's docstring).
+BN_MODES = ("separate", "joint")
+INITS = ("torch", "flax")
+INPUT_SCALINGS = ("none", "mean_norm")
+
+
+def parse_lr_schedule(value) -> tuple[float, ...]:
+  """A learning-rate schedule as a tuple of floats, from a tuple/list or "0.1,0.1,0.05"."""
+  try:
+    if isinstance(value, str):
+      values = tuple(float(v) for v in value.split(",") if v.strip())
+    else:
+      values = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    values = ()
+  if not values or any(not math.isfinite(v) or v < 0 for v in values):
+    raise ValueError(f"lr_schedule={value!r} must be non-negative numbers, e.g. "
+                     "(0.1, 0.1, 0.05, 0.01) or '0.1,0.1,0.05,0.01'")
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Hyper-parameters; the defaults are the paper's 64-bit lattice recipe, with the
+  conventions of the original PyTorch code where the paper is silent.
+
+  Attributes:
+    d_out: output dimension of the catalyzer (24 in the paper's 64-bit setting).
+    hidden: hidden layer widths.
+    epochs: number of epochs (160 in the paper; ~90% of the accuracy after 10).
+    batch_size: global batch size (split across devices when a mesh is given).
+    lr_schedule: learning rates, each held for an equal block of epochs (the original
+      repeats each value epochs/len times); a tuple or a comma-separated string.
+    momentum: SGD momentum.
+    lambda_koleo: weight λ of the KoLeo regularizer (paper grid 0.001 ... 0.05).
+    rank_positive: positives are drawn uniformly among this many exact input-space
+      neighbours.
+    rank_negative: the negative is the rank_negative-th output-space neighbour.
+    neighbors_include_self: count each vector as its own first neighbour in both lists,
+      as the original does: a positive is then the anchor itself with probability
+      1/rank_positive, and the negative is the (rank_negative - 1)-th *other* vector.
+      False excludes self from both lists.
+    bn_mode: "separate" (original): anchors, positives and negatives go through the
+      network as three train-mode passes, each with its own batch statistics, and the
+      running statistics are updated three times per step. "joint": one pass over the
+      concatenated 3·batch rows.
+    init: "torch" (original): weights and biases of every Dense layer uniform in
+      ±1/sqrt(fan_in), PyTorch's nn.Linear default. "flax": flax's defaults (LeCun normal
+      weights, about 1.7x larger, zero biases).
+    drop_remainder: False (original) trains on the final partial batch of each epoch
+      too; True drops it so that every step has the same shape.
+    input_scaling: "none" (original) feeds the vectors as they are; "mean_norm" divides
+      them by the mean norm of the training vectors (the factor is stored with the model).
+    end_to_end: pass positives and negatives through the lattice quantizer
+      (straight-through) and mine negatives among quantized outputs.
+    r2: squared radius of the Zn lattice used for validation and end-to-end training;
+      None picks the largest one whose code fits ``bits``.
+    bits: code size used when ``r2`` is None.
+    val_every: validate every this many epochs (and after the last one); 0 disables.
+    val_queries: validation queries carved from the training vectors.
+    val_base: validation database size carved from the training vectors (None: up to
+      10,000 and at most a fifth of the training set).
+    num_train: cap on the number of training vectors (None: all that remain).
+    seed: seed of initialization, shuffling, positive draws and the validation split.
+    checkpoint_dir: directory for per-epoch checkpoints and history.jsonl; a run finds
+      its last checkpoint there and resumes from it.
+    verbose: progress bar and one log line per epoch.
+  """
+  d_out: int = 24
+  hidden: tuple[int, ...] = (1024, 1024)
+  epochs: int = 160
+  batch_size: int = 64
+  lr_schedule: tuple[float, ...] = (0.1, 0.1, 0.05, 0.01)
+  momentum: float = 0.9
+  lambda_koleo: float = 0.05
+  rank_positive: int = 10
+  rank_negative: int = 50
+  neighbors_include_self: bool = True
+  bn_mode: str = "separate"
+  init: str = "torch"
+  drop_remainder: bool = False
+  input_scaling: str = "none"
+  end_to_end: bool = False
+  r2: int | None = 79
+  bits: int = 64
+  val_every: int = 10
+  val_queries: int = 1000
+  val_base: int | None = None
+  num_train: int | None = None
+  seed: int = 0
+  checkpoint_dir: str | None = None
+  verbose: bool = True
+
+  def __post_init__(self):
+    # Normalised once so that a config compares and serialises the same however it was
+    # written ("0.1,0.05" from a CLI or JSON file, or a tuple).
+    object.__setattr__(self, "lr_schedule", parse_lr_schedule(self.lr_schedule))
+    object.__setattr__(self, "hidden", tuple(self.hidden))
+    for name, allowed in (("bn_mode", BN_MODES), ("init", INITS),
+                          ("input_scaling", INPUT_SCALINGS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+  def lr_values(self) -> list[float]:
+    return list(self.lr_schedule)
+
+  def lattice_r2(self) -> int:
+    """The lattice squared radius, from ``r2`` or from ``bits``."""
+    if self.r2 is not None:
+      return check_int("r2", self.r2, minimum=1)
+    bits = check_int("bits", self.bits, minimum=1)
+    try:
+      return lattice.zn_r2_for_bits(self.d_out, bits)
+    except ValueError as e:
+      raise ValueError(f"d_out={self.d_out} is too large for a {bits}-bit lattice code: {e}") from e
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["hidden"] = list(self.hidden)
+    d["lr_schedule"] = list(self.lr_schedule)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    if not isinstance(d, dict):
+      raise ValueError(f"a TrainConfig is described by a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+    d = dict(d)
+    if "hidden" in d:
+      try:
+        d["hidden"] = tuple(int(h) for h in d["hidden"])
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"hidden={d['hidden']!r} must be a list of integers") from e
+    return cls(**d)
+
+
+def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:
+  """The Zn sphere codec of ``config`` (raises if d_out does not fit the requested bits)."""
+  r2 = config.lattice_r2()
+  codec = lattice.ZnSphereCodec(config.d_out, r2)
+  if config.r2 is not None and codec.code_bits > config.bits:
+    raise ValueError(f"d_out={config.d_out} with r2={r2} needs {codec.code_bits}-bit codes, more "
+                     f"than bits={config.bits}; set r2=None to use the largest radius that fits "
+                     "or lower d_out")
+  return codec

@@ -1,0 +1,139 @@
+"""The trained catalyzer: parameters, BatchNorm statistics and input scale, with a jitted
+forward pass, its lattice codec, and atomic save/load.
+
+Inference (``index.py``, ``encode.py``) needs only this module: it imports neither optax
+nor orbax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spreading_jax import _files, lattice, sharding
+from spreading_jax._validation import check_int, check_vectors
+from spreading_jax.catalyzer import Catalyzer
+from spreading_jax.config import TrainConfig, make_codec
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """A trained catalyzer: parameters, BatchNorm statistics, the input scale and the history.
+
+  ``apply(x)`` maps raw vectors (numpy or jax, any batch size, any real dtype) to
+  catalyzed unit vectors with a jitted forward pass run in fixed-size chunks.
+  """
+  params: Any
+  batch_stats: Any
+  config: TrainConfig
+  d_in: int
+  input_scale: float
+  history: list[dict] = dataclasses.field(default_factory=list)
+
+  @property
+  def module(self) -> Catalyzer:
+    return Catalyzer(d_out=self.config.d_out, hidden=tuple(self.config.hidden))
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+  def apply(self, x, batch_size: int = 16384) -> np.ndarray:
+    """Catalyzes x: [n, d_in] -> f32[n, d_out] (unit rows), in chunks of ``batch_size``."""
+    check_vectors("x", x, d=self.d_in, d_name="d_in")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    out = np.empty((x.shape[0], self.config.d_out), np.float32)
+    for start, y in self._forward_chunks(x, self.input_scale, batch_size):
+      out[start:start + y.shape[0]] = np.asarray(y)
+    return out
+
+  def apply_device(self, x_scaled: jax.Array, batch_size: int = 16384) -> jax.Array:
+    """Eval-mode forward of already-scaled vectors that stay on the device -> f32[n, d_out]."""
+    return jnp.concatenate([y for _, y in self._forward_chunks(x_scaled, 1.0, batch_size)])
+
+  def _forward_chunks(self, x, scale: float, batch_size: int):
+    """Yields (start row, f32[m, d_out]) over fixed-size chunks of x (one compiled shape;
+    the last chunk is padded and its padding dropped)."""
+    fwd = _forward_fn(self.module)
+    n = x.shape[0]
+    chunk = min(batch_size, sharding.round_up(max(n, 1), 8))
+    for start in range(0, n, chunk):
+      xb = x[start:start + chunk]
+      m = xb.shape[0]
+      xb = sharding.pad_rows(jnp.asarray(xb, jnp.float32), chunk)
+      yield start, fwd(self.variables, xb, scale)[:m]
+
+  def codec(self) -> lattice.ZnSphereCodec:
+    """The Zn lattice codec the model was trained and validated with."""
+    return make_codec(self.config)
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the model to the directory ``path`` atomically (params + JSON metadata)."""
+    blob = flax.serialization.to_bytes(self.variables)
+    meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
+            "config": self.config.to_dict(), "d_in": self.d_in,
+            "input_scale": self.input_scale, "variables_bytes": len(blob),
+            "variables_sha256": _files.sha256_bytes(blob)}
+    with _files.atomic_output_dir(path) as tmp:
+      with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
+        f.write(blob)
+      with open(os.path.join(tmp, "model.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+      with open(os.path.join(tmp, "history.json"), "w") as f:
+        json.dump(self.history, f)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "TrainResult":
+    """Reads a model written by ``save``; raises ValueError if it is incomplete or corrupt."""
+    path = os.fspath(path)
+    meta_path = os.path.join(path, "model.json")
+    var_path = os.path.join(path, "variables.msgpack")
+    if not os.path.isfile(meta_path) or not os.path.isfile(var_path):
+      raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack missing)")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{meta_path} is corrupt: {e}") from e
+    if meta.get("kind") != "spreading_jax.catalyzer":
+      raise ValueError(f"{meta_path} does not describe a catalyzer")
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{path} has format version {meta.get('format_version')}, "
+                       f"this library reads version {FORMAT_VERSION}")
+    with open(var_path, "rb") as f:
+      blob = f.read()
+    if len(blob) != meta["variables_bytes"] or _files.sha256_bytes(blob) != meta["variables_sha256"]:
+      raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
+    config = TrainConfig.from_dict(meta["config"])
+    module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
+    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, meta["d_in"])), train=False)
+    variables = flax.serialization.from_bytes(template, blob)
+    history = []
+    hist_path = os.path.join(path, "history.json")
+    if os.path.isfile(hist_path):
+      with open(hist_path) as f:
+        history = json.load(f)
+    return cls(variables["params"], variables["batch_stats"], config, int(meta["d_in"]),
+               float(meta["input_scale"]), history)
+
+
+_FORWARD_CACHE: dict = {}
+
+
+def _forward_fn(module: Catalyzer) -> Callable:
+  """A cached jitted eval-mode forward pass for ``module``."""
+  key = (module.d_out, tuple(module.hidden))
+  if key not in _FORWARD_CACHE:
+    @jax.jit
+    def fwd(variables, x, scale):
+      return module.apply(variables, x / scale, train=False)
+    _FORWARD_CACHE[key] = fwd
+  return _FORWARD_CACHE[key]
