@@ -111,6 +111,23 @@ def _check_inputs_apart(path: PathLike, inputs) -> None:
                        "choose another output")
 
 
+def _check_not_inside_saved(path: PathLike) -> None:
+  """A new directory inside a saved model or index would vanish when that one is replaced
+  (and would break its checksums): refuse it."""
+  parent = os.path.dirname(_real(path))
+  while True:
+    for kind, (meta, _) in KINDS.items():
+      if os.path.isfile(os.path.join(parent, meta)):
+        with contextlib.suppress(ValueError):
+          if dir_kind(parent) == kind:
+            raise ValueError(f"{os.fspath(path)} lies inside the saved {kind} {parent}; "
+                             "choose a directory outside it")
+    up = os.path.dirname(parent)
+    if up == parent:
+      return
+    parent = up
+
+
 def check_output_dir(path: PathLike, kind: str | None = None, inputs=()) -> str | None:
   """Checks that directory ``path`` may be (re)written; returns the kind it holds now.
 
@@ -134,6 +151,7 @@ def check_output_dir(path: PathLike, kind: str | None = None, inputs=()) -> str 
     raise ValueError(f"output directory {name} is (or contains) the current directory; "
                      "refusing to replace it")
   _check_inputs_apart(path, inputs)
+  _check_not_inside_saved(path)
   have = dir_kind(path)
   if kind is not None and have is not None and have != kind:
     raise ValueError(f"{name} is a saved {have}, not {_a(kind)}; refusing to replace it "
@@ -167,3 +185,21 @@ def check_output_file(path: PathLike, inputs=()) -> None:
     raise ValueError(f"output {name} is a directory, a file was expected")
   _check_inputs_apart(path, inputs)
   check_parent_writable(path)
+
+
+def check_checkpoint_dir(path: PathLike, inputs=()) -> None:
+  """Checks a training checkpoint directory before training: absent, empty, or one that
+  holds a run's ``config.json`` (whose key the trainer then compares), never a file, a
+  saved model or index, an input, or a directory of other files it would write into.
+  """
+  name = os.fspath(path)
+  if os.path.lexists(name) and not os.path.isdir(name):
+    raise ValueError(f"checkpoint directory {name} exists and is not a directory")
+  _check_inputs_apart(path, inputs)
+  if os.path.isdir(name) and os.listdir(name):
+    if any(os.path.isfile(os.path.join(name, meta)) for meta, _ in KINDS.values()):
+      raise ValueError(f"checkpoint directory {name} is a saved model or index")
+    if not os.path.isfile(os.path.join(name, "config.json")):
+      raise ValueError(f"checkpoint directory {name} holds other files and no checkpoint "
+                       "(config.json); choose a new or empty directory")
+  check_parent_writable(os.path.join(name, "probe"))

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 from typing import Callable
@@ -171,6 +172,22 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _remove_leftovers(output_path: str, keep: str) -> None:
+  """Deletes what killed runs to ``output_path`` left (partial files no progress record
+  points to, temporary progress files). Called with the output's lock held, so no live
+  writer owns them."""
+  out_dir, name = os.path.split(os.path.abspath(output_path))
+  progress_name = os.path.basename(_progress_path(output_path))
+  # Exactly the names temp_name/atomic_output make: ".NAME.<8 hex>SUFFIX".
+  pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.partial|"
+                       rf"\.{re.escape(progress_name)}\.[0-9a-f]{{8}}\.tmp\.json")
+  for entry in os.listdir(out_dir):
+    full = os.path.join(out_dir, entry)
+    if pattern.fullmatch(entry) and full != keep and os.path.isfile(full):
+      with contextlib.suppress(OSError):
+        os.remove(full)
+
+
 def _read_progress(progress: str) -> dict:
   """The progress record, or ValueError saying it is corrupt and how to restart."""
   try:
@@ -292,6 +309,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       partial = _outputs.temp_name(output_path, ".partial")
       out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint32, shape=(n, width))
       save_progress(os.path.basename(partial), 0, 0, out)
+    _remove_leftovers(output_path, keep=partial)
     encoder = make_encoder(model)
     stop = n if max_rows is None else min(n, done + max_rows)
     data_sharding = NamedSharding(mesh, P(sharding.axis_name(mesh))) if mesh is not None else None
@@ -300,7 +318,12 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       xb = np.asarray(x[done:min(stop, done + chunk)], np.float32)
       m = xb.shape[0]
       if not np.isfinite(xb).all():
+        # This input can never complete: drop the job's files rather than leave a resume
+        # point that would stop at the same row.
         row = done + int(np.argwhere(~np.isfinite(xb))[0][0])
+        del out
+        os.remove(progress)
+        os.remove(partial)
         raise ValueError(f"{input_path} row {row + (row_range[0] if row_range else 0)} "
                          "contains NaN or Inf (or a value beyond float32); nothing was "
                          "written to the output")
