@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+# Two commands on a fresh clone: `make demo` and `make test` (see README.md). They need the
+# package index for the first install only; the demo's dataset ships in the package.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,11 +8,11 @@ TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=4
 
 .PHONY: demo test bench venv clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# pyproject.toml is the one dependency list: the package and its "test" extra.
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -19,8 +20,10 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m spreading_jax demo
 
+# Lint (ruff, configured in pyproject.toml), then the tests and the package's doctests.
 test: $(VENV)/.installed
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -19,14 +19,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import (deep_like, deep_like_setup, interleaved, median, table,  # noqa: E402
                      write_result)
 
 from spreading_jax import encode, sharding  # noqa: E402
-from spreading_jax.train import _forward_fn, make_codec  # noqa: E402
+from spreading_jax.config import make_codec  # noqa: E402
+from spreading_jax.model import _forward_fn  # noqa: E402
 
 MAX_BATCH = 65536
 
@@ -87,7 +87,8 @@ def main(argv=None):
         f"{flops * rows[1]['vectors_per_s'] / 1e9:.1f} GFLOP/s achieved")
   path = write_result("bench_encode", {
       "n": args.n, "d": args.d, "d_out": 24, "r2": codec.r2, "code_bits": codec.code_bits,
-      "threads": args.threads, "batch_rows": int(batches[0].shape[0]), "load_average": os.getloadavg(),
+      "threads": args.threads, "batch_rows": int(batches[0].shape[0]),
+      "load_average": os.getloadavg(),
       "devices": jax.device_count(), "forward_flops_per_vector": flops, "rows": rows,
       "command": "python " + " ".join(sys.argv)})
   print(f"wrote {path}")

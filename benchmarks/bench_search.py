@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import (deep_like, deep_like_setup, interleaved, median, table,  # noqa: E402

@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import median, table, timeit, write_result  # noqa: E402
 
-from spreading_jax import lattice, search  # noqa: E402
+from spreading_jax import mining  # noqa: E402
 from spreading_jax import train as T  # noqa: E402
-from spreading_jax.catalyzer import Catalyzer  # noqa: E402
 
 
 def unit(rng, n, d):
@@ -53,23 +51,15 @@ def step_flops(d_in: int, hidden: int, d_out: int, batch: int) -> float:
 
 def time_jax_epoch(x, pos, neg, config, repeats):
   n, d_in = x.shape
-  steps = n // config.batch_size
-  codec = lattice.ZnSphereCodec(config.d_out, config.lattice_r2())
-
-  def module_def(axis):
-    return Catalyzer(d_out=config.d_out, hidden=config.hidden, axis_name=axis)
-
-  variables = module_def(None).init(jax.random.PRNGKey(0), jnp.zeros((2, d_in)), train=False)
-  tx, schedule = T.make_optimizer(config, steps)
-  state = T.TrainState(variables["params"], variables["batch_stats"],
-                       tx.init(variables["params"]))
-  epoch = T.make_epoch_fn(module_def, config, codec, tx, schedule, steps)
+  steps = T.steps_per_epoch(config, n)
+  state = T.make_train_state(config, d_in, steps, jax.random.PRNGKey(0))
+  epoch = T.make_epoch_fn(n, config.batch_size, config.drop_remainder)
   xd, pd, nd = jnp.asarray(x), jnp.asarray(pos), jnp.asarray(neg)
   holder = {"state": state, "i": 0}
 
   def run():
     holder["i"] += 1
-    s, m = epoch(holder["state"], xd, pd, nd, jax.random.PRNGKey(holder["i"]), jnp.int32(0))
+    s, m = epoch(holder["state"], xd, pd, nd, jax.random.PRNGKey(holder["i"]))
     jax.block_until_ready(m)
     holder["state"] = s
 
@@ -80,7 +70,7 @@ def time_jax_epoch(x, pos, neg, config, repeats):
 def time_mining(n: int, d_out: int, repeats: int) -> float:
   y = unit(np.random.default_rng(1), n, d_out)
   yd = jnp.asarray(y)
-  return median(timeit(lambda: T.mine_negatives(yd, 50), repeats))
+  return median(timeit(lambda: mining.hard_negatives(yd, yd, 50), repeats))
 
 
 def run_torch(torch_python, x, pos, neg, threads, repeats):
@@ -112,8 +102,8 @@ def main(argv=None):
 
   rng = np.random.default_rng(0)
   x = unit(rng, args.n, args.d)
-  pos = T.exact_positives(jnp.asarray(x), 10)
-  neg = T.mine_negatives(jnp.asarray(x), 50)
+  pos = mining.positives(jnp.asarray(x), 10)
+  neg = mining.hard_negatives(jnp.asarray(x), jnp.asarray(x), 50)
   config = T.TrainConfig(d_out=24, r2=79, batch_size=64, epochs=160, verbose=False)
 
   times, steps = time_jax_epoch(x, pos, neg, config, args.repeats)
@@ -144,9 +134,10 @@ def main(argv=None):
   projection = {"mining_s_measured": t_mine, "mining_n": args.mine_n,
                 "mining_s_500k_projected": mine_500k, "epoch_s_500k_projected": epoch_500k,
                 "full_recipe_hours_projected": 160 * epoch_500k / 3600}
+  hours = projection["full_recipe_hours_projected"]
   print(f"negative mining: {t_mine:.2f} s for {args.mine_n} vectors -> {mine_500k:.0f} s at 500k "
-        f"(projected); full recipe (500k x 160 epochs) ~ {projection['full_recipe_hours_projected']:.1f}"
-        " h on this device", flush=True)
+        f"(projected); full recipe (500k x 160 epochs) ~ {hours:.1f} h on this device",
+        flush=True)
   print(table(rows, ["impl", "vectors_per_s", "ms_per_step", "epoch_s"]))
   path = write_result("bench_train", {
       "benchmark": "one training epoch, 96->1024->1024->24, batch 64",

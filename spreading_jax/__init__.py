@@ -2,19 +2,22 @@
 from spreading_jax.binary import sign_codes, unpack
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.datasets import Dataset, load_dataset
-from spreading_jax.vecs_io import read_bvecs, read_fvecs, read_ivecs, write_fvecs, write_ivecs
-from spreading_jax.lattice import ZnSphereCodec, zn_r2_for_bits
+from spreading_jax.index import SpreadingIndex
+from spreading_jax.lattice import ZnSphereCodec, zn_codec, zn_r2_for_bits
 from spreading_jax.losses import koleo, spreading_loss, triplet_rank
+from spreading_jax.quantizers import Quantizer, make_quantizer
 from spreading_jax.search import hamming_knn, knn, recall_at, search_lattice
 from spreading_jax.sharding import make_mesh
+from spreading_jax.vecs_io import read_bvecs, read_fvecs, read_ivecs, write_fvecs, write_ivecs
 from spreading_jax.config import TrainConfig
 from spreading_jax.model import TrainResult  # train(): spreading_jax.train.train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Catalyzer", "Dataset", "TrainConfig", "TrainResult", "ZnSphereCodec", "hamming_knn",
-    "knn", "koleo", "l2_normalize", "load_dataset", "make_mesh", "read_bvecs", "read_fvecs",
-    "read_ivecs", "recall_at", "search_lattice", "sign_codes", "spreading_loss",
-    "triplet_rank", "unpack", "write_fvecs", "write_ivecs", "zn_r2_for_bits",
+    "Catalyzer", "Dataset", "Quantizer", "SpreadingIndex", "TrainConfig", "TrainResult",
+    "ZnSphereCodec", "hamming_knn", "knn", "koleo", "l2_normalize", "load_dataset",
+    "make_mesh", "make_quantizer", "read_bvecs", "read_fvecs", "read_ivecs", "recall_at",
+    "search_lattice", "sign_codes", "spreading_loss", "triplet_rank", "unpack", "write_fvecs",
+    "write_ivecs", "zn_codec", "zn_r2_for_bits",
 ]

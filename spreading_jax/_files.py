@@ -32,7 +32,7 @@ def _temp_name(parent: Path, name: str, suffix: str) -> Path:
   return parent / f".{name}.{secrets.token_hex(4)}{suffix}"
 
 
-def _fsync_path(path: PathLike) -> None:
+def fsync_path(path: PathLike) -> None:
   """Flushes a file or directory to disk (best effort where the OS refuses directories)."""
   try:
     fd = os.open(path, os.O_RDONLY)
@@ -51,8 +51,8 @@ def _fsync_tree(root: PathLike) -> None:
     for filename in filenames:
       full = os.path.join(dirpath, filename)
       if os.path.isfile(full) and not os.path.islink(full):
-        _fsync_path(full)
-    _fsync_path(dirpath)
+        fsync_path(full)
+    fsync_path(dirpath)
 
 
 @contextlib.contextmanager
@@ -104,13 +104,13 @@ def atomic_output(path: PathLike) -> Iterator[str]:
                        "atomic_output block; nothing was written")
     with contextlib.suppress(FileNotFoundError):
       os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
-  _fsync_path(path.parent)
+  fsync_path(path.parent)
 
 
 @contextlib.contextmanager
@@ -173,14 +173,14 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
       except BaseException:
         os.rename(old, path)
         raise
-      _fsync_path(path.parent)
+      fsync_path(path.parent)
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  _fsync_path(path.parent)
+  fsync_path(path.parent)
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def check_vectors(name: str, x, *, d: int | None = None, d_name: str = "d",
   if len(shape) != 2:
     raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(shape)}")
   dtype = np.dtype(dtype)
-  if dtype == np.bool_ or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+  numeric = np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+  if dtype == np.bool_ or not numeric:
     raise ValueError(f"{name} has dtype {dtype}; expected a real float or integer dtype")
   if d is not None and shape[1] != d:
     raise ValueError(f"{name} has {d_name}={shape[1]} but {d} was expected")

@@ -15,6 +15,7 @@ from spreading_jax._validation import check_int
 BN_MODES = ("separate", "joint")
 INITS = ("torch", "flax")
 INPUT_SCALINGS = ("none", "mean_norm")
+QUANTIZERS = ("lattice", "sign")
 
 
 def parse_lr_schedule(value) -> tuple[float, ...]:
@@ -35,17 +36,20 @@ def parse_lr_schedule(value) -> tuple[float, ...]:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Hyper-parameters; the defaults are the paper's 64-bit lattice recipe, with the
-  conventions of the original PyTorch code where the paper is silent.
+  conventions of the original PyTorch code where the paper is silent, except that the
+  output dimension and λ are fitted to the data when left unset (``selection.py``).
 
   Attributes:
-    d_out: output dimension of the catalyzer (24 in the paper's 64-bit setting).
+    d_out: output dimension of the catalyzer; None (default) chooses it, with r², by
+      validation recall at the code budget (the paper uses 24, with r²=79, at 64 bits).
     hidden: hidden layer widths.
     epochs: number of epochs (160 in the paper; ~90% of the accuracy after 10).
     batch_size: global batch size (split across devices when a mesh is given).
     lr_schedule: learning rates, each held for an equal block of epochs (the original
       repeats each value epochs/len times); a tuple or a comma-separated string.
     momentum: SGD momentum.
-    lambda_koleo: weight λ of the KoLeo regularizer (paper grid 0.001 ... 0.05).
+    lambda_koleo: weight λ of the KoLeo regularizer; None (default) cross-validates it over
+      the paper's grid 0.001 ... 0.05 (the original's flag default is 0.05).
     rank_positive: positives are drawn uniformly among this many exact input-space
       neighbours.
     rank_negative: the negative is the rank_negative-th output-space neighbour.
@@ -67,8 +71,12 @@ class TrainConfig:
     end_to_end: pass positives and negatives through the lattice quantizer
       (straight-through) and mine negatives among quantized outputs.
     r2: squared radius of the Zn lattice used for validation and end-to-end training;
-      None picks the largest one whose code fits ``bits``.
-    bits: code size used when ``r2`` is None.
+      None (default) picks the largest one whose code fits ``bits``.
+    bits: the code budget in bits.
+    quantizer: the code the model is for, "lattice" (Zn, asymmetric search) or "sign"
+      (one bit per output dimension): it ranks validation (the best epoch and, when
+      d_out/λ are chosen, the candidates) by that code's recall@10; sign codes fix
+      d_out = bits.
     val_every: validate every this many epochs (and after the last one); 0 disables.
     val_queries: validation queries carved from the training vectors.
     val_base: validation database size carved from the training vectors (None: up to
@@ -79,13 +87,13 @@ class TrainConfig:
       its last checkpoint there and resumes from it.
     verbose: progress bar and one log line per epoch.
   """
-  d_out: int = 24
+  d_out: int | None = None
   hidden: tuple[int, ...] = (1024, 1024)
   epochs: int = 160
   batch_size: int = 64
   lr_schedule: tuple[float, ...] = (0.1, 0.1, 0.05, 0.01)
   momentum: float = 0.9
-  lambda_koleo: float = 0.05
+  lambda_koleo: float | None = None
   rank_positive: int = 10
   rank_negative: int = 50
   neighbors_include_self: bool = True
@@ -94,8 +102,9 @@ class TrainConfig:
   drop_remainder: bool = False
   input_scaling: str = "none"
   end_to_end: bool = False
-  r2: int | None = 79
+  r2: int | None = None
   bits: int = 64
+  quantizer: str = "lattice"
   val_every: int = 10
   val_queries: int = 1000
   val_base: int | None = None
@@ -110,18 +119,22 @@ class TrainConfig:
     object.__setattr__(self, "lr_schedule", parse_lr_schedule(self.lr_schedule))
     object.__setattr__(self, "hidden", tuple(self.hidden))
     for name, allowed in (("bn_mode", BN_MODES), ("init", INITS),
-                          ("input_scaling", INPUT_SCALINGS)):
+                          ("input_scaling", INPUT_SCALINGS), ("quantizer", QUANTIZERS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
 
   def replace(self, **changes) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
 
-  def lr_values(self) -> list[float]:
-    return list(self.lr_schedule)
+  @property
+  def shape_is_set(self) -> bool:
+    """True when d_out and λ are given (nothing is left for ``selection.py`` to choose)."""
+    return self.d_out is not None and self.lambda_koleo is not None
 
   def lattice_r2(self) -> int:
     """The lattice squared radius, from ``r2`` or from ``bits``."""
+    if self.d_out is None:
+      raise ValueError("d_out is not set: it is chosen when training (selection.py)")
     if self.r2 is not None:
       return check_int("r2", self.r2, minimum=1)
     bits = check_int("bits", self.bits, minimum=1)

@@ -1,40 +1,48 @@
-"""SpreadingIndex: a trained catalyzer plus a quantizer (Zn lattice or sign bits) over a
-database of codes, with streaming add, exact search over codes, and checksummed save/load.
+"""SpreadingIndex: a trained catalyzer + a quantizer + the database's codes, with streaming
+add, search over the codes, and checksummed save/load.
+
+Everything specific to a kind of quantizer (Zn lattice, sign bits, faiss) lives in
+``quantizers``; the index only catalyzes, stores codes and persists them.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, lattice, search, sharding
+from spreading_jax import quantizers, sharding
 from spreading_jax._files import atomic_output_dir, sha256_file
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.model import TrainResult
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KIND = "spreading_jax.index"
-_QUANTIZERS = ("zn", "sign")
-_FAISS_FILE = "faiss.index"
+_META = "index.json"
+_CODES = "codes.npy"
+_MODEL = "model"
+_WRITER = ".writer.json"  # inside a save's temporary directory while it is being written
 
 
 class SpreadingIndex:
-  """Catalyzer + quantizer index.
+  """Catalyzer + quantizer + codes.
 
   Args:
     model: a trained ``TrainResult``.
-    quantizer: "zn" (Zn sphere lattice codes, asymmetric search on every local device),
-      "sign" (d_out sign bits, Hamming search on every local device), or a faiss
-      index-factory string such as "OPQ8_32,PQ8" or "PQ8" applied to the catalyzed vectors
-      (the catalyzer as preprocessing for any faiss quantizer; needs ``train`` before
-      ``add``, searched by faiss on the CPU).
-    bits: code size. "zn": default 64, the model's own lattice radius is used when it
-      fits, else the largest radius that does. "sign": must be d_out when given. faiss:
-      must equal the factory's code size when given.
+    quantizer: a ``quantizers.Quantizer`` on the model's d_out, or a name for
+      ``quantizers.for_model``: "zn" (Zn sphere lattice codes, asymmetric search on every
+      local device), "sign" (d_out sign bits, Hamming search on every local device), or a
+      faiss index-factory string such as "OPQ8_32,PQ8" or "PQ8" applied to the catalyzed
+      vectors (needs ``train`` before ``add``; searched by faiss on the CPU).
+    bits: code size when ``quantizer`` is a name. "zn": a budget: the model's own lattice
+      when its codes fit (always when None), else the largest sphere that fits. "sign":
+      must be d_out when given. faiss: must equal the factory's code size when given.
 
   Example::
 
@@ -47,171 +55,112 @@ class SpreadingIndex:
     opq.add(xb)
   """
 
-  def __init__(self, model: TrainResult, quantizer: str = "zn", bits: int | None = None):
-    if not isinstance(quantizer, str) or not quantizer:
-      raise ValueError(f"quantizer={quantizer!r} must be 'zn', 'sign' or a faiss factory string")
-    self.model = model
-    self.quantizer = quantizer
-    self.faiss_index = None
+  def __init__(self, model: TrainResult, quantizer: str | quantizers.Quantizer = "zn",
+               bits: int | None = None):
+    if not isinstance(model, TrainResult):
+      raise ValueError(f"model must be a TrainResult, got {type(model).__name__}")
     d_out = model.config.d_out
-    if bits is not None:
-      bits = check_int("bits", bits, minimum=1)
-    if quantizer == "zn":
-      self.bits = 64 if bits is None else bits
-      r2 = model.config.r2
-      if r2 is None or lattice.ZnSphereCodec(d_out, r2).code_bits > self.bits:
-        try:
-          r2 = lattice.zn_r2_for_bits(d_out, self.bits)
-        except ValueError as e:
-          raise ValueError(f"d_out={d_out} does not fit a {self.bits}-bit lattice code: {e}") from e
-      self.codec = lattice.ZnSphereCodec(d_out, r2)
-      self._width = self.codec.code_words
-      self._dtype = np.uint32
-    elif quantizer == "sign":
-      if bits is not None and bits != d_out:
-        raise ValueError(f"the sign quantizer has one bit per output dimension: bits={bits} "
-                         f"but the model's d_out={d_out}")
-      self.bits = d_out
-      self.codec = None
-      self._width = binary.num_bytes(d_out)
-      self._dtype = np.uint8
+    if isinstance(quantizer, quantizers.Quantizer):
+      if bits is not None:
+        raise ValueError("bits is chosen by the quantizer object; pass bits=None")
+      if quantizer.d != d_out:
+        raise ValueError(f"the quantizer works on d={quantizer.d} but the model's "
+                         f"d_out={d_out}")
     else:
-      from spreading_jax import baselines  # pylint: disable=import-outside-toplevel
-      try:
-        self.faiss_index = baselines.build_index(quantizer, d_out)
-      except ValueError as e:
-        raise ValueError(f"quantizer={quantizer!r} is neither 'zn', 'sign' nor a faiss "
-                         f"index-factory string that builds on d_out={d_out}: {e}") from e
-      self.bits = baselines.index_code_bits(self.faiss_index)
-      if bits is not None and bits != self.bits:
-        raise ValueError(f"faiss quantizer {quantizer!r} on d_out={d_out} makes "
-                         f"{self.bits}-bit codes, not bits={bits}")
-      self.codec = None
+      quantizer = quantizers.for_model(quantizer, model.config, bits)
+    self.model, self.quantizer = model, quantizer
     self._chunks: list[np.ndarray] = []
-    self._codes_cache: np.ndarray | None = None
+    self._codes: np.ndarray | None = quantizer.empty_codes()
 
   # -------------------------------------------------------------------------------------
   @property
   def d(self) -> int:
+    """Input dimension (the model's d_in)."""
     return self.model.d_in
 
   @property
-  def is_faiss(self) -> bool:
-    """True when the quantizer is a faiss index on the catalyzed vectors."""
-    return self.faiss_index is not None
-
-  @property
   def is_trained(self) -> bool:
-    """False only for a faiss quantizer that still needs ``train``."""
-    return not self.is_faiss or bool(self.faiss_index.is_trained)
+    """False only while the quantizer still needs ``train`` (faiss quantizers)."""
+    return not self.quantizer.needs_training
 
   @property
   def ntotal(self) -> int:
-    if self.is_faiss:
-      return int(self.faiss_index.ntotal)
-    return sum(c.shape[0] for c in self._chunks)
+    return sum(c.shape[0] for c in self._chunks) + (
+        0 if self._codes is None else self._codes.shape[0])
 
   @property
   def code_bits(self) -> int:
-    if self.quantizer == "zn":
-      return self.codec.code_bits
-    return self.bits
+    return self.quantizer.code_bits
 
   @property
   def bytes_per_vector(self) -> int:
-    """Size of one code in bytes: ceil(code_bits / 8) (8 for a 64-bit code)."""
-    return (self.code_bits + 7) // 8
+    """Size of one code in bytes (8 for a 64-bit code)."""
+    return self.quantizer.bytes_per_vector
 
   @property
   def codes(self) -> np.ndarray:
-    """All codes: u32[ntotal, code_words] ("zn"), u8[ntotal, bytes] ("sign", and faiss
-    quantizers that store flat codes such as PQ/OPQ/SQ)."""
-    if self.is_faiss:
-      return self._faiss_codes()
-    if self._codes_cache is None:
-      self._codes_cache = (np.concatenate(self._chunks) if self._chunks
-                           else np.zeros((0, self._width), self._dtype))
-      self._chunks = [self._codes_cache] if self._chunks else []
-    return self._codes_cache
-
-  def _faiss_codes(self) -> np.ndarray:
-    import faiss  # pylint: disable=import-outside-toplevel
-    inner = faiss.downcast_index(self.faiss_index)
-    if isinstance(inner, faiss.IndexPreTransform):
-      inner = faiss.downcast_index(inner.index)
-    if not isinstance(inner, faiss.IndexFlatCodes):
-      raise ValueError(f"faiss quantizer {self.quantizer!r} does not store flat codes "
-                       f"({type(inner).__name__}); use faiss_index directly")
-    return faiss.vector_to_array(inner.codes).reshape(self.ntotal, inner.code_size)
+    """All codes, [ntotal, code_width]: u32 words (Zn) or u8 bytes (sign, faiss)."""
+    if self._chunks:
+      self._codes = np.concatenate([self._codes, *self._chunks])
+      self._chunks = []
+    return self._codes
 
   def info(self) -> str:
-    return (f"SpreadingIndex quantizer={self.quantizer} d_in={self.d} "
+    extra = "".join(f" {k}={v}" for k, v in self.quantizer.meta().items()
+                    if k not in ("name", "d", "code_bits"))
+    return (f"SpreadingIndex quantizer={self.quantizer.name} d_in={self.d} "
             f"d_out={self.model.config.d_out} code_bits={self.code_bits} "
-            f"bytes_per_vector={self.bytes_per_vector} ntotal={self.ntotal}"
-            + (f" r2={self.codec.r2}" if self.codec is not None else ""))
+            f"bytes_per_vector={self.bytes_per_vector} ntotal={self.ntotal}{extra}")
 
-  def __repr__(self):
+  def __repr__(self) -> str:
     return self.info()
 
   def train(self, x, max_train: int = 100_000, seed: int = 0) -> None:
-    """Trains a faiss quantizer on catalyzed training vectors x: [n, d_in] (at most
-    ``max_train`` rows, drawn with ``seed``). A no-op for "zn" and "sign", which have no
-    parameters. Never pass the queries here."""
+    """Trains the quantizer on catalyzed training vectors x: [n, d_in] (at most
+    ``max_train`` rows, drawn with ``seed``). A no-op for parameter-free quantizers ("zn",
+    "sign"). Never pass the queries here."""
     check_vectors("x", x, d=self.d, d_name="d_in")
-    if not self.is_faiss:
+    if not self.quantizer.needs_training:
       return
     from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
-    xt = np.asarray(sample_rows(x, max_train, seed), np.float32)
-    y = np.ascontiguousarray(self.model.apply(xt), np.float32)
-    self.faiss_index.train(y)
+    xt = np.asarray(sample_rows(x, check_int("max_train", max_train, minimum=1), seed),
+                    np.float32)
+    self.quantizer.train(self.model.apply(xt))
 
   # -------------------------------------------------------------------------------------
   def encode(self, x) -> np.ndarray:
-    """Raw vectors f32[n, d_in] -> codes (see ``codes``)."""
-    y = self.model.apply(x)
-    if self.is_faiss:
-      self._require_trained()
-      return self.faiss_index.sa_encode(np.ascontiguousarray(y, np.float32))
-    if self.quantizer == "zn":
-      return np.asarray(self.codec.encode(y), np.uint32)
-    return np.asarray(binary.sign_codes(y), np.uint8)
+    """Raw vectors f32[n, d_in] -> codes [n, code_width] (see ``codes``)."""
+    return self.quantizer.encode(self.model.apply(x))
 
   def add(self, x, chunk: int = 65536) -> None:
     """Encodes and appends x: [n, d_in] (numpy or memory map), ``chunk`` rows at a time."""
     check_vectors("x", x, d=self.d, d_name="d_in")
     chunk = check_int("chunk", chunk, minimum=1)
-    self._require_trained()
-    n = x.shape[0]
-    for start in tqdm(range(0, n, chunk), desc="add", unit="chunk", disable=n <= chunk):
-      xb = np.asarray(x[start:start + chunk], np.float32)
-      if self.is_faiss:
-        self.faiss_index.add(np.ascontiguousarray(self.model.apply(xb), np.float32))
-      else:
-        self._chunks.append(self.encode(xb))
-        self._codes_cache = None
-
-  def _require_trained(self) -> None:
     if not self.is_trained:
-      raise ValueError(f"faiss quantizer {self.quantizer!r} is not trained: call "
-                       "index.train(training_vectors) before add/encode")
+      raise ValueError(f"quantizer {self.quantizer.name!r} is not trained: call "
+                       "index.train(training_vectors) before add")
+    n = x.shape[0]
+    bar = tqdm(total=n, desc="add", unit="vec", disable=n <= chunk)
+
+    def encode(xb):
+      bar.update(xb.shape[0])
+      return self.encode(np.asarray(xb, np.float32))
+
+    codes = quantizers.encode_in_chunks(encode, x, chunk)
+    bar.close()
+    self._chunks.append(codes)
 
   def reconstruct(self, ids) -> np.ndarray:
-    """Decoded unit vectors in catalyzer space: i[m] -> f32[m, d_out]."""
+    """Decoded vectors in catalyzer space: i[m] -> f32[m, d_out]."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= self.ntotal):
       raise ValueError(f"ids must lie in [0, {self.ntotal})")
-    if self.is_faiss:
-      return self.faiss_index.reconstruct_batch(ids.astype(np.int64))
-    codes = self.codes[ids]
-    if self.quantizer == "zn":
-      return np.asarray(self.codec.decode(codes), np.float32)
-    signs = np.asarray(binary.unpack(codes, self.model.config.d_out), np.float32)
-    return signs / np.sqrt(self.model.config.d_out)
+    return self.quantizer.decode(self.codes[ids])
 
-  def search(self, xq, k: int, mesh: Mesh | None = None):
-    """k nearest database vectors of raw queries xq: [nq, d_in].
+  def search(self, xq, k: int, mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest database vectors of raw queries xq: [nq, d_in], nq >= 1.
 
     Returns (D, I): "zn": D f32[nq, k] inner products (descending), "sign": D i32[nq, k]
     Hamming distances (ascending), faiss: D f32[nq, k] faiss' distances (squared L2 for
@@ -221,84 +170,173 @@ class SpreadingIndex:
     if self.ntotal == 0:
       raise ValueError("the index is empty: add vectors before searching")
     check_vectors("xq", xq, d=self.d, d_name="d_in")
+    if xq.shape[0] == 0:
+      raise ValueError("xq has no rows: pass at least one query")
     k = check_int("k", k, minimum=1)
     if k > self.ntotal:
       raise ValueError(f"k={k} is larger than ntotal={self.ntotal}")
     if mesh is None and jax.local_device_count() > 1:
       mesh = sharding.make_mesh(jax.local_device_count())
-    yq = self.model.apply(xq)
-    if self.is_faiss:
-      D, I = self.faiss_index.search(np.ascontiguousarray(yq, np.float32), k)
-      return D, I.astype(np.int32)
-    if self.quantizer == "zn":
-      D, I = search.search_lattice(yq, self.codes, self.codec, k, mesh=mesh)
-    else:
-      D, I = search.hamming_knn(binary.sign_codes(yq), self.codes, k, mesh=mesh)
-    return np.asarray(D), np.asarray(I)
+    return self.quantizer.search(self.model.apply(xq), self.codes, k, mesh=mesh)
 
   # -------------------------------------------------------------------------------------
-  def save(self, path) -> None:
-    """Writes the index atomically to directory ``path``: model/, codes.npy, index.json."""
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the index atomically to directory ``path``: model/, codes.npy, the
+    quantizer's files and index.json (with a sha256 of every other file).
+
+    Temporary or old copies that an interrupted save of this index left beside ``path``
+    are removed once the new copy is in place.
+    """
+    codes = self.codes
     with atomic_output_dir(path) as tmp:
-      self.model.save(os.path.join(tmp, "model"))
-      if self.is_faiss:
-        import faiss  # pylint: disable=import-outside-toplevel
-        faiss.write_index(self.faiss_index, os.path.join(tmp, _FAISS_FILE))
-      else:
-        np.save(os.path.join(tmp, "codes.npy"), self.codes)
+      writer = os.path.join(tmp, _WRITER)
+      with open(writer, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+      self.model.save(os.path.join(tmp, _MODEL))
+      np.save(os.path.join(tmp, _CODES), codes)
+      self.quantizer.save(tmp)
       files = {}
       for root, _, names in os.walk(tmp):
         for name in names:
           full = os.path.join(root, name)
-          files[os.path.relpath(full, tmp)] = sha256_file(full)
-      meta = {"format_version": FORMAT_VERSION, "kind": _KIND, "quantizer": self.quantizer,
-              "bits": self.bits, "d_in": self.d, "d_out": self.model.config.d_out,
-              "r2": self.codec.r2 if self.codec is not None else None,
-              "ntotal": self.ntotal, "sha256": files}
-      with open(os.path.join(tmp, "index.json"), "w") as f:
+          if full != writer:
+            files[os.path.relpath(full, tmp).replace(os.sep, "/")] = sha256_file(full)
+      meta = {"format_version": FORMAT_VERSION, "kind": _KIND,
+              "quantizer": self.quantizer.meta(), "d_in": self.d,
+              "d_out": self.model.config.d_out, "ntotal": int(codes.shape[0]),
+              "sha256": dict(sorted(files.items()))}
+      with open(os.path.join(tmp, _META), "w") as f:
         json.dump(meta, f, indent=2)
+      os.remove(writer)  # after index.json: a directory has one or the other (see below)
+    _remove_stale_copies(os.fspath(path))
 
   @classmethod
-  def load(cls, path) -> "SpreadingIndex":
+  def load(cls, path: str | os.PathLike) -> "SpreadingIndex":
     """Reads an index written by ``save``; ValueError names what is missing or corrupt."""
     path = os.fspath(path)
-    meta_path = os.path.join(path, "index.json")
-    if not os.path.isfile(meta_path):
-      raise ValueError(f"{path} is not a saved index (index.json missing)")
+    meta = _read_meta(path)
+    q = quantizers.from_meta(meta["quantizer"], path)
+    model = TrainResult.load(os.path.join(path, _MODEL))
+    if (model.d_in, model.config.d_out, q.d) != (meta["d_in"], meta["d_out"], meta["d_out"]):
+      raise ValueError(f"{path}/{_META} says d_in={meta['d_in']} d_out={meta['d_out']} but "
+                       f"the model has d_in={model.d_in} d_out={model.config.d_out} and "
+                       f"the quantizer d={q.d}")
+    codes_path = os.path.join(path, _CODES)
     try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{meta_path} is corrupt: {e}") from e
-    if not isinstance(meta, dict) or meta.get("kind") != _KIND:
-      raise ValueError(f"{meta_path} does not describe a spreading_jax index")
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path} has index format version {meta.get('format_version')}, "
-                       f"this library reads version {FORMAT_VERSION}")
-    for rel, digest in meta.get("sha256", {}).items():
-      full = os.path.join(path, rel)
-      if not os.path.isfile(full):
-        raise ValueError(f"{full} is missing from the index")
-      if sha256_file(full) != digest:
-        raise ValueError(f"{full} is truncated or corrupt (checksum mismatch)")
-    data_file = "codes.npy" if meta.get("quantizer") in _QUANTIZERS else _FAISS_FILE
-    if data_file not in meta.get("sha256", {}):
-      raise ValueError(f"{meta_path} lists no {data_file} checksum")
-    model = TrainResult.load(os.path.join(path, "model"))
-    index = cls(model, meta["quantizer"], None if meta["quantizer"] == "sign" else meta["bits"])
-    if index.is_faiss:
-      import faiss  # pylint: disable=import-outside-toplevel
-      stored = faiss.read_index(os.path.join(path, _FAISS_FILE))
-      if stored.d != model.config.d_out or stored.ntotal != meta["ntotal"]:
-        raise ValueError(f"{path}/{_FAISS_FILE} has d={stored.d} ntotal={stored.ntotal}, "
-                         f"expected d={model.config.d_out} ntotal={meta['ntotal']}")
-      index.faiss_index = stored
-      return index
-    if index.codec is not None and index.codec.r2 != meta["r2"]:
-      raise ValueError(f"{meta_path} says r2={meta['r2']} but the model gives r2={index.codec.r2}")
-    codes = np.load(os.path.join(path, "codes.npy"))
-    if codes.shape != (meta["ntotal"], index._width) or codes.dtype != index._dtype:
-      raise ValueError(f"codes.npy has shape {codes.shape} dtype {codes.dtype}, expected "
-                       f"({meta['ntotal']}, {index._width}) {np.dtype(index._dtype)}")
-    index._chunks = [codes] if len(codes) else []
+      codes = np.load(codes_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+      raise ValueError(f"{codes_path} is not a readable .npy file: {e}") from e
+    q.check_codes(codes_path, codes)
+    if codes.shape[0] != meta["ntotal"]:
+      raise ValueError(f"{codes_path} has {codes.shape[0]} codes, index.json says "
+                       f"ntotal={meta['ntotal']}")
+    index = cls(model, q)
+    index._codes = codes
     return index
+
+
+def _safe_relative(rel: str) -> bool:
+  """True for a relative path of plain names joined by "/" (nothing that leaves the
+  directory: no "..", no absolute path, no backslash or drive)."""
+  if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or ":" in rel:
+    return False
+  parts = rel.split("/")
+  return not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def _read_meta(path: str) -> dict:
+  """index.json of ``path``, validated, with every file it lists checked against its
+  sha256; every file the loader reads must be listed."""
+  meta_path = os.path.join(path, _META)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f"{path} is not a saved index ({_META} missing)")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{meta_path} is corrupt: {e}") from e
+  if not isinstance(meta, dict) or meta.get("kind") != _KIND:
+    raise ValueError(f"{meta_path} does not describe a spreading_jax index")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path} has index format version {meta.get('format_version')!r}, "
+                     f"this library reads version {FORMAT_VERSION}")
+  for key in ("d_in", "d_out", "ntotal"):
+    value = meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError(f"{meta_path}: {key}={value!r} must be a non-negative integer")
+  sums = meta.get("sha256")
+  if not isinstance(sums, dict) or not all(
+      isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()):
+    raise ValueError(f"{meta_path}: sha256 must map file names to hex sha256 digests")
+  if not isinstance(meta.get("quantizer"), dict):
+    raise ValueError(f"{meta_path}: quantizer must be a JSON object")
+  root = os.path.realpath(path)
+  for rel in sums:
+    full = os.path.realpath(os.path.join(root, rel))
+    if not _safe_relative(rel) or os.path.commonpath([root, full]) != root:
+      raise ValueError(f"{meta_path} lists {rel!r}, which is not a file inside the index")
+  # Every file the loader reads: the codes, the quantizer's files, all of model/.
+  required = {_CODES, *quantizers.from_meta(meta["quantizer"]).state_files}
+  for dirpath, _, names in os.walk(os.path.join(path, _MODEL)):
+    for name in names:
+      required.add(os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/"))
+  missing = sorted(required - set(sums))
+  if missing:
+    raise ValueError(f"{meta_path} lists no checksum for {', '.join(missing)}: the index "
+                     "is incomplete or was edited")
+  for rel, digest in sums.items():
+    full = os.path.join(path, rel)
+    if not os.path.isfile(full):
+      raise ValueError(f"{full} is missing from the index")
+    if sha256_file(full) != digest:
+      raise ValueError(f"{full} is truncated or corrupt (checksum mismatch)")
+  return meta
+
+
+def _writer_is_gone(tmp: str) -> bool:
+  """True when the temporary directory ``tmp`` belongs to a save of this host whose
+  process no longer runs, or to a save that finished writing (index.json present)."""
+  try:
+    with open(os.path.join(tmp, _WRITER)) as f:
+      writer = json.load(f)
+  except (OSError, ValueError):
+    return _is_our_index(tmp)
+  if not isinstance(writer, dict) or writer.get("host") != socket.gethostname():
+    return False
+  pid = writer.get("pid")
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except OSError:
+    return False
+  return False
+
+
+def _is_our_index(directory: str) -> bool:
+  try:
+    with open(os.path.join(directory, _META)) as f:
+      return json.load(f).get("kind") == _KIND
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def _remove_stale_copies(path: str) -> None:
+  """Deletes ``.{name}.<random>.tmp`` and ``.old`` directories beside ``path`` that an
+  interrupted save of an index left (never another program's or a running save's)."""
+  parent, name = os.path.split(os.path.abspath(path))
+  pattern = re.compile(r"\." + re.escape(name) + r"\.[0-9a-f]+\.(tmp|old)")
+  try:
+    entries = os.listdir(parent)
+  except OSError:
+    return
+  for entry in entries:
+    m = pattern.fullmatch(entry)
+    full = os.path.join(parent, entry)
+    if not m or os.path.islink(full) or not os.path.isdir(full):
+      continue
+    stale = _writer_is_gone(full) if m.group(1) == "tmp" else _is_our_index(full)
+    if stale:
+      shutil.rmtree(full, ignore_errors=True)

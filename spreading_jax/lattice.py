@@ -411,10 +411,6 @@ class ZnSphereCodec:
       return self.quantize_core(x)
     return _map_rows(self, "quantize_core", x, self.d, jnp.float32)
 
-  def quantize_normalized(self, x) -> jax.Array:
-    """``quantize(x) / sqrt(r2)``: the nearest unit-norm codeword. f32[n, d] -> f32[n, d]."""
-    return self.quantize(x) * (1.0 / math.sqrt(self.r2))
-
   def quantize_ste(self, y: jax.Array) -> jax.Array:
     """Straight-through quantization for end-to-end training.
 
@@ -452,7 +448,8 @@ class ZnSphereCodec:
     ci = c.astype(jnp.int32)
     j = 2 * jnp.abs(ci) - (ci > 0).astype(jnp.int32)                       # signed choice
     pos = jnp.arange(d, dtype=jnp.int32)[None, :]
-    index = (pos * (r2 + 1) + jnp.clip(left, 0, r2)) * (2 * radius) + jnp.clip(j - 1, 0, 2 * radius - 1)
+    index = ((pos * (r2 + 1) + jnp.clip(left, 0, r2)) * (2 * radius)
+             + jnp.clip(j - 1, 0, 2 * radius - 1))
     index = jnp.where(j > 0, index, self._enc_table.shape[0] - 1)
     table = jnp.asarray(self._enc_table)[index]                                  # u32[n, d, W]
     entries = [table[..., w] for w in range(self.code_words)]
@@ -730,10 +727,41 @@ def _rebuild(d, r2, tail):
   return ZnSphereCodec(d, r2, tail=tail)
 
 
-@functools.lru_cache(maxsize=None)
-def get_codec(d: int, r2: int) -> ZnSphereCodec:
-  """A shared ``ZnSphereCodec(d, r2)`` (tables are built once per process)."""
-  return ZnSphereCodec(d, r2)
+@functools.lru_cache(maxsize=64)
+def zn_codec(d: int, bits: int | None = None, r2: int | None = None) -> ZnSphereCodec:
+  """The Zn sphere codec of ``d`` dims for a bit budget: the one place a codec is chosen.
+
+  Args:
+    d: dimension (a catalyzer's d_out).
+    bits: code budget. Without ``r2`` the sphere is the largest radius whose codes fit it
+      (``zn_r2_for_bits``); with ``r2`` the sphere's codes must fit it.
+    r2: squared radius of the sphere, or None to pick it from ``bits``.
+
+  Returns:
+    A ``ZnSphereCodec``, shared between callers (its tables are built once per process).
+
+  Raises:
+    ValueError: neither ``bits`` nor ``r2`` is given, the sphere ``r2`` needs more than
+      ``bits`` bits, or no radius of ``d`` dims fits ``bits``.
+
+  Example:
+    >>> zn_codec(24, 64).r2, zn_codec(24, r2=79).code_bits, zn_codec(8, 64, r2=10).r2
+    (79, 64, 10)
+  """
+  d = check_int("d", d, minimum=1)
+  if r2 is None:
+    if bits is None:
+      raise ValueError("zn_codec needs bits or r2 (or both)")
+    bits = check_int("bits", bits, minimum=1)
+    try:
+      r2 = zn_r2_for_bits(d, bits)
+    except ValueError as e:
+      raise ValueError(f"d={d} does not fit a {bits}-bit lattice code: {e}") from e
+  codec = ZnSphereCodec(d, check_int("r2", r2, minimum=1))
+  if bits is not None and codec.code_bits > check_int("bits", bits, minimum=1):
+    raise ValueError(f"d={d} with r2={r2} needs {codec.code_bits}-bit codes, more than "
+                     f"bits={bits}; use r2=None for the largest radius that fits or a lower d")
+  return codec
 
 
 def quantize_ste(y: jax.Array, r2: int) -> jax.Array:
@@ -745,7 +773,7 @@ def quantize_ste(y: jax.Array, r2: int) -> jax.Array:
   shape = getattr(y, "shape", None)
   if shape is None or len(shape) != 2:
     raise ValueError(f"y must be 2-D (n, d), got shape {shape}")
-  return get_codec(int(shape[1]), check_int("r2", r2, minimum=1)).quantize_ste(y)
+  return zn_codec(int(shape[1]), r2=r2).quantize_ste(y)
 
 
 def _in_chunks(fn, x, chunk: int, streams: int = 1):

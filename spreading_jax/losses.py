@@ -13,7 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spreading_jax._validation import check_int
 
 
 def _check_pair(name_a, a, name_b, b):

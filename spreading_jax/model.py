@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass
 class TrainResult:
-  """A trained catalyzer: parameters, BatchNorm statistics, the input scale and the history.
+  """A trained catalyzer: parameters, BatchNorm statistics, the input scale, the history and
+  (when the shape was chosen by validation) the screening record.
 
   ``apply(x)`` maps raw vectors (numpy or jax, any batch size, any real dtype) to
   catalyzed unit vectors with a jitted forward pass run in fixed-size chunks.
@@ -37,6 +38,7 @@ class TrainResult:
   d_in: int
   input_scale: float
   history: list[dict] = dataclasses.field(default_factory=list)
+  selection: dict | None = None
 
   @property
   def module(self) -> Catalyzer:
@@ -80,7 +82,8 @@ class TrainResult:
     blob = flax.serialization.to_bytes(self.variables)
     meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
             "config": self.config.to_dict(), "d_in": self.d_in,
-            "input_scale": self.input_scale, "variables_bytes": len(blob),
+            "input_scale": self.input_scale, "selection": self.selection,
+            "variables_bytes": len(blob),
             "variables_sha256": _files.sha256_bytes(blob)}
     with _files.atomic_output_dir(path) as tmp:
       with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
@@ -110,7 +113,8 @@ class TrainResult:
                        f"this library reads version {FORMAT_VERSION}")
     with open(var_path, "rb") as f:
       blob = f.read()
-    if len(blob) != meta["variables_bytes"] or _files.sha256_bytes(blob) != meta["variables_sha256"]:
+    if (len(blob) != meta["variables_bytes"]
+        or _files.sha256_bytes(blob) != meta["variables_sha256"]):
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     config = TrainConfig.from_dict(meta["config"])
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
@@ -122,7 +126,7 @@ class TrainResult:
       with open(hist_path) as f:
         history = json.load(f)
     return cls(variables["params"], variables["batch_stats"], config, int(meta["d_in"]),
-               float(meta["input_scale"]), history)
+               float(meta["input_scale"]), history, meta.get("selection"))
 
 
 _FORWARD_CACHE: dict = {}

@@ -187,7 +187,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "triplet": parts["triplet"], "koleo": parts["koleo"],
-             "violations": parts["violations"], "lr": state.schedule(state.step)}
+             "violations": parts["violations"],
+             "lr": jnp.asarray(state.schedule(state.step), jnp.float32)}
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                        opt_state=opt_state), metrics
 
@@ -270,6 +271,15 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
   return datasets.sample_indices(n, need, config.seed + 1)
 
 
+def validation_split(query, base, mesh: Mesh | None = None) -> ValidationSplit:
+  """A validation split from given query and database vectors (exact 100-NN groundtruth)."""
+  query = np.asarray(check_vectors("validation query", query, min_rows=1), np.float32)
+  base = np.asarray(check_vectors("validation base", base, d=query.shape[1], min_rows=1),
+                    np.float32)
+  _, gt = search.knn(query, base, min(100, base.shape[0]), mesh=mesh)
+  return ValidationSplit(query, base, np.asarray(gt))
+
+
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
   """Carves validation queries and database from the training vectors (seeded, disjoint).
 
@@ -291,10 +301,7 @@ def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
                        f"half of the {n} training vectors; lower val_queries/val_base or set "
                        "val_every=0")
     q_idx, b_idx, train_idx = np.sort(perm[:nq]), np.sort(perm[nq:nq + nb]), perm[nq + nb:]
-    query = np.asarray(x[q_idx], np.float32)
-    base = np.asarray(x[b_idx], np.float32)
-    _, gt = search.knn(query, base, min(100, nb), mesh=mesh)
-    val = ValidationSplit(query, base, np.asarray(gt))
+    val = validation_split(x[q_idx], x[b_idx], mesh)
   if config.num_train is not None:
     train_idx = train_idx[:check_int("num_train", config.num_train, minimum=1)]
   return np.asarray(x[np.sort(train_idx)], np.float32), val
@@ -302,9 +309,13 @@ def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
 
 def validate(result: TrainResult, val: ValidationSplit, codec, mesh: Mesh | None = None) -> dict:
   """1-recall@{1,10,100} of catalyzer + Zn lattice (asymmetric) and + sign bits (Hamming)."""
+  return validation_recalls(result.apply(val.query), result.apply(val.base), val, codec, mesh)
+
+
+def validation_recalls(yq, yb, val: ValidationSplit, codec, mesh: Mesh | None = None) -> dict:
+  """The recalls of ``validate`` from catalyzed queries yq f32[nq, d_out] and database yb."""
   k = val.groundtruth.shape[1]
   ks = tuple(x for x in (1, 10, 100) if x <= k)
-  yq, yb = result.apply(val.query), result.apply(val.base)
   points = l2_normalize(codec.quantize(yb))
   _, ids = search.knn(yq, points, k, metric="ip", mesh=mesh)
   out = {f"lattice_R@{r}": v for r, v in search.recall_at(ids, val.groundtruth, ks).items()}
@@ -313,14 +324,14 @@ def validate(result: TrainResult, val: ValidationSplit, codec, mesh: Mesh | None
   return out
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # The training loop.
 
 def _check_inputs(config: TrainConfig, x, ndev: int) -> None:
   check_vectors("dataset.train", x, min_rows=1)
-  check_int("d_out", config.d_out, minimum=1)
+  if config.d_out is not None:
+    check_int("d_out", config.d_out, minimum=1)
+    make_codec(config)  # d_out/r2/bits that do not fit fail here, before any compute
   check_int("epochs", config.epochs, minimum=1)
   check_int("batch_size", config.batch_size, minimum=2)
   check_int("rank_positive", config.rank_positive, minimum=1)
@@ -328,7 +339,8 @@ def _check_inputs(config: TrainConfig, x, ndev: int) -> None:
   check_int("val_every", config.val_every, minimum=0)
   if not config.hidden or any(int(h) < 1 for h in config.hidden):
     raise ValueError(f"hidden={config.hidden} must be a non-empty tuple of positive widths")
-  if not math.isfinite(config.lambda_koleo) or config.lambda_koleo < 0:
+  if config.lambda_koleo is not None and (not math.isfinite(config.lambda_koleo)
+                                          or config.lambda_koleo < 0):
     raise ValueError(f"lambda_koleo={config.lambda_koleo} must be a finite number >= 0")
   if config.batch_size % ndev:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {ndev} devices "
@@ -347,7 +359,8 @@ def _check_train_size(config: TrainConfig, nt: int) -> None:
 
 
 def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
-          callback: Callable[[dict], Any] | None = None) -> TrainResult:
+          callback: Callable[[dict], Any] | None = None,
+          validation: tuple[Any, Any] | None = None) -> TrainResult:
   """Trains a catalyzer on ``dataset.train`` with the paper's recipe.
 
   Args:
@@ -358,25 +371,51 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
       device up to float rounding).
     callback: called with each epoch's history record after its checkpoint is written
       (logging, early stopping by raising).
+    validation: optional (query, base) vectors to validate on; then every training
+      vector trains and none is carved out (the vectors must not be queries of the
+      final evaluation).
 
   Returns:
-    TrainResult with the best parameters by validation lattice recall@10 (the last ones
-    when validation is off) and the per-epoch history.
+    TrainResult with the best parameters by validation recall@10 of ``config.quantizer``
+    (the last ones when validation is off), the per-epoch history and, when d_out or λ
+    was left unset and chosen (``selection.select_shape``), the screening record.
 
-  Example (a config in ``experiments/configs`` holds the paper's settings)::
+  Example (d_out and λ left unset are chosen by validation first; a resumed run chooses
+  them again, deterministically)::
 
-    result = train(TrainConfig(epochs=10), load_dataset("wordllama-256"))
-    y = result.apply(xq)
+    ds = load_dataset("fashion-mnist-mini")
+    result = train(TrainConfig(d_out=24, lambda_koleo=0.05, epochs=10), ds)
+    y = result.apply(ds.query)
   """
   x_all = getattr(dataset, "train", dataset)
   ndev = sharding.mesh_size(mesh)
   _check_inputs(config, x_all, ndev)
-  codec = make_codec(config)
   d_in = int(x_all.shape[1])
-
-  xt, val = split_train_validation(x_all, config, mesh)
+  if validation is None:
+    xt, val = split_train_validation(x_all, config, mesh)
+  else:
+    xt, val = split_train_validation(x_all, config.replace(val_every=0), mesh)
+    val = validation_split(*validation, mesh) if config.val_every > 0 else None
+    if val is not None and val.query.shape[1] != d_in:
+      raise ValueError(f"validation vectors have d={val.query.shape[1]} but the training "
+                       f"vectors have d={d_in}")
   nt = xt.shape[0]
   _check_train_size(config, nt)
+  selection = None
+  if not config.shape_is_set:
+    # Screened on the training rows only: this run's validation split stays unseen.
+    from spreading_jax.selection import select_shape  # pylint: disable=import-outside-toplevel
+    chosen = select_shape(config, xt, mesh=mesh)
+    selection = chosen.to_dict()
+    config = config.replace(d_out=chosen.d_out, r2=chosen.r2, lambda_koleo=chosen.lambda_koleo)
+    logger.info("chose d_out=%d r2=%s lambda=%g by %s in %.0fs:\n%s", chosen.d_out, chosen.r2,
+                chosen.lambda_koleo, chosen.metric, chosen.cost_s, chosen.format_table())
+    if config.verbose:
+      print(f"shape chosen by validation ({chosen.cost_s:.0f}s, {len(chosen.table)} screening "
+            f"runs of {chosen.screen_epochs} epochs on {chosen.screen_rows} vectors):\n"
+            + chosen.format_table(), flush=True)
+  codec = make_codec(config)
+  metric = f"{config.quantizer}_R@10"
   scale = 1.0
   if config.input_scaling == "mean_norm":
     scale = float(np.mean(np.linalg.norm(xt, axis=1))) or 1.0
@@ -398,7 +437,7 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
   state = make_train_state(config, d_in, steps_per_epoch(config, nt), init_key, mesh)
   epoch_fn = make_epoch_fn(nt, config.batch_size, config.drop_remainder)
 
-  result = TrainResult(state.params, state.batch_stats, config, d_in, scale, [])
+  result = TrainResult(state.params, state.batch_stats, config, d_in, scale, [], selection)
   best = {"metric": -1.0, "params": None, "batch_stats": None}
   start = 0
   if checkpointer is not None:
@@ -435,10 +474,10 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
       result.params, result.batch_stats = state.params, state.batch_stats
       if val is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
         record.update(validate(result, val, codec, mesh))
-        if record.get("lattice_R@10", -1.0) > best["metric"]:
+        if record.get(metric, -1.0) > best["metric"]:
           # A copy: the next epoch donates (and may overwrite) the state's buffers.
           params, stats = jax.tree_util.tree_map(jnp.copy, (state.params, state.batch_stats))
-          best = {"metric": record["lattice_R@10"], "params": params, "batch_stats": stats,
+          best = {"metric": record[metric], "params": params, "batch_stats": stats,
                   "epoch": epoch + 1}
       record["time_s"] = round(time.perf_counter() - t_epoch, 3)
       result.history.append(record)

@@ -10,8 +10,8 @@ pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
-def small(siftsmall):
-  return siftsmall.subset(nb=2000, nq=50)
+def small(mini):
+  return mini.subset(nb=2000, nq=50, nt=2000)
 
 
 @pytest.mark.parametrize("factory,bits", [("PQ8", 64), ("PQ2", 16), ("OPQ8_32,PQ8", 64),
@@ -38,7 +38,7 @@ def test_binary_baselines_run(small, name):
 
 
 def test_itq_beats_nothing_and_transform_changes_d(small):
-  half = lambda x: x[:, :64]  # noqa: E731
+  half = lambda x: x[:, :392]  # noqa: E731
   rec = baselines.evaluate_method("itq", small, 64, transform=half)
   assert 0 < rec[100] <= 1
 

@@ -1,4 +1,4 @@
-"""CLI commands end to end through ``main([...])`` on siftsmall with a tiny model."""
+"""CLI commands end to end through ``main([...])`` on the shipped dataset with a tiny model."""
 import json
 
 import numpy as np
@@ -8,23 +8,23 @@ from spreading_jax.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(siftsmall, tmp_path_factory):
-  from spreading_jax import datasets
+def model_dir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cli")
   config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
+            "lambda_koleo": 0.05,
             "verbose": False, "num_train": 3000}
   (tmp / "config.json").write_text(json.dumps(config))
   out = tmp / "model"
-  assert main(["train", "siftsmall", "--root", str(datasets.data_root()), "--config",
-               str(tmp / "config.json"), "--out", str(out)]) == 0
+  assert main(["train", "fashion-mnist-mini", "--config", str(tmp / "config.json"),
+               "--out", str(out)]) == 0
   return out
 
 
-def test_build_search_info_encode(model_dir, siftsmall, tmp_path, capsys):
+def test_build_search_info_encode(model_dir, mini, tmp_path, capsys):
   xb, xq = tmp_path / "xb.npy", tmp_path / "xq.npy"
-  np.save(xb, np.asarray(siftsmall.base, np.float32))
-  np.save(xq, np.asarray(siftsmall.query, np.float32))
-  np.save(tmp_path / "gt.npy", np.asarray(siftsmall.groundtruth, np.int32))
+  np.save(xb, np.asarray(mini.base, np.float32))
+  np.save(xq, np.asarray(mini.query[:100], np.float32))
+  np.save(tmp_path / "gt.npy", np.asarray(mini.groundtruth[:100], np.int32))
   idx = tmp_path / "idx"
   assert main(["build", str(model_dir), str(xb), "--out", str(idx), "--bits", "32"]) == 0
   assert main(["info", str(idx)]) == 0
@@ -45,11 +45,11 @@ def test_user_error_is_one_line(model_dir, tmp_path, capsys):
   assert main(["bench", "no_such_bench"]) == 2
 
 
-def test_build_faiss_quantizer(model_dir, siftsmall, tmp_path, capsys):
+def test_build_faiss_quantizer(model_dir, mini, tmp_path, capsys):
   pytest.importorskip("faiss")
   xb, xt = tmp_path / "xb.npy", tmp_path / "xt.npy"
-  np.save(xb, np.asarray(siftsmall.base[:2000], np.float32))
-  np.save(xt, np.asarray(siftsmall.train[:2000], np.float32))
+  np.save(xb, np.asarray(mini.base[:2000], np.float32))
+  np.save(xt, np.asarray(mini.train[:2000], np.float32))
   idx = tmp_path / "idx"
   assert main(["build", str(model_dir), str(xb), "--out", str(idx), "--quantizer", "PQ4"]) == 2
   assert "--train" in capsys.readouterr().err

@@ -15,13 +15,6 @@ from hypothesis.extra import numpy as hnp
 from spreading_jax import _files, datasets, search, vecs_io
 
 
-def _root_or_skip():
-  try:
-    return datasets.data_root()
-  except ValueError as e:
-    pytest.skip(f"real data not found: {e}")
-
-
 def _brute_force_ids(query, base, k, metric="l2"):
   """Reference k-NN in float64, ties to the lower id."""
   q, b = np.asarray(query, np.float64), np.asarray(base, np.float64)
@@ -305,15 +298,41 @@ def test_atomic_output_dir_replaces_whole_directories(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Locations.
 
-def test_data_root_and_cache_dir(tmp_path, monkeypatch):
-  assert datasets.data_root(tmp_path) == tmp_path
-  monkeypatch.setenv("SPREADING_DATA", str(tmp_path))
-  assert datasets.data_root() == tmp_path
-  monkeypatch.setenv("SPREADING_DATA", str(tmp_path / "missing"))
-  with pytest.raises(ValueError, match=r"missing \(from \$SPREADING_DATA\).*set SPREADING_DATA"):
-    datasets.data_root()
+def test_data_roots_and_cache_dir(tmp_path, monkeypatch):
+  monkeypatch.delenv("SPREADING_DATA", raising=False)
   monkeypatch.setenv("SPREADING_CACHE", str(tmp_path / "c" / "d"))
   assert datasets.cache_dir() == tmp_path / "c" / "d" and (tmp_path / "c" / "d").is_dir()
+  cache = tmp_path / "c" / "d" / "data"
+  assert datasets.data_roots() == [cache]
+  (tmp_path / "r").mkdir()
+  assert datasets.data_roots(tmp_path / "r") == [tmp_path / "r", cache]
+  monkeypatch.setenv("SPREADING_DATA", str(tmp_path))
+  assert datasets.data_roots(tmp_path / "r") == [tmp_path / "r", tmp_path, cache]
+  monkeypatch.setenv("SPREADING_DATA", str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match=r"missing \(from \$SPREADING_DATA\).*set SPREADING_DATA"):
+    datasets.data_roots()
+  with pytest.raises(ValueError, match=r"typo \(from the root argument\)"):
+    datasets.data_roots(tmp_path / "typo")
+
+
+def test_first_root_holding_every_file_wins(mini, tmp_path, monkeypatch):
+  """root=, then SPREADING_DATA, then the cache; a root with only some files is passed over."""
+  monkeypatch.setenv("SPREADING_CACHE", str(tmp_path / "cache"))
+  a, b = tmp_path / "a", tmp_path / "b"
+  files = ["siftsmall_base.fvecs", "siftsmall_query.fvecs", "siftsmall_groundtruth.ivecs"]
+  for root, nb in ((a, 300), (b, 200), (tmp_path / "cache" / "data", 100)):
+    (root / "siftsmall").mkdir(parents=True)
+    sub = mini.subset(nb=nb, nq=5)
+    for f, x in zip(files, (sub.base, sub.query, sub.groundtruth)):
+      write = vecs_io.write_ivecs if f.endswith("ivecs") else vecs_io.write_fvecs
+      write(root / "siftsmall" / f, x)
+  monkeypatch.setenv("SPREADING_DATA", str(b))
+  assert datasets.load_dataset("siftsmall", a).nb == 300
+  assert datasets.load_dataset("siftsmall").nb == 200
+  os.unlink(b / "siftsmall" / files[1])
+  assert datasets.load_dataset("siftsmall").nb == 100  # b is incomplete: the cache has it
+  monkeypatch.delenv("SPREADING_DATA")
+  assert datasets.load_dataset("siftsmall").nb == 100
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,41 +393,80 @@ def test_subset_recomputes_groundtruth_exactly():
 # ---------------------------------------------------------------------------------------
 # Named datasets.
 
-def test_real_datasets_have_documented_shapes(siftsmall, wordllama):
-  assert (siftsmall.nt, siftsmall.nb, siftsmall.nq, siftsmall.d) == (10000, 10000, 100, 128)
-  assert siftsmall.groundtruth.shape == (100, 100) and siftsmall.base.dtype == np.float32
-  assert siftsmall.train is siftsmall.base and _maps_a_file(siftsmall.base)
-  q = np.asarray(siftsmall.query[:3], np.float64)
-  dist = ((q[:, None] - np.asarray(siftsmall.base, np.float64)[None]) ** 2).sum(-1)
-  np.testing.assert_array_equal(np.take_along_axis(dist, siftsmall.groundtruth[:3, :10], 1),
-                                np.sort(dist, 1)[:, :10])
-  w = wordllama
-  assert (w.nt, w.nb, w.nq, w.d) == (20000, 53743, 1000, 256)
-  assert w.groundtruth.shape == (1000, 100)
-  # The learn set is disjoint from the queries: no query has a duplicate in train.
-  q = np.asarray(w.query[:100], np.float64)
-  sq = (q * q).sum(1)[:, None] - 2 * q @ np.asarray(w.train, np.float64).T
-  assert (sq + (np.asarray(w.train, np.float64) ** 2).sum(1)).min() > 1e-6
+def test_shipped_dataset_is_real_disjoint_and_exact(mini):
+  assert (mini.nt, mini.nb, mini.nq, mini.d) == (20000, 10000, 1000, 784)
+  assert mini.train.dtype == mini.base.dtype == mini.query.dtype == np.float32
+  assert mini.groundtruth.shape == (1000, 100) and mini.groundtruth.dtype == np.int32
+  assert mini.base.min() == 0 and mini.base.max() == 255  # pixel scale of "fashion-mnist"
+  np.testing.assert_array_equal(mini.base, np.round(mini.base))
+  # Source rows: train and base are distinct training images, queries are test images.
+  a = datasets._read_shipped()
+  assert len(np.intersect1d(a["train_ids"], a["base_ids"])) == 0
+  assert len(np.unique(a["train_ids"])) == 20000 and len(np.unique(a["query_ids"])) == 1000
+  # Mean pixel of Fashion-MNIST's training set is 72.94 (0.2860 on [0, 1]).
+  assert abs(mini.train.mean() - 72.94) < 1.0
+  # The shipped groundtruth is the exact 100-NN: recomputed here, tie rule included.
+  np.testing.assert_array_equal(search.exact_groundtruth(mini.query, mini.base, 100),
+                                mini.groundtruth)
+  # Pixel differences square to exact integers; summing them in float64 is exact.
+  for i in (0, 999):
+    dist = np.square(mini.base - mini.query[i]).sum(1, dtype=np.float64)
+    np.testing.assert_array_equal(dist[mini.groundtruth[i]], np.sort(dist)[:100])
+
+
+def test_shipped_file_is_checked(tmp_path):
+  bad = tmp_path / "fashion-mnist-mini.npz.xz"
+  bad.write_bytes(b"not the shipped file")
+  with pytest.raises(ValueError, match="differs from the pinned .*reinstall"):
+    datasets._read_shipped.__wrapped__(bad)
+  with pytest.raises(ValueError, match="cannot be read"):
+    datasets._read_shipped.__wrapped__(tmp_path / "gone")
+
+
+def test_siftsmall_and_wordllama_layouts(mini, tmp_path):
+  """The loaders of the on-disk benchmarks, on files written from the shipped images."""
+  sub = mini.subset(nb=500, nq=20)
+  (tmp_path / "siftsmall").mkdir()
+  vecs_io.write_fvecs(tmp_path / "siftsmall" / "siftsmall_base.fvecs", sub.base)
+  vecs_io.write_fvecs(tmp_path / "siftsmall" / "siftsmall_query.fvecs", sub.query)
+  vecs_io.write_ivecs(tmp_path / "siftsmall" / "siftsmall_groundtruth.ivecs", sub.groundtruth)
+  s = datasets.load_dataset("siftsmall", tmp_path)
+  assert (s.nt, s.nb, s.nq, s.d) == (500, 500, 20, 784) and s.train is s.base
+  assert _maps_a_file(s.base)
+  np.testing.assert_array_equal(s.groundtruth, sub.groundtruth)
+  w_dir = tmp_path / "wordllama-wamerican"
+  w_dir.mkdir()
+  vecs_io.write_fvecs(w_dir / "wl256_learn.fvecs", mini.train[:300])
+  vecs_io.write_fvecs(w_dir / "wl256_base.fvecs", sub.base)
+  vecs_io.write_fvecs(w_dir / "wl256_query.fvecs", sub.query)
+  with pytest.raises(ValueError, match=r"missing wordllama-wamerican/wl256_groundtruth.ivecs "
+                                       r"under .*no public download"):
+    datasets.load_dataset("wordllama-256", tmp_path)
+  vecs_io.write_ivecs(w_dir / "wl256_groundtruth.ivecs", sub.groundtruth)
+  w = datasets.load_dataset("wordllama-256", tmp_path)
+  assert (w.nt, w.nb, w.nq) == (300, 500, 20) and w.train is not w.base
 
 
 def test_unknown_dataset_lists_known_names():
-  with pytest.raises(ValueError, match="unknown dataset 'nope'; known: siftsmall, "
-                                      "wordllama-256, fashion-mnist, deep1m, bigann1m"):
+  with pytest.raises(ValueError, match="unknown dataset 'nope'; known: fashion-mnist-mini, "
+                                      "siftsmall, wordllama-256, fashion-mnist, deep1m, bigann1m"):
     datasets.load_dataset("nope")
-  assert datasets.DATASETS == ("siftsmall", "wordllama-256", "fashion-mnist", "deep1m", "bigann1m")
+  assert datasets.DATASETS == ("fashion-mnist-mini", "siftsmall", "wordllama-256",
+                               "fashion-mnist", "deep1m", "bigann1m")
 
 
-def test_fashion_mnist_layout_and_groundtruth_cache(tmp_path, monkeypatch):
-  """The fashion-mnist loader on tiny IDX files: groundtruth computed, cached, reused."""
+def test_fashion_mnist_layout_and_groundtruth_cache(mini, tmp_path, monkeypatch):
+  """The fashion-mnist loader on IDX files of real images: groundtruth computed, cached,
+  reused."""
   monkeypatch.setenv("SPREADING_CACHE", str(tmp_path / "cache"))
-  rng = np.random.default_rng(3)
   (tmp_path / "fashion-mnist").mkdir()
   _idx_gz(tmp_path / "fashion-mnist" / "train-images-idx3-ubyte.gz",
-          rng.integers(0, 256, (300, 4, 4)))
+          mini.base[:300].reshape(300, 28, 28))
   _idx_gz(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz",
-          rng.integers(0, 256, (8, 4, 4)))
+          mini.query[:8].reshape(8, 28, 28))
   ds = datasets.load_dataset("fashion-mnist", tmp_path)
-  assert (ds.nb, ds.nq, ds.d, ds.base.dtype) == (300, 8, 16, np.float32)
+  assert (ds.nb, ds.nq, ds.d, ds.base.dtype) == (300, 8, 784, np.float32)
+  np.testing.assert_array_equal(ds.base, mini.base[:300])
   assert ds.train is ds.base
   np.testing.assert_array_equal(ds.groundtruth, _brute_force_ids(ds.query, ds.base, 100))
   (cached,) = (tmp_path / "cache").glob("fashion-mnist-gt100-l2-*.ivecs")
@@ -424,22 +482,13 @@ def test_fashion_mnist_layout_and_groundtruth_cache(tmp_path, monkeypatch):
   np.testing.assert_array_equal(datasets.load_dataset("fashion-mnist", tmp_path).groundtruth,
                                 ds.groundtruth)
   assert len(list((tmp_path / "cache").iterdir())) == 1
-  with pytest.raises(ValueError, match="missing t10k-images-idx3-ubyte.gz under"):
-    os.unlink(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")
+  # Without a download URL, a missing file is named with the directories searched
+  # (downloads are tested against a local server in test_download.py).
+  monkeypatch.setitem(datasets._SOURCES, "fashion-mnist", datasets.dataclasses.replace(
+      datasets._SOURCES["fashion-mnist"], urls={}))
+  os.unlink(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")
+  with pytest.raises(ValueError, match="missing fashion-mnist/t10k-images-idx3-ubyte.gz under"):
     datasets.load_dataset("fashion-mnist", tmp_path)
-
-
-@pytest.mark.slow
-def test_real_fashion_mnist():
-  """60k x 784 base, 10k queries; the first run computes the groundtruth (~15 s, cached)."""
-  root = _root_or_skip()
-  ds = datasets.load_dataset("fashion-mnist", root)
-  assert (ds.nt, ds.nb, ds.nq, ds.d) == (60000, 60000, 10000, 784)
-  assert ds.base.dtype == np.float32 and ds.groundtruth.shape == (10000, 100)
-  for i in (0, 4321):
-    # Pixel differences square to exact integers; summing them in float64 is exact.
-    dist = np.square(ds.base - ds.query[i]).sum(1, dtype=np.float64)
-    np.testing.assert_array_equal(dist[ds.groundtruth[i]], np.sort(dist)[:100])
 
 
 def test_deep1m_layout_keeps_the_first_million(tmp_path):
@@ -474,3 +523,13 @@ def test_bigann1m_layout_stays_uint8(tmp_path):
   assert _maps_a_file(ds.base)
   sub = ds.subset(nb=20, nq=2)
   np.testing.assert_array_equal(sub.groundtruth, _brute_force_ids(ds.query[:2], ds.base[:20], 20))
+
+
+def test_missing_dataset_fails_under_ci_and_skips_locally(monkeypatch):
+  from conftest import _load
+  monkeypatch.setenv("CI", "true")
+  with pytest.raises(pytest.fail.Exception, match="'nope' is missing under CI=true"):
+    _load("nope")
+  monkeypatch.setenv("CI", "")
+  with pytest.raises(pytest.skip.Exception, match="'nope' not available"):
+    _load("nope")

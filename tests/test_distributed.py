@@ -14,6 +14,7 @@ from spreading_jax import encode, sharding
 from spreading_jax.train import TrainConfig, TrainResult, train
 
 CONFIG = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 2, "batch_size": 32,
+          "lambda_koleo": 0.05,
           "val_queries": 50, "val_every": 1, "verbose": False, "seed": 3}
 
 

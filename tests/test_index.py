@@ -1,42 +1,50 @@
-"""SpreadingIndex: add/search/save/load round trip and load-time corruption checks."""
+"""SpreadingIndex: add/search/save/load round trip, load-time corruption checks, and the
+quantizer interface behind it."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from spreading_jax import search
+from spreading_jax import lattice, quantizers, search
 from spreading_jax.index import SpreadingIndex
 from spreading_jax.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def model(siftsmall):
+def model(mini):
   config = TrainConfig(d_out=8, r2=10, bits=32, hidden=(32, 32), epochs=1, val_every=0,
-                       verbose=False)
-  return train(config, np.asarray(siftsmall.base[:3000], np.float32))
+                       lambda_koleo=0.05, verbose=False)
+  return train(config, np.asarray(mini.train[:3000], np.float32))
 
 
 @pytest.fixture(scope="module")
-def zn_index(model, siftsmall):
+def zn_index(model, mini):
   index = SpreadingIndex(model, "zn", bits=32)
-  index.add(np.asarray(siftsmall.base, np.float32), chunk=4000)
+  index.add(np.asarray(mini.base, np.float32), chunk=4000)
   return index
 
 
-def test_add_search_matches_codec(zn_index, model, siftsmall):
-  xb, xq = np.asarray(siftsmall.base, np.float32), np.asarray(siftsmall.query[:20], np.float32)
+def test_add_search_matches_codec(zn_index, model, mini):
+  xb, xq = np.asarray(mini.base, np.float32), np.asarray(mini.query[:20], np.float32)
   assert zn_index.ntotal == xb.shape[0]
-  np.testing.assert_array_equal(zn_index.codes, np.asarray(zn_index.codec.encode(model.apply(xb))))
+  codec = zn_index.quantizer.codec
+  np.testing.assert_array_equal(zn_index.codes, np.asarray(codec.encode(model.apply(xb))))
   D, I = zn_index.search(xq, 10)
   assert D.shape == I.shape == (20, 10)
-  _, ref = search.search_lattice(model.apply(xq), zn_index.codes, zn_index.codec, 10)
+  _, ref = search.search_lattice(model.apply(xq), zn_index.codes, codec, 10)
   np.testing.assert_array_equal(I, np.asarray(ref))
   assert np.all(np.diff(D, axis=1) <= 1e-6)
 
 
 def test_bytes_per_vector_and_reconstruct(model, zn_index):
-  assert zn_index.bytes_per_vector == (zn_index.codec.code_bits + 7) // 8
+  assert zn_index.bytes_per_vector == (zn_index.code_bits + 7) // 8
+  # The own sphere (r2=10, 14 bits) fits 32 bits; a 12-bit budget takes the largest that fits.
+  assert zn_index.quantizer.codec == lattice.zn_codec(8, r2=10)
+  assert SpreadingIndex(model).quantizer.codec.r2 == 10
+  assert SpreadingIndex(model, "zn", bits=12).quantizer.codec == lattice.zn_codec(8, 12)
   assert SpreadingIndex(model, "sign").bytes_per_vector == 1
   r = zn_index.reconstruct(np.array([0, 5]))
   np.testing.assert_allclose(np.linalg.norm(r, axis=1), 1.0, rtol=1e-5)
@@ -44,19 +52,23 @@ def test_bytes_per_vector_and_reconstruct(model, zn_index):
     zn_index.reconstruct(np.array([zn_index.ntotal]))
 
 
-def test_sign_quantizer(model, siftsmall):
+def test_sign_quantizer(model, mini):
   index = SpreadingIndex(model, "sign")
-  index.add(np.asarray(siftsmall.base[:500], np.float32))
-  D, I = index.search(np.asarray(siftsmall.base[:5], np.float32), 3)
+  index.add(np.asarray(mini.base[:500], np.float32))
+  D, I = index.search(np.asarray(mini.base[:5], np.float32), 3)
   assert np.all(D[:, 0] == 0)
+  with pytest.raises(ValueError, match="no rows"):
+    index.search(np.zeros((0, index.d), np.float32), 3)
+  with pytest.raises(ValueError, match="no rows"):
+    index.quantizer.search(np.zeros((0, 8), np.float32), index.codes, 3)
 
 
-def test_save_load_round_trip(zn_index, siftsmall, tmp_path):
+def test_save_load_round_trip(zn_index, mini, tmp_path):
   path = tmp_path / "idx"
   zn_index.save(path)
   loaded = SpreadingIndex.load(path)
   np.testing.assert_array_equal(loaded.codes, zn_index.codes)
-  xq = np.asarray(siftsmall.query[:5], np.float32)
+  xq = np.asarray(mini.query[:5], np.float32)
   np.testing.assert_array_equal(loaded.search(xq, 5)[1], zn_index.search(xq, 5)[1])
   assert "ntotal=10000" in loaded.info()
 
@@ -82,6 +94,122 @@ def test_load_errors(zn_index, tmp_path):
     SpreadingIndex.load(path)
 
 
+def _edit_meta(path, **changes):
+  meta = json.loads((path / "index.json").read_text())
+  meta.update(changes)
+  (path / "index.json").write_text(json.dumps(meta))
+  return meta
+
+
+def test_checksum_list_is_confined_and_complete(zn_index, tmp_path):
+  path = tmp_path / "idx"
+  zn_index.save(path)
+  meta = json.loads((path / "index.json").read_text())
+  sums = meta["sha256"]
+  assert {"codes.npy", "model/model.json", "model/variables.msgpack"} <= set(sums)
+  outside = tmp_path / "outside.bin"
+  outside.write_bytes(b"x")
+  digest = sums["codes.npy"]
+  for key in ("../outside.bin", str(outside), "model/../../outside.bin", "model\\x", "./codes.npy"):
+    _edit_meta(path, sha256=dict(sums, **{key: digest}))
+    with pytest.raises(ValueError, match="not a file inside the index"):
+      SpreadingIndex.load(path)
+  for omitted in ("codes.npy", "model/variables.msgpack", "model/model.json"):
+    _edit_meta(path, sha256={k: v for k, v in sums.items() if k != omitted})
+    with pytest.raises(ValueError, match=f"lists no checksum for {omitted}"):
+      SpreadingIndex.load(path)
+  # A symbolic link inside the index that points out of it is refused too.
+  os.replace(path / "codes.npy", tmp_path / "codes.npy")
+  os.symlink(tmp_path / "codes.npy", path / "codes.npy")
+  _edit_meta(path, sha256=sums)
+  with pytest.raises(ValueError, match="not a file inside the index"):
+    SpreadingIndex.load(path)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(ntotal="10000"), "ntotal"), (dict(d_in=-1), "d_in"), (dict(sha256=[]), "sha256"),
+    (dict(sha256={"codes.npy": "zz"}), "sha256"), (dict(quantizer="zn"), "quantizer"),
+    (dict(quantizer={"name": "zn", "d": 8}), "code_bits"),
+    (dict(quantizer={"name": "zn", "d": 8, "code_bits": 32, "r2": 11}), "32-bit codes but"),
+    (dict(quantizer={"name": "sign", "d": 8, "code_bits": 8}), "codes"),
+    (dict(ntotal=5), "ntotal=5"), (dict(d_out=9), "d_out=9"), (dict(kind="other"), "describe"),
+])
+def test_edited_metadata_is_a_clear_error(zn_index, tmp_path, changes, match):
+  path = tmp_path / "idx"
+  zn_index.save(path)
+  _edit_meta(path, **changes)
+  with pytest.raises(ValueError, match=match):
+    SpreadingIndex.load(path)
+
+
+def test_interrupted_save_leaves_nothing_behind(zn_index, tmp_path):
+  path = tmp_path / "idx"
+  zn_index.save(path)
+  # A save killed while writing the codes (os._exit: no cleanup runs) leaves its temporary
+  # directory; the next save removes it, and only copies a dead save of an index left.
+  script = ("import os, sys, numpy as np\n"
+            "from spreading_jax.index import SpreadingIndex\n"
+            "index = SpreadingIndex.load(sys.argv[1])\n"
+            "np.save = lambda *a, **k: os._exit(9)\n"
+            "index.save(sys.argv[1])\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", script, str(path)], env=env, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 9
+  left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.")]
+  assert len(left) == 1 and left[0].endswith(".tmp")
+  old = tmp_path / ".idx.0badc0de.old"   # a complete old copy (crash between two renames)
+  zn_index.save(old)
+  os.rename(old / "index.json", tmp_path / "keep.json")
+  foreign = tmp_path / ".idx.12345678.old"  # not an index: someone else's
+  os.rename(old, foreign)
+  zn_index.save(old)
+  running = tmp_path / ".idx.0000beef.tmp"  # a save still running (this process)
+  running.mkdir()
+  (running / ".writer.json").write_text(json.dumps({"pid": os.getpid(),
+                                                    "host": __import__("socket").gethostname()}))
+  zn_index.save(path)
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.")) == sorted([
+      foreign.name, running.name])
+  assert SpreadingIndex.load(path).ntotal == zn_index.ntotal
+
+
+def test_quantizer_interface(model, siftsmall):
+  y = model.apply(np.asarray(siftsmall.base[:300], np.float32))
+  for name in ("zn", "sign"):
+    q = quantizers.for_model(name, model.config)
+    codes = q.encode(y)
+    q.check_codes("codes", codes)
+    assert codes.shape == (300, q.code_width) and codes.dtype == q.code_dtype
+    assert quantizers.from_meta(json.loads(json.dumps(q.meta()))).meta() == q.meta()
+    np.testing.assert_allclose(np.linalg.norm(q.decode(codes), axis=1), 1.0, rtol=1e-5)
+    _, ids = q.search(y[:5], codes, 1)
+    assert ids.shape == (5, 1)
+    with pytest.raises(ValueError, match="codes"):
+      q.check_codes("codes", codes[:, :1].astype(np.float32))
+  with pytest.raises(ValueError, match="r2=10 is a parameter of the 'zn' quantizer"):
+    quantizers.make_quantizer("sign", 8, r2=10)
+  chunks = quantizers.encode_in_chunks(quantizers.SignQuantizer(8).encode, y, chunk=7)
+  np.testing.assert_array_equal(chunks, quantizers.SignQuantizer(8).encode(y))
+
+
+@pytest.mark.parametrize("factory", ["ITQ8", "LSH8", "IVF16,PQ2", "SQ8"])
+def test_faiss_quantizer_searches_codes_like_faiss(model, siftsmall, factory, one_faiss_thread):
+  from spreading_jax import baselines
+  y = model.apply(np.asarray(siftsmall.base[:3000], np.float32))
+  q = quantizers.make_quantizer(factory, 8)
+  q.train(y)
+  codes = q.encode(y)
+  assert codes.shape == (3000, q.code_width) and q.code_bits == 8 * q.code_width
+  ref = baselines.build_index(factory, 8)
+  ref.train(y)
+  ref.add(y)
+  D, I = q.search(y[:30], codes, 5)
+  D_ref, I_ref = ref.search(y[:30], 5)
+  np.testing.assert_array_equal(I, I_ref)
+  np.testing.assert_allclose(D, D_ref, rtol=1e-5)
+
+
 def test_bad_quantizer(model):
   with pytest.raises(ValueError, match="quantizer"):
     SpreadingIndex(model, "pq")
@@ -89,12 +217,14 @@ def test_bad_quantizer(model):
     SpreadingIndex(model, "sign", bits=64)
 
 
-def test_faiss_quantizer(model, siftsmall, tmp_path, one_faiss_thread):
+def test_faiss_quantizer(model, mini, tmp_path, one_faiss_thread):
   faiss = pytest.importorskip("faiss")
-  xt = np.asarray(siftsmall.train[:3000], np.float32)
-  xb, xq = np.asarray(siftsmall.base, np.float32), np.asarray(siftsmall.query[:20], np.float32)
+  xt = np.asarray(mini.train[:3000], np.float32)
+  xb, xq = np.asarray(mini.base, np.float32), np.asarray(mini.query[:20], np.float32)
   index = SpreadingIndex(model, "OPQ4,PQ4")
   assert index.code_bits == 32 and index.bytes_per_vector == 4 and not index.is_trained
+  with pytest.raises(ValueError, match="standalone codec"):
+    SpreadingIndex(model, "HNSW8")
   with pytest.raises(ValueError, match="not trained"):
     index.add(xb)
   with pytest.raises(ValueError, match="32-bit codes, not bits=64"):
@@ -116,28 +246,29 @@ def test_faiss_quantizer(model, siftsmall, tmp_path, one_faiss_thread):
   assert index.reconstruct(np.array([0, 1])).shape == (2, model.config.d_out)
   index.save(tmp_path / "opq")
   loaded = SpreadingIndex.load(tmp_path / "opq")
-  assert loaded.quantizer == "OPQ4,PQ4" and loaded.ntotal == len(xb)
+  assert loaded.quantizer.name == "OPQ4,PQ4" and loaded.ntotal == len(xb)
   np.testing.assert_array_equal(loaded.search(xq, 10)[1], I)
-  blob = (tmp_path / "opq" / "faiss.index").read_bytes()
-  (tmp_path / "opq" / "faiss.index").write_bytes(blob[:-100])
-  with pytest.raises(ValueError, match="faiss.index is truncated or corrupt"):
+  np.testing.assert_array_equal(loaded.codes, index.codes)
+  blob = (tmp_path / "opq" / "quantizer.faiss").read_bytes()
+  (tmp_path / "opq" / "quantizer.faiss").write_bytes(blob[:-100])
+  with pytest.raises(ValueError, match="quantizer.faiss is truncated or corrupt"):
     SpreadingIndex.load(tmp_path / "opq")
 
 
-def test_encoder_matches_codec(model, siftsmall):
+def test_encoder_matches_codec(model, mini):
   from spreading_jax.encode import make_encoder
   from spreading_jax.train import make_codec
-  x = np.asarray(siftsmall.base[:256], np.float32)
+  x = np.asarray(mini.base[:256], np.float32)
   codec = make_codec(model.config)
   np.testing.assert_array_equal(np.asarray(make_encoder(model)(x)),
                                 np.asarray(codec.encode(model.apply(x))))
 
 
-def test_encode_file_resume(model, siftsmall, tmp_path):
+def test_encode_file_resume(model, mini, tmp_path):
   from spreading_jax import sharding
   from spreading_jax.encode import encode_file
   src = tmp_path / "x.npy"
-  np.save(src, np.asarray(siftsmall.base[:1000], np.float32))
+  np.save(src, np.asarray(mini.base[:1000], np.float32))
   full, resumed = tmp_path / "full.npy", tmp_path / "resumed.npy"
   assert encode_file(model, src, full, chunk=256)
   # Interrupted after 300 rows (two chunks written), then resumed on a 4-device mesh.
@@ -148,10 +279,10 @@ def test_encode_file_resume(model, siftsmall, tmp_path):
   assert not os.path.exists(str(resumed) + ".progress.json")
 
 
-def test_encode_file_row_ranges(model, siftsmall, tmp_path):
+def test_encode_file_row_ranges(model, mini, tmp_path):
   from spreading_jax.encode import encode_file
   src = tmp_path / "x.npy"
-  np.save(src, np.asarray(siftsmall.base[:600], np.float32))
+  np.save(src, np.asarray(mini.base[:600], np.float32))
   encode_file(model, src, tmp_path / "full.npy", chunk=256)
   encode_file(model, src, tmp_path / "a.npy", chunk=256, row_range=(0, 250))
   encode_file(model, src, tmp_path / "b.npy", chunk=256, row_range=(250, 600))

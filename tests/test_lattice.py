@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 
 from spreading_jax import sharding
-from spreading_jax.lattice import (ZnSphereCodec, get_codec, num_points, quantize_ste,
+from spreading_jax.lattice import (ZnSphereCodec, num_points, quantize_ste, zn_codec,
                                    zn_r2_for_bits)
 
 faiss = pytest.importorskip("faiss")
@@ -112,7 +112,7 @@ LARGE = [(24, 79), (64, 20), (96, 40)]
 @settings(max_examples=4, deadline=None)
 @given(data=st.data())
 def test_round_trip_random_codes(d, r2, data):
-  codec = get_codec(d, r2)
+  codec = zn_codec(d, r2=r2)
   values = data.draw(st.lists(st.integers(0, codec.num_points - 1), min_size=64, max_size=64))
   values[:2] = [0, codec.num_points - 1]
   codes = as_words(values, codec.code_words)
@@ -126,7 +126,7 @@ def test_round_trip_random_codes(d, r2, data):
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_round_trip_random_vectors(d, r2, seed):
-  codec = get_codec(d, r2)
+  codec = zn_codec(d, r2=r2)
   rng = np.random.default_rng(seed)
   # Heavy-tailed directions reach many atoms, not only the common ones.
   x = (rng.standard_normal((64, d)) * rng.exponential(1.0, (64, d)) ** 2).astype(np.float32)
@@ -134,6 +134,17 @@ def test_round_trip_random_vectors(d, r2, seed):
   assert all(v < codec.num_points for v in as_ints(codes))
   np.testing.assert_array_equal(np.asarray(codec.decode_points(codes)),
                                 np.asarray(codec.quantize(x)))
+
+
+def test_zn_codec_picks_or_checks_the_radius():
+  assert zn_codec(24, 64).r2 == 79 and zn_codec(24, 64) is zn_codec(24, 64)  # shared tables
+  assert zn_codec(8, 64, r2=10).r2 == 10 and zn_codec(24, r2=79).code_bits == 64
+  with pytest.raises(ValueError, match="needs 64-bit codes, more than bits=32"):
+    zn_codec(24, 32, r2=79)
+  with pytest.raises(ValueError, match="bits or r2"):
+    zn_codec(24)
+  with pytest.raises(ValueError, match="does not fit a 8-bit"):
+    zn_codec(200, 8)
 
 
 def test_code_sizes():
@@ -164,8 +175,6 @@ def test_quantize_is_scale_invariant_and_accepts_other_dtypes():
   np.testing.assert_array_equal(np.asarray(codec.quantize(x)), q)                   # float64
   np.testing.assert_array_equal(np.asarray(codec.quantize(3.0 * x.astype(np.float32))), q)
   np.testing.assert_array_equal(np.asarray(codec.quantize(q.astype(np.int32))), q)  # fixed points
-  np.testing.assert_allclose(np.asarray(codec.quantize_normalized(x)), q / math.sqrt(6),
-                             rtol=1e-6)
   assert codec.encode(np.zeros((0, 8), np.float32)).shape == (0, codec.code_words)
 
 

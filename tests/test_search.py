@@ -69,20 +69,19 @@ def test_sharded_equals_unsharded(nb, metric):
   np.testing.assert_allclose(np.asarray(D1), np.asarray(D4), rtol=1e-6, atol=1e-6)
 
 
-def test_siftsmall_reproduces_groundtruth(siftsmall):
-  ds = siftsmall
-  D, I = search.knn(ds.query, ds.base, 100)
+def test_knn_reproduces_the_shipped_groundtruth(mini):
+  xq, gt = mini.query[:100], mini.groundtruth[:100]
+  D, I = search.knn(xq, mini.base, 100)
   D, I = np.asarray(D), np.asarray(I)
-  gt = ds.groundtruth
-  xb, xq = np.asarray(ds.base, np.float64), np.asarray(ds.query, np.float64)
-  d_gt = ((xq[:, None, :] - xb[gt]) ** 2).sum(-1)
-  # Integer-valued SIFT: float32 distances are exact, so they must match exactly.
-  np.testing.assert_array_equal(D, d_gt)
-  # Ids agree except where several base vectors sit at exactly the same distance.
-  differ = I != gt
-  assert np.all(D[differ] == d_gt[differ])
-  assert differ.mean() < 0.01
-  assert search.recall_at(I, gt)[1] == 1.0
+  xb, q = np.asarray(mini.base, np.float64), np.asarray(xq, np.float64)
+  exact = lambda ids: ((q[:, None, :] - xb[ids]) ** 2).sum(-1)  # noqa: E731
+  d_gt = exact(gt)
+  # 784 pixels up to 255: squared distances exceed float32's exact integers, so the
+  # float32 ranking matches the exact one up to rounding (relative 1e-6), not bit for bit.
+  np.testing.assert_allclose(D, d_gt, rtol=1e-5)
+  np.testing.assert_allclose(exact(I), d_gt, rtol=1e-5)
+  assert (I != gt).mean() < 0.01
+  assert search.recall_at(I, gt)[1] >= 0.99
 
 
 def test_hamming_knn_matches_naive_and_sharded():

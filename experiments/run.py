@@ -1,0 +1,269 @@
+"""Runs one of the paper's experiments from a config file (big_vision style).
+
+    python experiments/run.py experiments/configs/table1_lattice.py:fashion-mnist
+    python experiments/run.py experiments/configs/dout_sweep.py:siftsmall --set epochs=1
+
+A config is a python file whose ``get_config(arg)`` returns a dict of the keys in
+``DEFAULTS`` (``arg`` is the text after ":", the dataset); its docstring states the exact
+command, the expected runtime and the numbers a recorded run produced. ``--set key=value``
+overrides a key (the value is read as JSON, or as comma-separated numbers). The run writes
+``<out>/<name>.json`` (command, config, versions, device, wall time, every row and the
+training histories), ``<out>/<name>.md`` and PNG plots; ``<out>`` defaults to
+``experiments/results/<dataset>/``.
+
+Experiments (the ``experiment`` key): ``table1_lattice``, ``table2_binary``,
+``crossval_lambda``, ``dout_sweep``, ``lattice_ablation``; each sweeps ``grid`` (or its
+paper default) and returns recall rows built from ``spreading_jax.evaluate``'s protocols.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from spreading_jax import datasets, evaluate, lattice, report
+from spreading_jax.train import TrainConfig, TrainResult, train
+
+DEFAULTS: dict[str, Any] = {
+    "experiment": None,      # one of EXPERIMENTS
+    "name": None,            # report file stem (default: the experiment)
+    "dataset": "fashion-mnist",
+    "root": None,            # data root (default: $SPREADING_DATA)
+    "nb": None, "nq": None, "nt": None,  # subset sizes (None: the whole split)
+    "epochs": 160,
+    "hidden": (1024, 1024),
+    "seed": 0,
+    "bits": 64,              # code budget of the lattice (table1, crossval, dout_sweep)
+    "d_out": 24,             # catalyzer output dimension
+    "lambda_koleo": 0.05,    # KoLeo weight (the original's default; None: cross-validated)
+    "val_queries": 1000,
+    "grid": None,            # the swept values (None: the paper's)
+    "verbose": False,        # per-epoch log lines
+}
+LAMBDAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+Rows = list[dict]
+Models = dict[str, TrainResult]
+
+
+def _faiss_row(rows: Rows, method: str, name: str, dataset, bits: int, transform=None) -> None:
+  from spreading_jax import baselines  # pylint: disable=import-outside-toplevel
+  try:
+    rows.append({"method": method, "bits": bits,
+                 "recall": baselines.evaluate_method(name, dataset, bits, transform)})
+  except ImportError as e:
+    rows.append({"method": f"{method} (skipped: {e})", "bits": bits, "recall": {}})
+
+
+def table1_lattice(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
+  """64-bit table: PQ, OPQ, LSQ on raw vectors; catalyzer + OPQ / lattice / end-to-end."""
+  del grid
+  rows = []
+  for name in ("pq", "opq", "lsq"):
+    _faiss_row(rows, name.upper(), name, dataset, config.bits)
+  model = train(config, dataset)
+  codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
+  _faiss_row(rows, "catalyzer+OPQ", "opq", dataset, config.bits, model.apply)
+  rows.append({"method": "catalyzer+lattice", "bits": codec.code_bits,
+               "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
+  e2e = train(config.replace(end_to_end=True), dataset)
+  rows.append({"method": "catalyzer+lattice end-to-end", "bits": codec.code_bits,
+               "recall": evaluate.evaluate_lattice(dataset, e2e.apply, codec)})
+  return rows, {"catalyzer": model, "end-to-end": e2e}
+
+
+def table2_binary(dataset, config: TrainConfig, grid: Sequence[int] | None = None
+                  ) -> tuple[Rows, Models]:
+  """Binary codes: LSH, ITQ and catalyzer + sign with d_out = bits."""
+  rows, models = [], {}
+  for b in grid or (16, 32, 64, 128):
+    _faiss_row(rows, "LSH", "lsh", dataset, b)
+    _faiss_row(rows, "ITQ", "itq", dataset, b)
+    model = train(config.replace(d_out=b, r2=None, bits=b), dataset)
+    rows.append({"method": "catalyzer+sign", "bits": b,
+                 "recall": evaluate.evaluate_sign(dataset, model.apply)})
+    models[f"catalyzer_{b}"] = model
+  return rows, models
+
+
+def crossval_lambda(dataset, config: TrainConfig, grid: Sequence[float] | None = None
+                    ) -> tuple[Rows, Models]:
+  """λ grid: the λ with the best validation lattice R@10 (last history record) is selected;
+  every row reports test recall."""
+  rows, best, models = [], None, {}
+  codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
+  for lam in grid or LAMBDAS:
+    model = train(config.replace(lambda_koleo=lam), dataset)
+    val = [h["lattice_R@10"] for h in model.history if "lattice_R@10" in h]
+    score = val[-1] if val else float("nan")
+    rows.append({"method": f"lambda={lam} (val R@10 {score:.3f})", "bits": codec.code_bits,
+                 "recall": evaluate.evaluate_lattice(dataset, model.apply, codec), "val": score,
+                 "lambda": lam})
+    models[f"lambda={lam}"] = model
+    if val and (best is None or score > best["val"]):
+      best = rows[-1]
+  if best is not None:
+    best["method"] += " <- selected"
+    models["catalyzer"] = models[f"lambda={best['lambda']}"]
+  return rows, models
+
+
+def dout_sweep(dataset, config: TrainConfig, grid: Sequence[int] | None = None
+               ) -> tuple[Rows, Models]:
+  """Fixed bit budget, varying d_out with the largest radius whose code fits."""
+  rows, models = [], {}
+  for d_out in grid or (16, 24, 32, 40):
+    codec = lattice.zn_codec(d_out, config.bits)
+    model = train(config.replace(d_out=d_out, r2=codec.r2), dataset)
+    rows.append({"method": f"d_out={d_out} r2={codec.r2}", "bits": codec.code_bits,
+                 "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
+    models[f"catalyzer_{d_out}"] = model
+  return rows, models
+
+
+def lattice_ablation(dataset, config: TrainConfig, grid: Sequence[float] | None = None
+                     ) -> tuple[Rows, Models]:
+  """Does the catalyzer help the fixed lattice, and does KoLeo help the catalyzer? The same
+  lattice on a random orthogonal projection to d_out dims, then on catalyzers trained with
+  each λ of the grid (default λ=0.01 and λ=0)."""
+  codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
+  proj = evaluate.random_projection(dataset.d, config.d_out, seed=config.seed)
+  rows = [{"method": "random projection + Zn lattice", "bits": codec.code_bits,
+           "lambda": None, "recall": evaluate.evaluate_lattice(dataset, proj, codec)}]
+  models = {}
+  for lam in grid or (0.01, 0.0):
+    t = time.perf_counter()
+    model = train(config.replace(lambda_koleo=lam), dataset)
+    rows.append({"method": f"catalyzer (λ={lam:g}) + Zn lattice", "bits": codec.code_bits,
+                 "lambda": lam, "train_seconds": round(time.perf_counter() - t, 1),
+                 "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
+    models[f"lambda={lam:g}"] = model
+  return rows, models
+
+
+EXPERIMENTS: dict[str, Callable[..., tuple[Rows, Models]]] = {
+    f.__name__: f for f in (table1_lattice, table2_binary, crossval_lambda, dout_sweep,
+                            lattice_ablation)}
+
+
+def load_config(spec: str) -> dict:
+  """``path/to/config.py[:arg]`` -> DEFAULTS updated by the file's ``get_config(arg)``."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("experiment_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  unknown = set(config) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+  return {**DEFAULTS, **config}
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    pass
+  try:
+    return [json.loads(v) for v in text.split(",") if v.strip()]
+  except json.JSONDecodeError:
+    return text
+
+
+def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
+  """``key=value`` strings applied to ``config`` (values parsed by ``_parse_value``)."""
+  config = dict(config)
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep or key not in DEFAULTS:
+      raise ValueError(f"--set {item!r}: expected key=value with key in {sorted(DEFAULTS)}")
+    config[key] = _parse_value(value)
+  return config
+
+
+def train_config(config: dict) -> TrainConfig:
+  """The ``TrainConfig`` of an experiment config (the paper's recipe otherwise)."""
+  hidden = config["hidden"]
+  hidden = (hidden,) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
+  epochs = int(config["epochs"])
+  return TrainConfig(epochs=epochs, hidden=hidden, seed=config["seed"],
+                     val_queries=config["val_queries"], val_every=max(1, epochs // 5),
+                     verbose=bool(config["verbose"]), bits=config["bits"],
+                     d_out=config["d_out"], lambda_koleo=config["lambda_koleo"], r2=None)
+
+
+def run(config: dict, out: str | None = None, command: str | None = None) -> dict:
+  """Runs ``config`` (see ``DEFAULTS``) and writes its report; returns the JSON payload."""
+  name = config["experiment"]
+  if name not in EXPERIMENTS:
+    raise ValueError(f"experiment={name!r}; known: {sorted(EXPERIMENTS)}")
+  stem = config["name"] or name
+  ds = datasets.load_dataset(config["dataset"], config["root"])
+  if config["nb"] or config["nq"] or config["nt"]:
+    ds = ds.subset(nb=config["nb"], nq=config["nq"], nt=config["nt"])
+  tc = train_config(config)
+  out = out or os.path.join("experiments", "results", os.path.basename(str(config["dataset"])))
+  start = time.time()
+  grid = config["grid"]
+  grid = None if grid is None else tuple(grid) if isinstance(grid, (list, tuple)) else (grid,)
+  rows, models = EXPERIMENTS[name](ds, tc, grid)
+  wall = time.time() - start
+  ks = tuple(k for k in evaluate.KS if k <= ds.nb)
+  table = evaluate.format_table(rows, ks)
+  report.recall_bars(rows, ks, os.path.join(out, f"{stem}.png"))
+  lams = [r for r in rows if r.get("lambda") is not None]
+  if name == "crossval_lambda" and lams:
+    report.recall_curve(
+        {f"R@{k}": [(r["lambda"], r["recall"][k]) for r in lams if r["lambda"] > 0]
+         for k in ks}, os.path.join(out, f"{stem}_lambda.png"),
+        levels={f"R@{k}": r["recall"][k] for k in ks for r in lams if r["lambda"] == 0},
+        xlabel="λ (KoLeo weight); dashed: λ=0", ylabel="test 1-recall (catalyzer + lattice)",
+        logx=True)
+  unique = {}  # "catalyzer" may alias another entry (crossval's selected λ)
+  for n, m in models.items():
+    if all(m is not other for other in unique.values()):
+      unique[n] = m
+  if models:
+    model = models.get("catalyzer", next(iter(models.values())))
+    report.nn_distance_histogram(ds, model.apply, os.path.join(out, f"{stem}_nn_hist.png"))
+    report.plot_training({n: m.history for n, m in unique.items()},
+                         os.path.join(out, f"{stem}_training.png"))
+  command = command or " ".join(["python", *sys.argv])
+  payload = {"experiment": name, "command": command, "config": config,
+             "train_config": tc.to_dict(), "seed": config["seed"],
+             "versions": report.environment(), "wall_time_s": wall,
+             "sizes": {"nt": ds.nt, "nb": ds.nb, "nq": ds.nq},
+             "rows": [{**r, "recall": {str(k): v for k, v in r["recall"].items()}}
+                      for r in rows],
+             "histories": {n: m.history for n, m in unique.items()}}
+  report.write_report(out, stem, payload,
+                      f"# {stem} on {config['dataset']}\n\n`{command}`\n\n{table}\n\n"
+                      f"wall time {wall:.0f} s, nt={ds.nt} nb={ds.nb} nq={ds.nq}\n")
+  print(table)
+  return payload
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("config", help="config file, optionally with :ARG (e.g. "
+                 "experiments/configs/table1_lattice.py:siftsmall)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config key (repeatable), e.g. --set epochs=1")
+  p.add_argument("--out", default=None, help="report directory (default "
+                 "experiments/results/<dataset>/)")
+  args = p.parse_args(argv)
+  try:
+    config = apply_overrides(load_config(args.config), args.set)
+  except ValueError as e:
+    p.error(str(e))
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return run(config, args.out, command=" ".join(["python experiments/run.py", *argv]))
+
+
+if __name__ == "__main__":
+  main()

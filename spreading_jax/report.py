@@ -1,0 +1,152 @@
+"""Reports of runs: one JSON + Markdown writer, the run's environment, and PNG plots.
+
+Every experiment, the demo and the CLI write their results through ``write_report`` so that
+each table has its JSON (command, config, versions, device, wall time) next to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from spreading_jax import search
+from spreading_jax.datasets import Dataset
+
+
+def environment() -> dict:
+  """Versions and device of this process: {"jax", "numpy", "faiss" (or None), "device"}."""
+  try:
+    import faiss  # pylint: disable=import-outside-toplevel
+    faiss_version = faiss.__version__
+  except ImportError:
+    faiss_version = None
+  return {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version,
+          "device": jax.devices()[0].device_kind}
+
+
+def write_report(out: str | os.PathLike, name: str, payload: dict, markdown: str
+                 ) -> tuple[Path, Path]:
+  """Writes ``out/name.json`` (``payload``) and ``out/name.md`` (``markdown``) atomically.
+
+  Args:
+    out: directory, created if missing.
+    name: file stem.
+    payload: JSON-able dict (values JSON cannot encode are written as ``str``).
+    markdown: the human-readable report.
+
+  Returns:
+    The two paths written.
+
+  Example:
+    >>> import tempfile
+    >>> paths = write_report(tempfile.mkdtemp(), "run", {"recall": {1: 0.5}}, "R@1 50%")
+    >>> [p.name for p in paths], json.loads(paths[0].read_text())
+    (['run.json', 'run.md'], {'recall': {'1': 0.5}})
+  """
+  from spreading_jax._files import atomic_output  # pylint: disable=import-outside-toplevel
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  paths = out / f"{name}.json", out / f"{name}.md"
+  text = json.dumps(payload, indent=1, default=str)
+  for path, content in zip(paths, (text, markdown.rstrip("\n") + "\n")):
+    with atomic_output(path) as tmp:
+      Path(tmp).write_text(content, encoding="utf-8")
+  return paths
+
+
+# ---------------------------------------------------------------------------------------
+# Plots (matplotlib on the non-interactive Agg backend, imported on first use).
+
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+  """Writes a matplotlib figure as PNG to ``path`` atomically and frees it."""
+  from spreading_jax._files import atomic_output  # pylint: disable=import-outside-toplevel
+  with atomic_output(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
+  _pyplot().close(fig)
+  return Path(path)
+
+
+def nn_distance_histogram(dataset: Dataset, transform: Callable[[np.ndarray], np.ndarray],
+                          path: str | os.PathLike) -> Path:
+  """PNG of nearest-neighbour distance histograms of the base before and after ``transform``
+  (both L2-normalized): a catalyzer spreads points, moving the histogram right."""
+  fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+  base = np.asarray(dataset.base, np.float32)
+  for label, x in (("input", base), ("catalyzer", np.asarray(transform(base), np.float32))):
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    dist, _ = search.knn(x, x, 2)
+    ax.hist(np.sqrt(np.maximum(np.asarray(dist)[:, 1], 0)), bins=50, alpha=0.6, label=label)
+  ax.set_xlabel("distance to nearest neighbour (unit sphere)")
+  ax.legend()
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_training(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
+  """PNG of training curves: loss per epoch (left) and validation lattice R@10 / sign R@10
+  (right), one line per named history (``TrainResult.history``). Returns ``path``."""
+  fig, (ax1, ax2) = _pyplot().subplots(1, 2, figsize=(10, 4))
+  for name, history in histories.items():
+    ax1.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker=".",
+             label=name)
+    val = [h for h in history if "lattice_R@10" in h]
+    if val:
+      line, = ax2.plot([h["epoch"] for h in val], [h["lattice_R@10"] for h in val], marker="o",
+                       label=f"{name} lattice R@10")
+      ax2.plot([h["epoch"] for h in val], [h["sign_R@10"] for h in val], marker="x",
+               linestyle="--", color=line.get_color(), label=f"{name} sign R@10")
+  ax1.set_xlabel("epoch")
+  ax1.set_title("training loss (triplet + λ·KoLeo)")
+  ax2.set_xlabel("epoch")
+  ax2.set_title("validation 1-recall@10")
+  for ax in (ax1, ax2):
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def recall_bars(rows: Sequence[dict], ks: Sequence[int], path: str | os.PathLike) -> Path:
+  """PNG of horizontal recall bars, one group per row {"method", "bits", "recall"}."""
+  rows = [r for r in rows if r["recall"]]
+  fig, ax = _pyplot().subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+  names = [f"{r['method']} ({r['bits']}b)" for r in rows]
+  for j, k in enumerate(ks):
+    ax.barh(np.arange(len(rows)) + 0.25 * j, [r["recall"].get(k, 0) for r in rows], 0.25,
+            label=f"R@{k}")
+  ax.set_yticks(np.arange(len(rows)) + 0.25, names, fontsize=7)
+  ax.set_xlabel("1-recall")
+  ax.legend()
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def recall_curve(points: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
+                 xlabel: str, ylabel: str, levels: dict[str, float] | None = None,
+                 logx: bool = False) -> Path:
+  """PNG of recall against a swept parameter: one line per name of (x, recall) points,
+  and a dashed horizontal level per name in ``levels`` (e.g. λ=0 on a log axis)."""
+  fig, ax = _pyplot().subplots(figsize=(6, 4))
+  for name, pts in points.items():
+    pts = sorted(pts)
+    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if levels and name in levels:
+      ax.axhline(levels[name], linestyle="--", color=line.get_color(), linewidth=0.8)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend()
+  fig.tight_layout()
+  return save_figure(fig, path)
