@@ -32,6 +32,7 @@ from spreading_jax.model import TrainResult
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [16, 16], "epochs": 2, "val_every": 0,
+          "lambda_koleo": 0.05,
           "verbose": False, "batch_size": 64}
 
 
