@@ -219,38 +219,23 @@ def _load_config(path: str):
   return config
 
 
-def _check_config_types(config) -> None:
-  """Every TrainConfig field has its annotated type (int, float, bool, str, a tuple of
-  ints or floats, or None where the annotation allows it), so that a wrong type in a
-  config file is a clear error before data is read, not a crash in the middle of training."""
-  import dataclasses
-  number = lambda v, kinds: isinstance(v, kinds) and not isinstance(v, bool)
-  checks = {"int": lambda v: number(v, int), "float": lambda v: number(v, (int, float)),
-            "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-            "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(number(e, int) for e in v),
-            "tuple[float, ...]": lambda v: isinstance(v, tuple) and
-                                 all(number(e, (int, float)) for e in v)}
-  for f in dataclasses.fields(config):
-    kinds = [k.strip() for k in str(f.type).split("|")]
-    value = getattr(config, f.name)
-    if value is None and "None" in kinds:
-      continue
-    known = [checks[k] for k in kinds if k in checks]
-    if known and not any(check(value) for check in known):
-      raise UserError(f"config field {f.name}={value!r} has the wrong type "
-                      f"({f.type} expected)")
-
-
 def _configure_train(p):
   p.add_argument("dataset", help="dataset name (e.g. siftsmall), ann-benchmarks .hdf5 path, "
                  "or a .fvecs/.bvecs/.npy file of training vectors")
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
   p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
   p.add_argument("--epochs", type=int, default=None, help="override config epochs")
-  p.add_argument("--lambda-koleo", type=float, default=None, help="override KoLeo weight")
-  p.add_argument("--d-out", type=int, default=None, help="override catalyzer output dimension")
+  p.add_argument("--lambda-koleo", type=float, default=None,
+                 help="KoLeo weight; unset (here and in --config), it is cross-validated over "
+                 "the paper's grid before training")
+  p.add_argument("--d-out", type=int, default=None,
+                 help="catalyzer output dimension; unset, it is chosen (with the largest "
+                 "lattice radius that fits --bits) by validation recall before training")
   p.add_argument("--bits", type=int, default=None,
-                 help="lattice code size; the radius is chosen to fit (sets r2=None)")
+                 help="code budget in bits (default 64); the lattice radius is chosen to fit "
+                 "(sets r2=None)")
+  p.add_argument("--quantizer", choices=("lattice", "sign"), default=None,
+                 help="the code the model is for (default lattice); sign fixes d_out = bits")
   p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
   p.add_argument("--out", required=True,
                  help="model directory to write: new, empty, or a saved model (replaced); "
@@ -266,11 +251,12 @@ def train_cmd(args):
   from spreading_jax.train import TrainConfig, rows_to_read, train
   config = _load_config(args.config) if args.config else TrainConfig()
   overrides = {"epochs": args.epochs, "lambda_koleo": args.lambda_koleo, "d_out": args.d_out,
-               "checkpoint_dir": args.checkpoint_dir}
+               "checkpoint_dir": args.checkpoint_dir, "quantizer": args.quantizer}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
-  _check_config_types(config)
+  if config.quantizer == "sign" and config.d_out is None:
+    config = config.replace(d_out=config.bits)  # one bit per output dimension
   # The output and the checkpoint directory are checked before any data is read, so a
   # mistake there never costs a training run.
   _outputs.check_output_dir(args.out, "model",
@@ -452,7 +438,14 @@ def info_cmd(args):
   else:
     m = _load_model(args.path)
     print(f"catalyzer d_in={m.d_in} d_out={m.config.d_out} hidden={list(m.config.hidden)} "
-          f"r2={m.config.r2} bits={m.config.bits} epochs_trained={len(m.history)}")
+          f"r2={m.config.r2} bits={m.config.bits} lambda={m.config.lambda_koleo} "
+          f"quantizer={m.config.quantizer} epochs_trained={len(m.history)}")
+    if m.selection:
+      from spreading_jax.selection import Selection
+      sel = Selection(**m.selection)
+      print(f"shape chosen by validation in {sel.cost_s:.0f}s ({len(sel.table)} runs of "
+            f"{sel.screen_epochs} epochs on {sel.screen_rows} training vectors):\n"
+            + sel.format_table())
 
 
 info_cmd.configure = _configure_info
