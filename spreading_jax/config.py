@@ -9,7 +9,6 @@ import dataclasses
 import math
 
 from spreading_jax import lattice
-from spreading_jax._validation import check_int
 
 # Named recipe conventions and their accepted values (see TrainConfig's docstring).
 BN_MODES = ("separate", "joint")
@@ -136,16 +135,7 @@ class TrainConfig:
 
   def lattice_r2(self) -> int:
     """The lattice squared radius, from ``r2`` or from ``bits``."""
-    if self.d_out is None:
-      raise ValueError("d_out is not set: it is chosen when training (selection.py)")
-    if self.r2 is not None:
-      return check_int("r2", self.r2, minimum=1)
-    bits = check_int("bits", self.bits, minimum=1)
-    try:
-      return lattice.zn_r2_for_bits(self.d_out, bits)
-    except ValueError as e:
-      raise ValueError(f"d_out={self.d_out} has no usable Zn sphere for a {bits}-bit code: {e}"
-                       ) from e
+    return make_codec(self).r2
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -195,11 +185,8 @@ def _check_field_types(config: TrainConfig) -> None:
 
 
 def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:
-  """The Zn sphere codec of ``config`` (raises if d_out does not fit the requested bits)."""
-  r2 = config.lattice_r2()
-  codec = lattice.ZnSphereCodec(config.d_out, r2)
-  if config.r2 is not None and codec.code_bits > config.bits:
-    raise ValueError(f"d_out={config.d_out} with r2={r2} needs {codec.code_bits}-bit codes, more "
-                     f"than bits={config.bits}; set r2=None to use the largest radius that fits "
-                     "or lower d_out")
-  return codec
+  """The Zn sphere codec of ``config``: ``r2``, or the largest sphere whose codes fit ``bits``
+  (raises if d_out and r2 do not fit the requested bits)."""
+  if config.d_out is None:
+    raise ValueError("d_out is not set: it is chosen when training (selection.py)")
+  return lattice.zn_codec(config.d_out, config.bits, config.r2)
