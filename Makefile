@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Tests run multi-device code on 4 forced host CPU devices.
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=4
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-accel venv clean
 
 # pyproject.toml is the one dependency list: the package and its "test" extra.
 $(VENV)/.installed: pyproject.toml
@@ -25,8 +25,14 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q
 
+# Every benchmark; bench_accel.py runs only where JAX sees a GPU/TPU (it says so otherwise).
 bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The paper recipe at full scale on the default accelerator (one command for a GPU/TPU owner);
+# BENCH_ACCEL_ARGS=--small runs the same code paths on a CPU in seconds.
+bench-accel: $(VENV)/.installed
+	$(PY) benchmarks/bench_accel.py $(BENCH_ACCEL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -24,8 +24,9 @@ Run it with a Python that has CPU torch (not the project's venv)::
     python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy
     /tmp/torchvenv/bin/python benchmarks/_torch_reference.py --threads 2 --n 50000
 
-``--reference-dir`` takes an existing checkout; without it one is made in a temp dir from the
-fetched git mirror. ``--data file.npz`` (arrays x, pos, neg) times on the exact data the JAX
+``--reference-dir`` takes an existing checkout; without it one is made in a temp dir from a
+git clone given by ``--git-dir`` or $SPREADINGVECTORS_GIT_DIR (no default location: a clear
+error when neither is set). ``--data file.npz`` (arrays x, pos, neg) times on the exact data the JAX
 side uses; ``--json`` prints one JSON object.
 """
 from __future__ import annotations
@@ -46,21 +47,25 @@ import types
 import numpy as np
 
 REPO = "facebookresearch/spreadingvectors"
-DEFAULT_GIT_DIR = "/work/.mirror/facebookresearch+spreadingvectors/repo"
+GIT_DIR_ENV = "SPREADINGVECTORS_GIT_DIR"
+HOW_TO = (f"`git clone --bare https://github.com/{REPO} <dir>` and pass --git-dir <dir> (or set "
+          f"{GIT_DIR_ENV}=<dir>), or pass --reference-dir <an existing checkout>")
 
 
-def _git_dir() -> str:
-  return os.environ.get("SPREADINGVECTORS_GIT_DIR", DEFAULT_GIT_DIR)
+def _git_dir(git_dir: str | None = None) -> str | None:
+  """The bare clone of the original repo: ``git_dir``, else $SPREADINGVECTORS_GIT_DIR, else
+  None (there is no default location)."""
+  return git_dir or os.environ.get(GIT_DIR_ENV) or None
 
 
-def prepare_reference(tmpdir: str) -> str:
-  """Extracts HEAD of the fetched original repo into ``tmpdir``; returns the checkout path."""
-  git_dir = _git_dir()
+def prepare_reference(tmpdir: str, git_dir: str | None = None) -> str:
+  """Extracts HEAD of a git clone of the original repo into ``tmpdir``; returns the
+  checkout path. The clone is ``git_dir`` or $SPREADINGVECTORS_GIT_DIR."""
+  git_dir = _git_dir(git_dir)
+  if git_dir is None:
+    raise ValueError(f"no clone of {REPO} given: {HOW_TO}")
   if not os.path.isdir(git_dir):
-    raise FileNotFoundError(
-        f"No git mirror of {REPO} at {git_dir}. Obtain it with the `fetch` tool "
-        f"(source github:{REPO}) or `git clone --bare https://github.com/{REPO} <dir>` and set "
-        f"SPREADINGVECTORS_GIT_DIR=<dir>, or pass --reference-dir <an existing checkout>.")
+    raise FileNotFoundError(f"no git repository at {git_dir}: {HOW_TO}")
   os.makedirs(tmpdir, exist_ok=True)
   archive = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "HEAD"],
                            check=True, capture_output=True).stdout
@@ -70,9 +75,9 @@ def prepare_reference(tmpdir: str) -> str:
   return tmpdir
 
 
-def _reference_commit(reference_dir: str) -> str | None:
-  git_dir = _git_dir()
-  if os.path.isdir(git_dir):
+def _reference_commit(reference_dir: str, git_dir: str | None = None) -> str | None:
+  git_dir = _git_dir(git_dir)
+  if git_dir is not None and os.path.isdir(git_dir):
     r = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "HEAD"],
                        capture_output=True, text=True)
     if r.returncode == 0:
@@ -280,7 +285,10 @@ def make_data(n: int = 50_000, d: int = 96, kpos: int = 10, rank_negative: int =
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--reference-dir", default=None,
-                 help="checkout of the original repo (default: extracted into a temp dir)")
+                 help="checkout of the original repo (default: extracted from --git-dir into a "
+                      "temp dir)")
+  p.add_argument("--git-dir", default=None,
+                 help=f"git clone of {REPO} (default: ${GIT_DIR_ENV}; no default location)")
   p.add_argument("--n", type=int, default=50_000)
   p.add_argument("--d", type=int, default=96)
   p.add_argument("--dint", type=int, default=1024)
@@ -309,7 +317,10 @@ def main(argv=None) -> dict:
   with contextlib.ExitStack() as stack:
     ref = a.reference_dir
     if ref is None:
-      ref = prepare_reference(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv_ref_")))
+      if _git_dir(a.git_dir) is None:
+        p.error(f"no clone of {REPO} given: {HOW_TO}")
+      ref = prepare_reference(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv_ref_")),
+                              a.git_dir)
     res = time_reference_epoch(ref, x, pos, neg, a.threads, a.repeats, dint=a.dint,
                                dout=a.dout, batch_size=a.batch_size,
                                warmup_batches=a.warmup_batches, chunk_steps=a.chunk_steps,

@@ -5,7 +5,8 @@
 
 The PyTorch side runs facebookresearch/spreadingvectors' own epoch function from a temporary
 checkout (see benchmarks/_torch_reference.py) in a separate interpreter with CPU torch
-(``--torch-python``, default /tmp/torchvenv/bin/python); without it that column is skipped.
+(``--torch-python`` or $SPREADING_TORCH_PYTHON, and a clone of the original given by
+``--git-dir`` or $SPREADINGVECTORS_GIT_DIR); without them that column is skipped, saying so.
 Also reports the step as a fraction of this machine's float32 matmul peak, the per-epoch
 negative-mining time, and a projection of the full recipe (500k vectors, 160 epochs).
 Writes experiments/results/bench_train.json.
@@ -68,20 +69,27 @@ def time_jax_epoch(x, pos, neg, config, repeats):
 
 
 def time_mining(n: int, d_out: int, repeats: int) -> float:
+  # The call the training loop makes each epoch (rank_negative=50: 51 neighbours).
   y = unit(np.random.default_rng(1), n, d_out)
   yd = jnp.asarray(y)
   return median(timeit(lambda: mining.hard_negatives(yd, yd, 50), repeats))
 
 
-def run_torch(torch_python, x, pos, neg, threads, repeats):
-  if not os.path.exists(torch_python):
-    print(f"PyTorch reference skipped: {torch_python} not found (see _torch_reference.py)")
+def run_torch(torch_python, git_dir, x, pos, neg, threads, repeats):
+  if not torch_python or not os.path.exists(torch_python):
+    print(f"PyTorch reference skipped: no Python with torch given ({torch_python!r}); pass "
+          "--torch-python or set SPREADING_TORCH_PYTHON (see _torch_reference.py)")
+    return None
+  if not git_dir:
+    print("PyTorch reference skipped: no clone of the original repo given; pass --git-dir "
+          "or set SPREADINGVECTORS_GIT_DIR (see _torch_reference.py)")
     return None
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "data.npz")
     np.savez(path, x=x, pos=pos, neg=neg)
     cmd = [torch_python, os.path.join(os.path.dirname(__file__), "_torch_reference.py"),
-           "--data", path, "--threads", str(threads), "--repeats", str(repeats), "--json"]
+           "--data", path, "--threads", str(threads), "--repeats", str(repeats), "--json",
+           "--git-dir", git_dir]
     out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     print(f"PyTorch reference failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -97,7 +105,10 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--mine-n", type=int, default=100_000,
                  help="vectors for the negative-mining timing (projected to 500k)")
-  p.add_argument("--torch-python", default="/tmp/torchvenv/bin/python")
+  p.add_argument("--torch-python", default=os.environ.get("SPREADING_TORCH_PYTHON"),
+                 help="a Python with CPU torch (default: $SPREADING_TORCH_PYTHON)")
+  p.add_argument("--git-dir", default=os.environ.get("SPREADINGVECTORS_GIT_DIR"),
+                 help="git clone of the original repo (default: $SPREADINGVECTORS_GIT_DIR)")
   args = p.parse_args(argv)
 
   rng = np.random.default_rng(0)
@@ -117,8 +128,7 @@ def main(argv=None):
         f"{100 * ours['fraction_of_matmul_peak']:.0f}% of matmul peak ({peak / 1e9:.0f} GFLOP/s)",
         flush=True)
 
-  ref = run_torch(args.torch_python, x, np.asarray(pos), np.asarray(neg), args.threads,
-                  args.repeats)
+  ref = run_torch(args.torch_python, args.git_dir, x, pos, neg, args.threads, args.repeats)
   rows = [ours]
   if ref is not None:
     rows.append({"impl": f"original PyTorch ({ref.get('torch')})",

@@ -55,14 +55,20 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int
   of the E epochs: the original repeats each value E/L times (and requires L | E).
 
   Returns:
-    (optax transformation, schedule(step) -> lr).
+    (optax transformation, schedule(step) -> lr). Equal settings give the same objects, so
+    a compiled epoch is reused by the next run with the same shapes.
   """
-  steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, minimum=1)
-  values, epochs = config.lr_schedule, check_int("epochs", config.epochs, minimum=1)
+  return _sgd(config.lr_schedule, float(config.momentum),
+              check_int("epochs", config.epochs, minimum=1),
+              check_int("steps_per_epoch", steps_per_epoch, minimum=1))
+
+
+@functools.lru_cache(maxsize=64)
+def _sgd(values: tuple[float, ...], momentum: float, epochs: int, steps_per_epoch: int):
   n = len(values)
   boundaries = [math.ceil(j * epochs / n) * steps_per_epoch for j in range(1, n)]
   schedule = optax.join_schedules([optax.constant_schedule(v) for v in values], boundaries)
-  return optax.sgd(learning_rate=schedule, momentum=config.momentum), schedule
+  return optax.sgd(learning_rate=schedule, momentum=momentum), schedule
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +206,7 @@ def _gather(xt, positives, negatives, idx) -> Batch:
   return Batch(xt[idx], xt[positives[idx]], xt[negatives[idx]])
 
 
+@functools.lru_cache(maxsize=64)
 def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False) -> Callable:
   """Builds the jitted epoch ``epoch(state, xt, positives, negatives, key) -> (state,
   metrics)`` over ``num_train`` training vectors.
@@ -207,7 +214,8 @@ def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False)
   The full batches of a permutation of the training set are one ``lax.scan`` of
   ``train_step``; the final partial batch (if it has at least 2 rows and not
   ``drop_remainder``) is one more step, unsharded, as the original trains on it too.
-  metrics: per-step arrays. The state is donated.
+  metrics: per-step arrays. The state is donated. Cached: runs with the same shapes and an
+  equal recipe reuse one compiled program.
   """
   steps, rest = divmod(num_train, batch_size)
   train_rest = rest >= 2 and not drop_remainder  # BatchNorm and KoLeo need 2 rows
@@ -442,6 +450,8 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
   start = 0
   if checkpointer is not None:
     arrays, best, result.history, start = checkpointer.restore(state.arrays(), best)
+    if mesh is not None and start:  # orbax commits restored arrays to one device
+      arrays = sharding.replicate(arrays, mesh)
     state = state.replace(**arrays)
     if start:
       logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)

@@ -249,3 +249,23 @@ def test_optax_schedule_is_the_one_the_optimizer_uses():
     assert (float(updates["w"]) == -float(schedule(step)))
   assert moved == [True] * 4 + [False] * 4
   assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_a_second_run_reuses_the_compiled_epoch(small_train, monkeypatch):
+  # The epoch is traced once per shape and recipe: a second run with the same config
+  # (another seed) compiles nothing new, so repeated runs (screening, tests) stay cheap.
+  traces = []
+  real = T.train_step
+
+  def counting(state, batch, rng):
+    traces.append(1)
+    return real(state, batch, rng)
+
+  monkeypatch.setattr(T, "train_step", counting)
+  T.make_epoch_fn.cache_clear()
+  config = TINY.replace(epochs=2)
+  T.train(config, small_train[:300])
+  first = len(traces)
+  assert first >= 1
+  T.train(config.replace(seed=1), small_train[:300])
+  assert len(traces) == first

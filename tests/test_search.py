@@ -1,5 +1,6 @@
 """Exact search kernels against numpy references, on real and random data."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -47,6 +48,131 @@ def test_two_stage_topk_matches_full_sort_with_ties():
   np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(s, ref, 1))
 
 
+def _stable_topk(scores, k):
+  """Reference top-k of each row of scores (larger first), ties to the lower column."""
+  i = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(scores, i, axis=1), i
+
+
+@pytest.mark.parametrize("hot_rows, expected_path", [
+    (0, "skip"), (5, "8 chunks"), (14, "16 chunks"), (60, "64 chunks"), (300, "fallback")])
+def test_select_into_every_path_is_exact(hot_rows, expected_path):
+  # A running top-k from ids [0, 4096), then a block of 4096 ids (128 chunks of 32):
+  # scores are small integers full of ties, and `hot_rows` of each row's chunks get scores
+  # above the running k-th best, which decides the path (skip / pruned / exact fallback).
+  rng = np.random.default_rng(hot_rows)
+  q, b, k = 8, 4096, 40
+  prev = rng.integers(0, 50, (q, b)).astype(np.float32)
+  block = rng.integers(0, 50, (q, b)).astype(np.float32)
+  for r in range(q):
+    chunks = rng.choice(b // 32, min(hot_rows, b // 32), replace=False)
+    for c in chunks:
+      block[r, c * 32 + rng.integers(0, 32, 3)] = rng.integers(50, 53, 3)
+  best_s, best_i = _stable_topk(prev, k)
+  ids = np.arange(b, 2 * b, dtype=np.int32)
+  fn = jax.jit(lambda bs, bi, s: search._select_into(bs, bi, s, jnp.asarray(ids), k, 2 * b))
+  s, i = fn(best_s, best_i.astype(np.int32), block)
+  ref_s, ref_i = _stable_topk(np.concatenate([prev, block], axis=1), k)
+  np.testing.assert_array_equal(np.asarray(i), ref_i)
+  np.testing.assert_array_equal(np.asarray(s), ref_s)
+  hot = ((block.reshape(q, -1, 32).max(2) > best_s[:, -1:]).sum(1)).max()
+  tiers = [0] + list(search._PRUNED_CHUNKS)
+  path = ("skip" if hot == 0 else f"{min(t for t in tiers if t >= hot)} chunks"
+          if hot <= tiers[-1] else "fallback")
+  assert path == expected_path
+
+
+def test_padding_and_negative_zero_never_win():
+  # l2 scores of zero-padded rows are 0, above every real score here: they must not be
+  # returned; -0.0 and +0.0 scores tie by id.
+  xb = np.zeros((70, 4), np.float32)
+  xb[::2] = 1.0  # even rows score 0.5*4 - 2 = +0; odd rows 0 - 0 = 0
+  xq = np.full((3, 4), 0.5, np.float32)
+  _, i = search.knn(xq, xb, 70, metric="ip", base_block=128)
+  ref = np.argsort(-(xq.astype(np.float64) @ xb.T.astype(np.float64)), axis=1, kind="stable")
+  np.testing.assert_array_equal(np.asarray(i), ref)
+  s, i = search.topk_search(search._l2_score, xq - 0.5, (xb - 0.5, 0.5 * ((xb - 0.5) ** 2).sum(1)),
+                            70, base_block=128)
+  assert set(np.asarray(i)[0].tolist()) == set(range(70))
+
+
+def _l2_float64(xq, xb):
+  # Exact for integer data (every term is an integer below 2^53).
+  xq, xb = np.asarray(xq, np.float64), np.asarray(xb, np.float64)
+  return (xq * xq).sum(1)[:, None] + (xb * xb).sum(1)[None, :] - 2 * xq @ xb.T
+
+
+def test_exact_against_faiss_on_real_images_ties_included(mini):
+  # fashion-mnist-mini: 784-d integer pixels, many exactly tied distances.
+  faiss = pytest.importorskip("faiss")
+  xb, xq = np.asarray(mini.base), np.asarray(mini.query)[:200]
+  index = faiss.IndexFlatL2(xb.shape[1])
+  index.add(xb)
+  Df, If = index.search(xq, 100)
+  D, I = search.knn(xq, xb, 100)
+  D, I = np.asarray(D), np.asarray(I)
+  ref_d, ref = _stable_topk(-_l2_float64(xq, xb), 100)
+  np.testing.assert_array_equal(I, ref)  # ties: lower id first
+  np.testing.assert_array_equal(D, -ref_d)  # exact integers (all below 2^24 here)
+  # faiss agrees up to its own float32 rounding of |x|^2 + |q|^2 - 2<x, q> (~5e7 here):
+  # its ids differ from ours only between distances within that rounding.
+  np.testing.assert_allclose(Df, D, rtol=1e-5)
+  assert np.all(np.abs(D[I != If] - Df[I != If]) <= 1e-5 * D[I != If] + 8)
+  assert (I == If).mean() > 0.95
+
+
+def test_exact_against_faiss_on_integer_data_full_of_ties():
+  faiss = pytest.importorskip("faiss")
+  rng = np.random.default_rng(7)
+  xb = rng.integers(0, 3, (20_000, 6)).astype(np.float32)
+  xq = rng.integers(0, 3, (40, 6)).astype(np.float32)
+  index = faiss.IndexFlatL2(6)
+  index.add(xb)
+  Df, _ = index.search(xq, 300)
+  for mesh in [None] + ([sharding.make_mesh(4)] if jax.device_count() >= 4 else []):
+    D, I = search.knn(xq, xb, 300, mesh=mesh, base_block=2048)
+    np.testing.assert_array_equal(np.asarray(D), Df)
+    d = ((xq[:, None, :] - xb[None]) ** 2).sum(-1)
+    _, ref = _stable_topk(-d, 300)
+    np.testing.assert_array_equal(np.asarray(I), ref)
+
+
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_l2_exact_with_a_large_common_offset(mini, offset):
+  # Real images + a constant: |x|^2 - 2<x, q> cancels most digits, and float32 scoring
+  # alone picks wrong neighbours. Integer data stays exact in float32 differences.
+  xb = np.asarray(mini.base)[:4000] + np.float32(offset)
+  xq = np.asarray(mini.query)[:40] + np.float32(offset)
+  ref_d, ref_i = _stable_topk(-_l2_float64(xq, xb), 100)
+  for mesh in [None] + ([sharding.make_mesh(4)] if jax.device_count() >= 4 else []):
+    D, I = search.knn(xq, xb, 100, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(I), ref_i)
+    np.testing.assert_array_equal(np.asarray(D), -ref_d)
+
+
+def test_l2_large_offset_on_float_data():
+  rng = np.random.default_rng(8)
+  xb = rng.standard_normal((5000, 32)).astype(np.float32) + np.float32(1000.0)
+  xq = rng.standard_normal((50, 32)).astype(np.float32) + np.float32(1000.0)
+  d64 = ((xq[:, None, :].astype(np.float64) - xb[None].astype(np.float64)) ** 2).sum(-1)
+  ref_d, ref_i = _stable_topk(-d64, 20)
+  D, I = search.knn(xq, xb, 20)
+  assert (np.asarray(I) == ref_i).mean() > 0.995  # float32 rounding of the distances only
+  np.testing.assert_allclose(np.asarray(D), -ref_d, rtol=1e-4)
+
+
+def test_recall_target_opt_in():
+  rng = np.random.default_rng(9)
+  xb = rng.standard_normal((4000, 16)).astype(np.float32)
+  xq = rng.standard_normal((20, 16)).astype(np.float32)
+  _, exact = search.knn(xq, xb, 10)
+  _, approx = search.knn(xq, xb, 10, recall_target=0.9)
+  hits = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(np.asarray(approx), np.asarray(exact))])
+  assert hits >= 0.9
+  with pytest.raises(ValueError, match="recall_target"):
+    search.knn(xq, xb, 10, recall_target=1.5)
+
+
 def test_default_blocks_wide_database():
   rng = np.random.default_rng(1)
   xb = rng.standard_normal((70_001, 8)).astype(np.float32)
@@ -82,6 +208,23 @@ def test_knn_reproduces_the_shipped_groundtruth(mini):
   np.testing.assert_allclose(exact(I), d_gt, rtol=1e-5)
   assert (I != gt).mean() < 0.01
   assert search.recall_at(I, gt)[1] >= 0.99
+
+
+def test_hamming_exact_against_faiss_binary_flat():
+  faiss = pytest.importorskip("faiss")
+  rng = np.random.default_rng(10)
+  base = rng.integers(0, 256, (30_000, 8), dtype=np.uint8)
+  base[5000:5100] = base[17]  # exact duplicates: ties at distance 0
+  query = np.concatenate([rng.integers(0, 256, (30, 8), dtype=np.uint8), base[17:18]])
+  index = faiss.IndexBinaryFlat(64)
+  index.add(base)
+  Df, _ = index.search(query, 150)
+  ham = np.unpackbits(query[:, None, :] ^ base[None, :, :], axis=2).sum(2)
+  _, ref = _stable_topk(-ham.astype(np.float64), 150)
+  for mesh in [None] + ([sharding.make_mesh(4)] if jax.device_count() >= 4 else []):
+    D, I = search.hamming_knn(query, base, 150, mesh=mesh, base_block=4096)
+    np.testing.assert_array_equal(np.asarray(D), Df)
+    np.testing.assert_array_equal(np.asarray(I), ref)
 
 
 def test_hamming_knn_matches_naive_and_sharded():

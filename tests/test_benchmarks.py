@@ -1,0 +1,70 @@
+"""The benchmark scripts run (CPU smoke sizes) and the search hot paths do not recompile."""
+import importlib
+import json
+import os
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from spreading_jax import search
+
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+def _bench_module(name):
+  sys.path.insert(0, os.path.abspath(BENCH))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_bench_accel_small_runs_on_cpu(tmp_path, monkeypatch):
+  common = _bench_module("_common")
+  monkeypatch.setattr(common, "RESULTS", tmp_path)
+  accel = _bench_module("bench_accel")
+  out = accel.main(["--small", "--n-train", "1024", "--nb", "2048", "--nq", "32",
+                    "--hidden", "32", "32", "--repeats", "1", "--name", "smoke"])
+  saved = json.loads((tmp_path / "smoke.json").read_text())
+  assert saved["device_kind"] == jax.devices()[0].device_kind
+  assert saved["epochs_run"] == 2 and len(saved["history"]) == 2
+  for key in ("sgd_s_per_epoch", "mining_s_per_epoch", "epoch_s", "encode_vectors_per_s"):
+    assert saved[key] > 0, key
+  assert saved["projected_160_epochs_s"] == pytest.approx(160 * saved["epoch_s"])
+  assert all(v > 0 for v in saved["search_qps"].values())
+  assert all(v > 0 for v in saved["achieved_flops"].values())
+  assert out["nb"] == 2048
+
+
+def test_bench_accel_skips_full_scale_without_accelerator(capsys):
+  if jax.devices()[0].platform != "cpu":
+    pytest.skip("an accelerator is present: the full-scale run is not skipped")
+  assert _bench_module("bench_accel").main([]) is None
+  assert "no accelerator" in capsys.readouterr().out
+
+
+def test_device_peak_table():
+  accel = _bench_module("bench_accel")
+  assert accel.device_peak("NVIDIA H100 80GB HBM3")["name"] == "H100"
+  assert accel.device_peak("NVIDIA H100 PCIe")["name"] == "H100 PCIe"
+  assert accel.device_peak("TPU v5 lite")["bf16"] == 197.0
+  assert accel.device_peak("cpu") is None
+
+
+@pytest.mark.parametrize("which", ["ip", "l2", "hamming"])
+def test_search_does_not_retrace_across_database_sizes(which, monkeypatch):
+  # Database sizes that pad to the same block count must reuse the compiled search (the
+  # valid row count is traced, not baked in), and so must new query/database values.
+  name = {"ip": "_ip_score", "l2": "_l2_score", "hamming": "_hamming_score"}[which]
+  monkeypatch.setattr(search, name, chex.assert_max_traces(getattr(search, name), n=1))
+  rng = np.random.default_rng(0)
+  for nb in (1000, 1001, 1020):
+    if which == "hamming":
+      base = rng.integers(0, 256, (nb, 8), dtype=np.uint8)
+      search.hamming_knn(base[:16], base, 10)
+    else:
+      xb = rng.standard_normal((nb, 12)).astype(np.float32)
+      search.knn(xb[:16] + 0.5, xb, 10, metric=which)
