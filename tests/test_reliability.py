@@ -37,13 +37,13 @@ CONFIG = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [16, 16], "epochs": 2, "va
 
 
 @pytest.fixture(scope="module")
-def work(siftsmall, tmp_path_factory):
+def work(mini, tmp_path_factory):
   """A directory with vectors files, a config and a model trained through the CLI (with
   a checkpoint directory: it is also the uninterrupted reference of the kill -9 test)."""
   w = tmp_path_factory.mktemp("rel")
-  np.save(w / "xt.npy", np.asarray(siftsmall.train[:1000], np.float32))
-  np.save(w / "xb.npy", np.asarray(siftsmall.base[:4000], np.float32))
-  np.save(w / "xq.npy", np.asarray(siftsmall.query[:20], np.float32))
+  np.save(w / "xt.npy", np.asarray(mini.train[:1000], np.float32))
+  np.save(w / "xb.npy", np.asarray(mini.base[:4000], np.float32))
+  np.save(w / "xq.npy", np.asarray(mini.query[:20], np.float32))
   (w / "cfg.json").write_text(json.dumps(CONFIG))
   with _compilation_cache(w):
     assert main(_train_argv(w, w / "model", w / "ck_ref")) == 0
@@ -159,7 +159,7 @@ def test_outputs_that_are_not_ours_or_are_inputs_are_refused(work, tmp_path, cap
     m.save(tmp_path / "idx")
   m.save(tmp_path / "m2")
   m.save(tmp_path / "m2")
-  assert TrainResult.load(tmp_path / "m2").d_in == 128
+  assert TrainResult.load(tmp_path / "m2").d_in == 784
   assert _tree(work / "model") == before and (proj / "notes.txt").read_text() == "precious"
 
 
@@ -289,9 +289,9 @@ def _corrupt_faiss_index(work, tmp_path) -> Path:
   idx = tmp_path / "pq"
   assert main(["build", str(work / "model"), str(work / "xq.npy"), "--out", str(idx),
                "--quantizer", "PQ1x2", "--train", str(work / "xt.npy")]) == 0
-  (idx / "faiss.index").write_bytes(b"garbage!")
+  (idx / "quantizer.faiss").write_bytes(b"garbage!")
   meta = json.loads((idx / "index.json").read_text())
-  meta["sha256"]["faiss.index"] = hashlib.sha256(b"garbage!").hexdigest()
+  meta["sha256"]["quantizer.faiss"] = hashlib.sha256(b"garbage!").hexdigest()
   (idx / "index.json").write_text(json.dumps(meta))
   return idx
 
@@ -304,7 +304,7 @@ def test_cli_user_mistakes_are_one_line(work, tmp_path, capsys, one_faiss_thread
   (t / "hidden.json").write_text(json.dumps({"hidden": 5}))
   (t / "afile").write_text("x")
   np.save(t / "zero_width.npy", np.zeros((5, 0), np.float32))
-  np.save(t / "no_rows.npy", np.zeros((0, 128), np.float32))
+  np.save(t / "no_rows.npy", np.zeros((0, 784), np.float32))
   edited = t / "edited_model"
   shutil.copytree(work / "model", edited)
   meta = json.loads((edited / "model.json").read_text())
