@@ -160,7 +160,7 @@ class SpreadingIndex:
     return self.quantizer.decode(self.codes[ids])
 
   def search(self, xq, k: int, mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest database vectors of raw queries xq: [nq, d_in], nq >= 1.
+    """k nearest database vectors of raw queries xq: [nq, d_in] (nq = 0 gives empty results).
 
     Returns (D, I): "zn": D f32[nq, k] inner products (descending), "sign": D i32[nq, k]
     Hamming distances (ascending), faiss: D f32[nq, k] faiss' distances (squared L2 for
@@ -170,8 +170,6 @@ class SpreadingIndex:
     if self.ntotal == 0:
       raise ValueError("the index is empty: add vectors before searching")
     check_vectors("xq", xq, d=self.d, d_name="d_in")
-    if xq.shape[0] == 0:
-      raise ValueError("xq has no rows: pass at least one query")
     k = check_int("k", k, minimum=1)
     if k > self.ntotal:
       raise ValueError(f"k={k} is larger than ntotal={self.ntotal}")

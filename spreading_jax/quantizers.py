@@ -242,8 +242,10 @@ class SignQuantizer(Quantizer):
              ) -> tuple[np.ndarray, np.ndarray]:
     """D: i32[nq, k] Hamming distances, ascending."""
     check_vectors("yq", yq, d=self.d)
-    if yq.shape[0] == 0:
-      raise ValueError("yq has no rows: a Hamming search needs at least one query")
+    if yq.shape[0] == 0:  # no queries: empty results (k still checked against the codes)
+      self.check_codes("codes", codes)
+      k = check_int("k", k, minimum=1, maximum=codes.shape[0])
+      return np.zeros((0, k), np.int32), np.zeros((0, k), np.int32)
     D, I = search.hamming_knn(self.encode(yq), codes, k, mesh=mesh)
     return np.asarray(D), np.asarray(I)
 
@@ -353,7 +355,7 @@ class FaissQuantizer(Quantizer):
     try:
       stored = faiss.read_index(path)
     except RuntimeError as e:
-      raise ValueError(f"{path} is not a readable faiss index: {e}") from e
+      raise ValueError(f"{path} is a corrupt faiss index (faiss cannot read it: {e})") from e
     if stored.d != self.d or stored.ntotal != 0 or int(stored.sa_code_size()) != self._code_size:
       raise ValueError(f"{path} holds d={stored.d} ntotal={stored.ntotal}, not an empty "
                        f"{self.name!r} quantizer on d={self.d}")
