@@ -73,7 +73,7 @@ def demo(args):
   ks = tuple(k for k in (1, 10, 100) if k <= ds.nb)
   _, ids = index.search(ds.query, max(ks))
   seconds["index"] = time.perf_counter() - t
-  codec = index.codec
+  codec = index.quantizer.codec
   rows = [{"method": f"catalyzer + Zn lattice (SpreadingIndex, d={codec.d}, r2={codec.r2})",
            "bits": codec.code_bits, "recall": search.recall_at(ids, ds.groundtruth, ks)}]
   print(f"  {rows[0]['method']}: {rows[0]['recall']}", flush=True)
