@@ -16,6 +16,8 @@ import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from spreading_jax import _outputs
+
 PathLike = str | os.PathLike
 
 # Bytes read at a time when hashing a file.
@@ -123,6 +125,10 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
   ``path``. When the block raises, the temporary directory is deleted and ``path`` is
   untouched.
 
+  Only what this library wrote is ever replaced (``_outputs.check_output_dir``): ``path``
+  must be absent, empty, or a saved model or index directory, and a saved directory is
+  replaced only by one of the same kind; anything else raises before the block runs.
+
   Args:
     path: the directory to (re)write.
 
@@ -130,7 +136,9 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
     The temporary directory path (a ``str``), initially empty.
 
   Raises:
-    ValueError: ``path`` exists and is not a directory.
+    ValueError: ``path`` exists and is not a directory, is a non-empty directory this
+      library did not write, the current directory, or a saved directory of another kind
+      than the one written.
 
   Example:
     >>> import tempfile
@@ -144,6 +152,7 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
   if path.exists() and not path.is_dir():
     raise ValueError(f"{path}: exists and is not a directory; atomic_output_dir replaces "
                      "directories only")
+  _outputs.check_output_dir(path)  # only an absent/empty dir or a saved model/index
   path.parent.mkdir(parents=True, exist_ok=True)
   while True:
     tmp = _temp_name(path.parent, path.name, ".tmp")
@@ -155,6 +164,7 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
   try:
     yield str(tmp)
     _fsync_tree(tmp)
+    _outputs.check_replace(path, tmp)  # a model is replaced by a model, an index by an index
     if path.exists():
       old = _temp_name(path.parent, path.name, ".old")
       os.rename(path, old)

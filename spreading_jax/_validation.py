@@ -29,8 +29,9 @@ def check_vectors(name: str, x, *, d: int | None = None, d_name: str = "d",
   """Validates a 2-D matrix of real vectors and returns it unchanged.
 
   Accepts numpy or jax arrays of any real (float or integer) dtype. Raises ValueError
-  naming ``name`` when the rank, the dimension, the dtype or the values are wrong. The
-  NaN/Inf scan runs only on concrete arrays (inside ``jit`` it cannot be checked).
+  naming ``name`` when the rank, the dimension (also 0), the dtype or the values are wrong
+  (NaN, Inf, or float64 values beyond the float32 range that all computation uses). The
+  value scans run only on concrete arrays (inside ``jit`` they cannot be checked).
   """
   shape = getattr(x, "shape", None)
   dtype = getattr(x, "dtype", None)
@@ -44,13 +45,24 @@ def check_vectors(name: str, x, *, d: int | None = None, d_name: str = "d",
     raise ValueError(f"{name} has dtype {dtype}; expected a real float or integer dtype")
   if d is not None and shape[1] != d:
     raise ValueError(f"{name} has {d_name}={shape[1]} but {d} was expected")
+  if shape[1] == 0:
+    raise ValueError(f"{name} has shape {tuple(shape)}: vectors of dimension 0")
   if shape[0] < min_rows:
     raise ValueError(f"{name} has {shape[0]} rows; at least {min_rows} are needed")
   if finite and np.issubdtype(dtype, np.floating) and is_concrete(x):
     if not _all_finite(x):
       bad = np.argwhere(~np.isfinite(np.asarray(x)))[0]
       raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
+    if dtype.itemsize > 4 and shape[0] and isinstance(x, np.ndarray):
+      # Everything is computed in float32: wider floats must fit its range.
+      top = max(abs(float(np.min(x))), abs(float(np.max(x))))
+      if top > _F32_MAX:
+        raise ValueError(f"{name} ({dtype}) has values up to {top:.3g} in magnitude, which "
+                         f"overflow float32 (max {_F32_MAX:.3g})")
   return x
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _all_finite(x) -> bool:

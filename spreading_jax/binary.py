@@ -57,7 +57,7 @@ def check_codes(name: str, codes, nbytes: int | None = None) -> None:
 @functools.partial(jax.jit, static_argnames=("d",))
 def _unpack(codes, d):
   bits = (codes[:, :, None].astype(jnp.uint32) >> jnp.arange(8, dtype=jnp.uint32)) & 1
-  bits = bits.reshape(codes.shape[0], -1)[:, :d]
+  bits = bits.reshape(codes.shape[0], 8 * codes.shape[1])[:, :d]  # no -1: n may be 0
   return jnp.where(bits == 1, 1.0, -1.0).astype(jnp.float32)
 
 

@@ -1,7 +1,9 @@
 """Command line: ``spreading-jax COMMAND`` or ``python -m spreading_jax COMMAND``.
 
-User mistakes (missing file, bad dimension, incompatible model) print one line on stderr
-and exit with status 2, without a traceback.
+User mistakes (missing file, bad dimension, incompatible model, unwritable output, corrupt
+saved file) print one line on stderr and exit with status 2, without a traceback; outputs
+are checked before any training or encoding starts. Anything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -128,27 +130,93 @@ def _add_distributed_flags(p, what: str):
                  help="with --distributed: number of processes (default: auto-detected)")
   p.add_argument("--process-id", type=int, default=None,
                  help="with --distributed: this process's index (default: auto-detected)")
+  p.add_argument("--distributed-timeout", type=float, default=None, metavar="SECONDS",
+                 help=f"with --distributed: give up (one line, exit status 2) when not all "
+                 f"processes have joined after this many seconds (default "
+                 f"{DISTRIBUTED_TIMEOUT_S:g})")
+
+
+# Seconds --distributed waits for all processes to join before giving up.
+DISTRIBUTED_TIMEOUT_S = 300.0
 
 
 def _init_distributed(args):
-  """Starts the multi-process runtime for --distributed (no-op otherwise)."""
-  given = [f for f in ("coordinator", "num_processes", "process_id")
+  """Starts the multi-process runtime for --distributed (no-op otherwise).
+
+  jax waits for the missing peers and then aborts the process with a C++ stack trace; a
+  watchdog thread turns the wait into one line on stderr and exit status 2 after
+  ``--distributed-timeout`` seconds instead.
+  """
+  given = [f for f in ("coordinator", "num_processes", "process_id", "distributed_timeout")
            if getattr(args, f, None) is not None]
   if not getattr(args, "distributed", False):
     if given:
       raise UserError(f"--{given[0].replace('_', '-')} needs --distributed")
     return
+  timeout = args.distributed_timeout
+  timeout = DISTRIBUTED_TIMEOUT_S if timeout is None else timeout
+  if not 0 < timeout < 1e7:
+    raise UserError(f"--distributed-timeout={timeout:g} must be a positive number of seconds")
+  import threading
   import jax
+
+  def give_up():
+    print(f"spreading-jax {args.command}: error: --distributed: not all "
+          f"{args.num_processes or ''} processes joined within {timeout:g} s (coordinator "
+          f"{args.coordinator or 'auto-detected'}); start the others or raise "
+          f"--distributed-timeout", file=sys.stderr, flush=True)
+    os._exit(2)  # the main thread is blocked inside jax's C++ client
+
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
   try:
+    # jax's own deadline comes later so that the watchdog's message is the one printed.
     jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               initialization_timeout=int(timeout) + 60)
   except (ValueError, RuntimeError) as e:
     raise UserError(f"jax.distributed.initialize() failed: {e}") from e
+  finally:
+    watchdog.cancel()
+
+
+# Errors of a malformed (hand-edited) metadata file surface as these while loading.
+_MALFORMED = (KeyError, TypeError, AttributeError, IndexError, OverflowError)
 
 
 def _load_model(path):
-  from spreading_jax.train import TrainResult
-  return TrainResult.load(path)
+  from spreading_jax.model import TrainResult
+  try:
+    return TrainResult.load(path)
+  except _MALFORMED as e:
+    raise UserError(f"{path}: malformed model metadata ({type(e).__name__}: {e})") from e
+
+
+def _load_index(path):
+  from spreading_jax.index import SpreadingIndex
+  try:
+    return SpreadingIndex.load(path)
+  except _MALFORMED as e:
+    raise UserError(f"{path}: malformed index metadata ({type(e).__name__}: {e})") from e
+  except RuntimeError as e:
+    if _faiss_message(e) is None:
+      raise
+    raise UserError(f"{path}: corrupt faiss index ({_faiss_message(e)})") from e
+
+
+def _load_config(path: str):
+  """A TrainConfig from a JSON file; UserError for a directory, bad JSON or wrong types."""
+  from spreading_jax.config import TrainConfig
+  if os.path.isdir(path):
+    raise UserError(f"--config {path} is a directory, a JSON file was expected")
+  try:
+    config = TrainConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON: {e}") from e
+  except (TypeError, ValueError, AttributeError) as e:
+    raise UserError(f"{path}: {e}") from e
+  return config
 
 
 def _configure_train(p):
@@ -157,12 +225,21 @@ def _configure_train(p):
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
   p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
   p.add_argument("--epochs", type=int, default=None, help="override config epochs")
-  p.add_argument("--lambda-koleo", type=float, default=None, help="override KoLeo weight")
-  p.add_argument("--d-out", type=int, default=None, help="override catalyzer output dimension")
+  p.add_argument("--lambda-koleo", type=float, default=None,
+                 help="KoLeo weight; unset (here and in --config), it is cross-validated over "
+                 "the paper's grid before training")
+  p.add_argument("--d-out", type=int, default=None,
+                 help="catalyzer output dimension; unset, it is chosen (with the largest "
+                 "lattice radius that fits --bits) by validation recall before training")
   p.add_argument("--bits", type=int, default=None,
-                 help="lattice code size; the radius is chosen to fit (sets r2=None)")
+                 help="code budget in bits (default 64); the lattice radius is chosen to fit "
+                 "(sets r2=None)")
+  p.add_argument("--quantizer", choices=("lattice", "sign"), default=None,
+                 help="the code the model is for (default lattice); sign fixes d_out = bits")
   p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
-  p.add_argument("--out", required=True, help="model directory to write")
+  p.add_argument("--out", required=True,
+                 help="model directory to write: new, empty, or a saved model (replaced); "
+                 "checked before training starts")
   _add_distributed_flags(p, "each process reads its slice of the training vectors, the "
                          "mesh spans all processes' devices, process 0 writes the model")
 
@@ -170,19 +247,23 @@ def _configure_train(p):
 @command("train", "train a catalyzer and save it to a model directory")
 def train_cmd(args):
   from spreading_jax import datasets, sharding, vecs_io
+  from spreading_jax import _outputs
   from spreading_jax.train import TrainConfig, rows_to_read, train
-  _init_distributed(args)
-  config = TrainConfig()
-  if args.config:
-    try:
-      config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
-    except json.JSONDecodeError as e:
-      raise UserError(f"{args.config} is not valid JSON: {e}") from e
+  config = _load_config(args.config) if args.config else TrainConfig()
   overrides = {"epochs": args.epochs, "lambda_koleo": args.lambda_koleo, "d_out": args.d_out,
-               "checkpoint_dir": args.checkpoint_dir}
+               "checkpoint_dir": args.checkpoint_dir, "quantizer": args.quantizer}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
+  if config.quantizer == "sign" and config.d_out is None:
+    config = config.replace(d_out=config.bits)  # one bit per output dimension
+  # The output and the checkpoint directory are checked before any data is read, so a
+  # mistake there never costs a training run.
+  _outputs.check_output_dir(args.out, "model",
+                            inputs=[args.dataset, args.config, config.checkpoint_dir])
+  if config.checkpoint_dir is not None:
+    _outputs.check_checkpoint_dir(config.checkpoint_dir, inputs=[args.dataset, args.out])
+  _init_distributed(args)
   import jax
   if Path(args.dataset).suffix.lower() in vecs_io.VECTOR_SUFFIXES:
     xt = vecs_io.read_vectors(args.dataset)  # a user's file: all of it is training data
@@ -217,7 +298,7 @@ def eval_cmd(args):
   from spreading_jax import datasets, evaluate
   model = _load_model(args.model)
   ds = datasets.load_dataset(args.dataset, args.root)
-  codec = model.codec
+  codec = model.codec()
   rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
            "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
           {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,
@@ -231,7 +312,8 @@ eval_cmd.configure = _configure_eval
 def _configure_encode(p):
   p.add_argument("model", help="model directory")
   p.add_argument("input", help="vectors file (.fvecs/.bvecs/.npy/.hdf5)")
-  p.add_argument("output", help="codes .npy file (resumes if interrupted)")
+  p.add_argument("output", help="codes .npy file (resumes if interrupted, only with the same "
+                 "model and input; never one of the inputs)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")
   p.add_argument("--chunk", type=int, default=65536, help="rows per batch (default 65536)")
   _add_distributed_flags(p, "process i of P encodes rows [i*n/P, (i+1)*n/P) into its own "
@@ -242,7 +324,9 @@ def _configure_encode(p):
 def encode_cmd(args):
   import jax
   from spreading_jax import sharding
+  from spreading_jax import _outputs
   from spreading_jax.encode import encode_file
+  _outputs.check_output_file(args.output, inputs=[args.model, args.input])
   _init_distributed(args)
   model = _load_model(args.model)
   mesh = None
@@ -269,7 +353,9 @@ encode_cmd.configure = _configure_encode
 def _configure_build(p):
   p.add_argument("model", help="model directory")
   p.add_argument("input", help="database vectors file")
-  p.add_argument("--out", required=True, help="index directory to write")
+  p.add_argument("--out", required=True,
+                 help="index directory to write: new, empty, or a saved index (replaced); "
+                 "never a model or an input")
   p.add_argument("--quantizer", default="zn",
                  help="'zn' (lattice, default), 'sign', or a faiss index-factory string on the "
                  "catalyzed vectors, e.g. 'OPQ8_32,PQ8' (then --train is required)")
@@ -284,12 +370,20 @@ def _configure_build(p):
 @command("build", "build an index (model + codes) from a vectors file")
 def build_cmd(args):
   from spreading_jax.vecs_io import read_vectors
+  from spreading_jax import _outputs
   from spreading_jax.index import SpreadingIndex
+  _outputs.check_output_dir(args.out, "index", inputs=[args.model, args.input, args.train])
   index = SpreadingIndex(_load_model(args.model), args.quantizer, args.bits)
   if not index.is_trained:
     if args.train is None:
       raise UserError(f"quantizer {args.quantizer!r} must be trained: pass --train FILE")
-    index.train(read_vectors(args.train, key=args.key))
+    try:
+      index.train(read_vectors(args.train, key=args.key))
+    except RuntimeError as e:
+      if _faiss_message(e) is None:
+        raise
+      raise UserError(f"faiss could not train {args.quantizer!r} on {args.train}: "
+                      f"{_faiss_message(e)}") from e
   index.add(read_vectors(args.input, key=args.key))
   index.save(args.out)
   print(index.info())
@@ -313,8 +407,11 @@ def search_cmd(args):
   from spreading_jax import search
   from spreading_jax._files import atomic_output
   from spreading_jax.vecs_io import read_vectors
-  from spreading_jax.index import SpreadingIndex
-  index = SpreadingIndex.load(args.index)
+  from spreading_jax import _outputs
+  inputs = [args.index, args.queries, args.groundtruth]
+  for suffix in ("I", "D"):
+    _outputs.check_output_file(f"{args.out}_{suffix}.npy", inputs=inputs)
+  index = _load_index(args.index)
   D, I = index.search(read_vectors(args.queries, key=args.key), args.k)
   for suffix, arr in (("I", I), ("D", D)):
     with atomic_output(f"{args.out}_{suffix}.npy") as tmp:
@@ -337,12 +434,18 @@ def _configure_info(p):
 @command("info", "describe an index or a model directory")
 def info_cmd(args):
   if os.path.isfile(os.path.join(args.path, "index.json")):
-    from spreading_jax.index import SpreadingIndex
-    print(SpreadingIndex.load(args.path).info())
+    print(_load_index(args.path).info())
   else:
     m = _load_model(args.path)
     print(f"catalyzer d_in={m.d_in} d_out={m.config.d_out} hidden={list(m.config.hidden)} "
-          f"r2={m.config.r2} bits={m.config.bits} epochs_trained={len(m.history)}")
+          f"r2={m.config.r2} bits={m.config.bits} lambda={m.config.lambda_koleo} "
+          f"quantizer={m.config.quantizer} epochs_trained={len(m.history)}")
+    if m.selection:
+      from spreading_jax.selection import Selection
+      sel = Selection(**m.selection)
+      print(f"shape chosen by validation in {sel.cost_s:.0f}s ({len(sel.table)} runs of "
+            f"{sel.screen_epochs} epochs on {sel.screen_rows} training vectors):\n"
+            + sel.format_table())
 
 
 info_cmd.configure = _configure_info
@@ -374,8 +477,42 @@ bench_cmd.configure = _configure_bench
 
 # ---------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with usage errors as one line on stderr (exit status 2), like the others."""
+
+  def error(self, message):
+    print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _faiss_message(e: BaseException) -> str | None:
+  """The user-facing part of a faiss C++ exception's message, None if not from faiss."""
+  import re
+  text = str(e)
+  m = re.match(r"\s*Error in .*? at \S*faiss\S*:\d+: (.*)", text, re.S)
+  if m is None:
+    return None
+  text = m.group(1)
+  text = re.sub(r"^Error: '.*?' failed: ", "", text, flags=re.S)
+  return text.strip()
+
+
+def user_error_message(e: BaseException) -> str | None:
+  """The one-line message for an error the user can fix, or None for a bug (which keeps
+  its traceback). This is the CLI's one translation layer from exceptions to messages."""
+  if isinstance(e, (UserError, ValueError, ImportError)):
+    text = str(e)
+  elif isinstance(e, OSError):  # missing/unreadable/unwritable files, full disk
+    text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+  elif isinstance(e, RuntimeError) and _faiss_message(e) is not None:
+    text = f"faiss: {_faiss_message(e)}"
+  else:
+    return None
+  return " ".join(text.split()) or type(e).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="spreading-jax", description=__doc__.splitlines()[0])
+  parser = _Parser(prog="spreading-jax", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   sub = parser.add_subparsers(dest="command", required=True)
   for name, (fn, help) in COMMANDS.items():
@@ -386,20 +523,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # --help (0) or a usage error (2, one line from _Parser.error)
+    return e.code if isinstance(e.code, int) else 2
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
   fn, _ = COMMANDS[args.command]
   try:
     fn(args)
-  except (UserError, ValueError, FileNotFoundError, ImportError) as e:
-    if args.verbose:
-      raise
-    print(f"spreading-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print(f"spreading-jax {args.command}: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_error_message(e)
+    if message is None or args.verbose:
+      raise
+    print(f"spreading-jax {args.command}: error: {message}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -117,7 +117,10 @@ class TrainConfig:
     # Normalised once so that a config compares and serialises the same however it was
     # written ("0.1,0.05" from a CLI or JSON file, or a tuple).
     object.__setattr__(self, "lr_schedule", parse_lr_schedule(self.lr_schedule))
+    if isinstance(self.hidden, (str, bytes)) or not hasattr(self.hidden, "__iter__"):
+      raise ValueError(f"hidden={self.hidden!r} must be a sequence of layer widths")
     object.__setattr__(self, "hidden", tuple(self.hidden))
+    _check_field_types(self)
     for name, allowed in (("bn_mode", BN_MODES), ("init", INITS),
                           ("input_scaling", INPUT_SCALINGS), ("quantizer", QUANTIZERS)):
       if getattr(self, name) not in allowed:
@@ -141,7 +144,8 @@ class TrainConfig:
     try:
       return lattice.zn_r2_for_bits(self.d_out, bits)
     except ValueError as e:
-      raise ValueError(f"d_out={self.d_out} is too large for a {bits}-bit lattice code: {e}") from e
+      raise ValueError(f"d_out={self.d_out} has no usable Zn sphere for a {bits}-bit code: {e}"
+                       ) from e
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -164,6 +168,30 @@ class TrainConfig:
       except (TypeError, ValueError) as e:
         raise ValueError(f"hidden={d['hidden']!r} must be a list of integers") from e
     return cls(**d)
+
+
+def _check_field_types(config: TrainConfig) -> None:
+  """Every field has its annotated type (a JSON config with "epochs": "10" or
+  "end_to_end": 1 is a clear error here, not a crash deep in training)."""
+  for f in dataclasses.fields(config):
+    value, kinds = getattr(config, f.name), str(f.type).replace(" ", "").split("|")
+    if value is None:
+      ok = "None" in kinds
+    elif "bool" in kinds:
+      ok = isinstance(value, bool)
+    elif "int" in kinds:
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in kinds:
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif "str" in kinds:
+      ok = isinstance(value, str)
+    elif kinds[0].startswith("tuple[int"):
+      ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    else:
+      ok = True  # lr_schedule: parsed and checked by parse_lr_schedule
+    if not ok:
+      raise ValueError(f"config field {f.name}={value!r} has the wrong type (expected "
+                       f"{f.type})")
 
 
 def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:

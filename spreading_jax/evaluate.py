@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from spreading_jax import lattice, quantizers, search
 from spreading_jax._validation import check_int
+from spreading_jax.datasets import Dataset, sample_rows
 
 Transform = Callable[[np.ndarray], np.ndarray]
 KS = (1, 10, 100)
@@ -31,9 +32,10 @@ def _apply(transform: Transform | None, x) -> np.ndarray:
   return np.asarray(x if transform is None else transform(x), np.float32)
 
 
-def evaluate_quantizer(dataset, transform: Transform | None, quantizer: quantizers.Quantizer,
-                       *, ks: Sequence[int] = KS, mesh: Mesh | None = None,
-                       max_train: int = 100_000, seed: int = 0) -> dict[int, float]:
+def evaluate_quantizer(dataset: Dataset, transform: Transform | None,
+                       quantizer: quantizers.Quantizer, *, ks: Sequence[int] = KS,
+                       mesh: Mesh | None = None, max_train: int = 100_000,
+                       seed: int = 0) -> dict[int, float]:
   """Any quantizer on (transformed) vectors: the database is encoded chunk by chunk, the
   transformed queries are searched against the codes.
 
@@ -50,7 +52,6 @@ def evaluate_quantizer(dataset, transform: Transform | None, quantizer: quantize
   """
   ks = _ks(dataset.nb, ks)
   if quantizer.needs_training:
-    from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
     quantizer.train(_apply(transform, sample_rows(dataset.train, max_train, seed)))
   codes = quantizers.encode_in_chunks(lambda x: quantizer.encode(_apply(transform, x)),
                                       dataset.base)
@@ -58,16 +59,16 @@ def evaluate_quantizer(dataset, transform: Transform | None, quantizer: quantize
   return search.recall_at(ids, dataset.groundtruth, ks)
 
 
-def evaluate_lattice(dataset, transform: Transform | None, codec: lattice.ZnSphereCodec, *,
-                     ks: Sequence[int] = KS, symmetric: bool = False,
-                     mesh: Mesh | None = None) -> dict[int, float]:
+def evaluate_lattice(dataset: Dataset, transform: Transform | None,
+                     codec: lattice.ZnSphereCodec, *, ks: Sequence[int] = KS,
+                     symmetric: bool = False, mesh: Mesh | None = None) -> dict[int, float]:
   """Catalyzer + Zn lattice: database encoded to lattice codes, asymmetric search (the
   paper's main protocol), or symmetric with ``symmetric=True``."""
   return evaluate_quantizer(dataset, transform, quantizers.ZnQuantizer(codec, symmetric),
                             ks=ks, mesh=mesh)
 
 
-def evaluate_sign(dataset, transform: Transform | None, *, ks: Sequence[int] = KS,
+def evaluate_sign(dataset: Dataset, transform: Transform | None, *, ks: Sequence[int] = KS,
                   mesh: Mesh | None = None) -> dict[int, float]:
   """Catalyzer + sign bits: one bit per output dimension, symmetric Hamming search."""
   d = _apply(transform, dataset.query[:1]).shape[1]

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from spreading_jax import search
+from spreading_jax.datasets import Dataset
 
 
 def environment() -> dict:
@@ -76,7 +77,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
   return Path(path)
 
 
-def nn_distance_histogram(dataset, transform: Callable[[np.ndarray], np.ndarray],
+def nn_distance_histogram(dataset: Dataset, transform: Callable[[np.ndarray], np.ndarray],
                           path: str | os.PathLike) -> Path:
   """PNG of nearest-neighbour distance histograms of the base before and after ``transform``
   (both L2-normalized): a catalyzer spreads points, moving the histogram right."""

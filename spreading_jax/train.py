@@ -442,6 +442,8 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
   start = 0
   if checkpointer is not None:
     arrays, best, result.history, start = checkpointer.restore(state.arrays(), best)
+    if mesh is not None and start:  # orbax commits restored arrays to one device
+      arrays = sharding.replicate(arrays, mesh)
     state = state.replace(**arrays)
     if start:
       logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)

@@ -271,19 +271,23 @@ def test_atomic_output_replaces_on_success_only(tmp_path):
 
 
 def test_atomic_output_dir_replaces_whole_directories(tmp_path):
+  # Only a directory this library wrote is replaced: here a (fake) saved model.
+  marker = '{"kind": "spreading_jax.catalyzer"}'
   target = tmp_path / "ckpt"
   with _files.atomic_output_dir(target) as tmp:
     os.makedirs(os.path.join(tmp, "nested"))
     open(os.path.join(tmp, "nested", "a"), "w").write("1")
+    open(os.path.join(tmp, "model.json"), "w").write(marker)
   assert (target / "nested" / "a").read_text() == "1"
   with pytest.raises(RuntimeError):
     with _files.atomic_output_dir(target) as tmp:
       open(os.path.join(tmp, "b"), "w").write("2")
       raise RuntimeError("crash")
-  assert sorted(p.name for p in target.iterdir()) == ["nested"]
+  assert sorted(p.name for p in target.iterdir()) == ["model.json", "nested"]
   with _files.atomic_output_dir(target) as tmp:
     open(os.path.join(tmp, "b"), "w").write("2")
-  assert sorted(p.name for p in target.iterdir()) == ["b"]  # old content fully replaced
+    open(os.path.join(tmp, "model.json"), "w").write(marker)
+  assert sorted(p.name for p in target.iterdir()) == ["b", "model.json"]  # fully replaced
   assert os.listdir(tmp_path) == ["ckpt"]
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match="not a directory"):

@@ -5,7 +5,8 @@ import pytest
 from spreading_jax import selection
 from spreading_jax import train as T
 
-BASE = T.TrainConfig(hidden=(32, 32), bits=32, batch_size=32, verbose=False)
+# 16-bit codes: both d_out=8 (r²=39) and d_out=16 (r²=4) have a Zn sphere that fits.
+BASE = T.TrainConfig(hidden=(32, 32), bits=16, batch_size=32, verbose=False)
 
 
 class TrainOnly:
@@ -38,7 +39,7 @@ def test_screening_costs_under_half_of_the_paper_run():
 
 
 def test_selection_reads_no_queries_and_is_deterministic(xt):
-  kw = dict(d_outs=(8, 16), lambdas=(0.05,), screen_epochs=2, screen_rows=1000)
+  kw = dict(d_outs=(8, 16), lambdas=(0.05,), screen_epochs=2, screen_rows=600)
   a = selection.select_shape(BASE, TrainOnly(xt), **kw)
   b = selection.select_shape(BASE, TrainOnly(xt), **kw)
 
@@ -48,17 +49,17 @@ def test_selection_reads_no_queries_and_is_deterministic(xt):
   assert no_time(a.table) == no_time(b.table)
   assert (a.d_out, a.r2, a.lambda_koleo) == (b.d_out, b.r2, b.lambda_koleo)
   # Each dimension with the largest r² that fits the budget.
-  assert [(r["d_out"], r["r2"]) for r in a.table] == selection.candidate_shapes(32, d_outs=(8, 16))
+  assert [(r["d_out"], r["r2"]) for r in a.table] == selection.candidate_shapes(16, d_outs=(8, 16))
   best = max(a.table, key=lambda r: r["lattice_R@10"])
   assert (a.d_out, a.lambda_koleo) == (best["d_out"], best["lambda_koleo"])
-  assert a.row_epochs == 2 * 2 * 1000 and a.cost_s > 0
+  assert a.row_epochs == 2 * 2 * 600 and a.cost_s > 0
   assert "*" in a.format_table()
 
 
 def test_selection_picks_the_better_candidate(xt):
   # λ=50 makes the KoLeo term swamp the triplet loss: the outputs spread over the sphere
   # without regard to input neighbourhoods, so validation recall collapses. λ=0.05 must win.
-  config = BASE.replace(d_out=16)
+  config = BASE.replace(d_out=16, bits=32)
   chosen = selection.select_shape(config, xt, lambdas=(50.0, 0.05), screen_epochs=3,
                                   screen_rows=1500)
   scores = {r["lambda_koleo"]: r["lattice_R@10"] for r in chosen.table}
@@ -75,7 +76,7 @@ def test_train_chooses_unset_shape_and_records_it(xt, tmp_path, monkeypatch):
   result = T.train(config, TrainOnly(xt))
   sel = result.selection
   assert result.config.d_out == 8 and result.config.r2 == selection.candidate_shapes(
-      32, d_outs=(8,))[0][1]
+      16, d_outs=(8,))[0][1]
   assert result.config.lambda_koleo in (0.05, 0.01)
   assert [r["lambda_koleo"] for r in sel["table"]] == [0.05, 0.01]
   result.save(tmp_path / "m")

@@ -17,7 +17,7 @@ SMALL = T.TrainConfig(d_out=8, r2=10, bits=32, hidden=(64, 64), epochs=2, batch_
 @pytest.fixture(scope="module")
 def small_train(mini):
   # The shipped fashion-mnist-mini's training images (784-d, float32 pixels 0..255).
-  return np.asarray(mini.train[:2500])
+  return np.asarray(mini.train[:1500])
 
 
 def params_equal(a, b):

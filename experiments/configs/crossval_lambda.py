@@ -10,8 +10,8 @@ Command:
 Expected runtime (2-core CPU): fashion-mnist 12 min, siftsmall 2 min.
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/crossval_lambda.json;
-made with experiments/crossval_lambda.py, the script this config replaced, with
-the same settings; wall time 725 s and 94 s):
+made with experiments/crossval_lambda.py, the script this config replaced, with the same settings
+and the library of that day (the training code has changed since); wall time 725 s and 94 s):
   fashion-mnist: lambda=0.0 (val R@10 0.361) = 3.1/16.4/56.8
   fashion-mnist: lambda=0.005 (val R@10 0.928) <- selected = 25.8/74.0/98.2
   siftsmall: lambda=0.0 (val R@10 0.536) = 22.0/51.0/82.0

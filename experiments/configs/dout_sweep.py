@@ -9,8 +9,8 @@ Command:
 Expected runtime (2-core CPU): fashion-mnist 5 min, siftsmall 1.5 min.
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/dout_sweep.json;
-made with experiments/dout_sweep.py, the script this config replaced, with
-the same settings; wall time 292 s and 73 s):
+made with experiments/dout_sweep.py, the script this config replaced, with the same settings
+and the library of that day (the training code has changed since); wall time 292 s and 73 s):
   fashion-mnist: d_out=16 r2=515 = 27.8/76.4/97.6
   fashion-mnist: d_out=24 r2=79 = 30.0/78.4/98.2
   fashion-mnist: d_out=40 r2=24 = 26.6/73.6/97.4

@@ -10,8 +10,8 @@ Command:
 Expected runtime (2-core CPU): fashion-mnist 16 min, siftsmall 4 min.
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/lattice_ablation.json;
-made with experiments/lattice_ablation.py, the script this config replaced, with
-the same settings; wall time 965 s and 250 s):
+made with experiments/lattice_ablation.py, the script this config replaced, with the same settings
+and the library of that day (the training code has changed since); wall time 965 s and 250 s):
   fashion-mnist: random projection + Zn lattice = 8.5/30.5/66.3
   fashion-mnist: catalyzer (λ=0.01) + Zn lattice = 32.8/83.8/99.3
   fashion-mnist: catalyzer (λ=0) + Zn lattice = 0.8/4.6/22.2

@@ -8,8 +8,8 @@ Command:
 Expected runtime (2-core CPU): fashion-mnist 20 min, siftsmall 8 min.
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/table1_lattice.json;
-made with experiments/table1_lattice.py, the script this config replaced, with
-the same settings; wall time 1184 s and 502 s):
+made with experiments/table1_lattice.py, the script this config replaced, with the same settings
+and the library of that day (the training code has changed since); wall time 1184 s and 502 s):
   fashion-mnist: LSQ = 28.7/79.5/99.4
   fashion-mnist: catalyzer+OPQ = 33.1/82.6/98.9
   fashion-mnist: catalyzer+lattice = 34.8/84.2/99.0

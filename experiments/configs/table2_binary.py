@@ -8,8 +8,8 @@ Command:
 Expected runtime (2-core CPU): fashion-mnist 24 min, siftsmall 2 min.
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/table2_binary.json;
-made with experiments/table2_binary.py, the script this config replaced, with
-the same settings; wall time 1415 s and 128 s):
+made with experiments/table2_binary.py, the script this config replaced, with the same settings
+and the library of that day (the training code has changed since); wall time 1415 s and 128 s):
   fashion-mnist: ITQ 64b = 7.9/29.8/68.6
   fashion-mnist: catalyzer+sign 64b = 18.2/56.7/89.2
   fashion-mnist: catalyzer+sign 128b = 28.4/71.9/95.2

@@ -1,0 +1,46 @@
+"""Evaluation protocols over the Quantizer interface agree with direct computations."""
+import numpy as np
+import pytest
+
+from spreading_jax import evaluate, lattice, quantizers, search
+
+
+@pytest.fixture(scope="module")
+def small(siftsmall):
+  return siftsmall.subset(nb=2000, nq=50, nt=2000)
+
+
+def test_faiss_quantizer_protocol_equals_faiss_baseline(small, one_faiss_thread):
+  pytest.importorskip("faiss")
+  from spreading_jax import baselines
+  proj = evaluate.random_projection(small.d, 16, seed=1)
+  got = evaluate.evaluate_quantizer(small, proj, quantizers.make_quantizer("PQ4", 16))
+  assert got == baselines.evaluate_faiss(small, "PQ4", proj)
+  assert set(got) == {1, 10, 100} and 0 < got[100] <= 1
+
+
+def test_lattice_and_sign_protocols_equal_direct_search(small):
+  proj = evaluate.random_projection(small.d, 24, seed=0)
+  yb, yq = proj(np.asarray(small.base)), proj(np.asarray(small.query))
+  codec = lattice.zn_codec(24, 64)
+  _, ids = search.search_lattice(yq, codec.encode(yb), codec, 100)
+  assert evaluate.evaluate_lattice(small, proj, codec) == search.recall_at(
+      ids, small.groundtruth, (1, 10, 100))
+  from spreading_jax import binary
+  _, ids = search.hamming_knn(binary.sign_codes(yq), binary.sign_codes(yb), 10)
+  assert evaluate.evaluate_sign(small, proj, ks=(1, 10)) == search.recall_at(
+      ids, small.groundtruth, (1, 10))
+  with pytest.raises(ValueError, match="no k"):
+    evaluate.evaluate_sign(small, proj, ks=(5000,))
+
+
+def test_cli_eval_prints_lattice_and_sign_rows(siftsmall, tmp_path, capsys):
+  from spreading_jax.cli import main
+  from spreading_jax.train import TrainConfig, train
+  config = TrainConfig(d_out=16, hidden=(32,), epochs=1, val_every=0, verbose=False, r2=None,
+                       bits=32)
+  train(config, np.asarray(siftsmall.base[:3000], np.float32)).save(tmp_path / "model")
+  assert main(["eval", str(tmp_path / "model"), "siftsmall"]) in (0, None)
+  out = capsys.readouterr().out
+  assert "catalyzer + Zn lattice (d=16, r2=" in out and "| 32 |" in out
+  assert "catalyzer + sign (16 bits) | 16 |" in out
