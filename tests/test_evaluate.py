@@ -6,8 +6,8 @@ from spreading_jax import evaluate, lattice, quantizers, search
 
 
 @pytest.fixture(scope="module")
-def small(siftsmall):
-  return siftsmall.subset(nb=2000, nq=50, nt=2000)
+def small(mini):
+  return mini.subset(nb=2000, nq=50, nt=2000)
 
 
 def test_faiss_quantizer_protocol_equals_faiss_baseline(small, one_faiss_thread):
@@ -34,13 +34,13 @@ def test_lattice_and_sign_protocols_equal_direct_search(small):
     evaluate.evaluate_sign(small, proj, ks=(5000,))
 
 
-def test_cli_eval_prints_lattice_and_sign_rows(siftsmall, tmp_path, capsys):
+def test_cli_eval_prints_lattice_and_sign_rows(mini, tmp_path, capsys):
   from spreading_jax.cli import main
   from spreading_jax.train import TrainConfig, train
   config = TrainConfig(d_out=16, hidden=(32,), epochs=1, val_every=0, verbose=False, r2=None,
                        bits=32)
-  train(config, np.asarray(siftsmall.base[:3000], np.float32)).save(tmp_path / "model")
-  assert main(["eval", str(tmp_path / "model"), "siftsmall"]) in (0, None)
+  train(config, np.asarray(mini.train[:3000], np.float32)).save(tmp_path / "model")
+  assert main(["eval", str(tmp_path / "model"), "fashion-mnist-mini"]) in (0, None)
   out = capsys.readouterr().out
   assert "catalyzer + Zn lattice (d=16, r2=" in out and "| 32 |" in out
   assert "catalyzer + sign (16 bits) | 16 |" in out

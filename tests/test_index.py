@@ -174,8 +174,8 @@ def test_interrupted_save_leaves_nothing_behind(zn_index, tmp_path):
   assert SpreadingIndex.load(path).ntotal == zn_index.ntotal
 
 
-def test_quantizer_interface(model, siftsmall):
-  y = model.apply(np.asarray(siftsmall.base[:300], np.float32))
+def test_quantizer_interface(model, mini):
+  y = model.apply(np.asarray(mini.base[:300], np.float32))
   for name in ("zn", "sign"):
     q = quantizers.for_model(name, model.config)
     codes = q.encode(y)
@@ -194,9 +194,9 @@ def test_quantizer_interface(model, siftsmall):
 
 
 @pytest.mark.parametrize("factory", ["ITQ8", "LSH8", "IVF16,PQ2", "SQ8"])
-def test_faiss_quantizer_searches_codes_like_faiss(model, siftsmall, factory, one_faiss_thread):
+def test_faiss_quantizer_searches_codes_like_faiss(model, mini, factory, one_faiss_thread):
   from spreading_jax import baselines
-  y = model.apply(np.asarray(siftsmall.base[:3000], np.float32))
+  y = model.apply(np.asarray(mini.base[:3000], np.float32))
   q = quantizers.make_quantizer(factory, 8)
   q.train(y)
   codes = q.encode(y)

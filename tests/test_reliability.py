@@ -37,13 +37,13 @@ CONFIG = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [16, 16], "epochs": 2, "va
 
 
 @pytest.fixture(scope="module")
-def work(siftsmall, tmp_path_factory):
+def work(mini, tmp_path_factory):
   """A directory with vectors files, a config and a model trained through the CLI (with
   a checkpoint directory: it is also the uninterrupted reference of the kill -9 test)."""
   w = tmp_path_factory.mktemp("rel")
-  np.save(w / "xt.npy", np.asarray(siftsmall.train[:1000], np.float32))
-  np.save(w / "xb.npy", np.asarray(siftsmall.base[:4000], np.float32))
-  np.save(w / "xq.npy", np.asarray(siftsmall.query[:20], np.float32))
+  np.save(w / "xt.npy", np.asarray(mini.train[:1000], np.float32))
+  np.save(w / "xb.npy", np.asarray(mini.base[:4000], np.float32))
+  np.save(w / "xq.npy", np.asarray(mini.query[:20], np.float32))
   (w / "cfg.json").write_text(json.dumps(CONFIG))
   with _compilation_cache(w):
     assert main(_train_argv(w, w / "model", w / "ck_ref")) == 0
@@ -159,7 +159,7 @@ def test_outputs_that_are_not_ours_or_are_inputs_are_refused(work, tmp_path, cap
     m.save(tmp_path / "idx")
   m.save(tmp_path / "m2")
   m.save(tmp_path / "m2")
-  assert TrainResult.load(tmp_path / "m2").d_in == 128
+  assert TrainResult.load(tmp_path / "m2").d_in == 784
   assert _tree(work / "model") == before and (proj / "notes.txt").read_text() == "precious"
 
 
