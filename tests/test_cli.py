@@ -57,3 +57,17 @@ def test_build_faiss_quantizer(model_dir, mini, tmp_path, capsys):
                "--train", str(xt)]) == 0
   assert main(["info", str(idx)]) == 0
   assert "bytes_per_vector=4 ntotal=2000" in capsys.readouterr().out
+
+
+def test_demo_runs_on_the_shipped_data(tmp_path, capsys, one_faiss_thread):
+  """`make demo` end to end (1 epoch): train, index save/reload/search, table, plot."""
+  assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "| catalyzer + Zn lattice (SpreadingIndex, d=24, r2=79) | 64 |" in out
+  assert "| random projection + Zn lattice" in out
+  saved = json.loads((tmp_path / "demo.json").read_text())
+  assert saved["dataset"] == "fashion-mnist-mini"
+  assert [r["bits"] for r in saved["rows"]] == [64, 64, 24, 64]
+  assert all(0 < r["recall"]["100"] <= 1 for r in saved["rows"])
+  assert (tmp_path / "training.png").stat().st_size > 0
+  assert (tmp_path / "index" / "index.json").is_file()
