@@ -412,7 +412,10 @@ def search_cmd(args):
   for suffix in ("I", "D"):
     _outputs.check_output_file(f"{args.out}_{suffix}.npy", inputs=inputs)
   index = _load_index(args.index)
-  D, I = index.search(read_vectors(args.queries, key=args.key), args.k)
+  xq = read_vectors(args.queries, key=args.key)
+  if xq.shape[0] == 0:  # the library answers (0, k); on the command line it is a mistake
+    raise UserError(f"{args.queries} has no rows: there is nothing to search")
+  D, I = index.search(xq, args.k)
   for suffix, arr in (("I", I), ("D", D)):
     with atomic_output(f"{args.out}_{suffix}.npy") as tmp:
       with open(tmp, "wb") as f:

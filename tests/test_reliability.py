@@ -333,8 +333,8 @@ def test_cli_user_mistakes_are_one_line(work, tmp_path, capsys, one_faiss_thread
   ]
   for argv, match in cases:
     _fails_cleanly(argv, capsys, t, match)
-  # Zero queries: the index says so in one line; the Hamming kernel itself answers with
-  # an empty result (it used to crash reshaping zero rows).
+  # Zero queries: the CLI says so in one line; the library answers with an empty result
+  # (the Hamming kernel used to crash reshaping zero rows).
   _fails_cleanly(["search", str(sign_idx), str(t / "no_rows.npy"), "--out", str(t / "s")],
                  capsys, t, "no rows")
   from spreading_jax import search
