@@ -382,7 +382,7 @@ class Dataset:
 
 _SHIPPED = Path(__file__).resolve().parent / "_shipped"
 _MINI_FILE = "fashion-mnist-mini.npz.xz"
-# The shipped file never changes (scripts/make_fashion_mnist_mini.py made it once).
+# The shipped file never changes (experiments/make_fashion_mnist_mini.py made it once).
 _MINI_SHA256 = "d756b2741d11b3ca4f945e168ac42e09beaea2198ddb4cfbfdacf49e78743064"
 
 

@@ -95,38 +95,63 @@ class TrainResult:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TrainResult":
-    """Reads a model written by ``save``; raises ValueError if it is incomplete or corrupt."""
+    """Reads a model written by ``save``; raises ValueError if it is incomplete, corrupt or
+    its metadata was edited into something this library did not write."""
     path = os.fspath(path)
     meta_path = os.path.join(path, "model.json")
     var_path = os.path.join(path, "variables.msgpack")
     if not os.path.isfile(meta_path) or not os.path.isfile(var_path):
       raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack missing)")
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{meta_path} is corrupt: {e}") from e
-    if meta.get("kind") != "spreading_jax.catalyzer":
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("kind") != "spreading_jax.catalyzer":
       raise ValueError(f"{meta_path} does not describe a catalyzer")
     if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path} has format version {meta.get('format_version')}, "
+      raise ValueError(f"{path} has format version {meta.get('format_version')!r}, "
                        f"this library reads version {FORMAT_VERSION}")
+    d_in, scale = meta.get("d_in"), meta.get("input_scale")
+    if not isinstance(d_in, int) or isinstance(d_in, bool) or d_in < 1:
+      raise ValueError(f"{meta_path}: d_in={d_in!r} must be a positive integer")
+    if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+        or not np.isfinite(scale) or scale <= 0):
+      raise ValueError(f"{meta_path}: input_scale={scale!r} must be a positive number")
+    selection = meta.get("selection")
+    if selection is not None and not isinstance(selection, dict):
+      raise ValueError(f"{meta_path}: selection must be an object or null")
     with open(var_path, "rb") as f:
       blob = f.read()
-    if (len(blob) != meta["variables_bytes"]
-        or _files.sha256_bytes(blob) != meta["variables_sha256"]):
+    if (len(blob) != meta.get("variables_bytes")
+        or _files.sha256_bytes(blob) != meta.get("variables_sha256")):
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
-    config = TrainConfig.from_dict(meta["config"])
+    try:
+      config = TrainConfig.from_dict(meta.get("config"))
+    except TypeError as e:
+      raise ValueError(f"{meta_path}: config is not a TrainConfig ({e})") from e
+    if config.d_out is None:
+      raise ValueError(f"{meta_path}: config.d_out is missing")
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
-    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, meta["d_in"])), train=False)
-    variables = flax.serialization.from_bytes(template, blob)
+    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False)
+    try:
+      variables = flax.serialization.from_bytes(template, blob)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{var_path} does not match the architecture in {meta_path} "
+                       f"(d_in={d_in}, hidden={list(config.hidden)}, d_out={config.d_out})"
+                       ) from e
     history = []
     hist_path = os.path.join(path, "history.json")
     if os.path.isfile(hist_path):
-      with open(hist_path) as f:
-        history = json.load(f)
-    return cls(variables["params"], variables["batch_stats"], config, int(meta["d_in"]),
-               float(meta["input_scale"]), history, meta.get("selection"))
+      history = _read_json(hist_path)
+      if not isinstance(history, list):
+        raise ValueError(f"{hist_path} must hold a list of epoch records")
+    return cls(variables["params"], variables["batch_stats"], config, d_in, float(scale),
+               history, selection)
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is corrupt: {e}") from e
 
 
 _FORWARD_CACHE: dict = {}

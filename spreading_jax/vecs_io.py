@@ -231,7 +231,17 @@ def read_hdf5(path: PathLike) -> dict:
   if out["neighbors"].shape[0] != out["test"].shape[0]:
     raise ValueError(f"{name}: 'neighbors' has {out['neighbors'].shape[0]} rows for "
                      f"{out['test'].shape[0]} test queries")
+  _check_ids(name, "'neighbors'", out["neighbors"], out["train"].shape[0])
   return out
+
+
+def _check_ids(name: str, what: str, ids: np.ndarray, n: int) -> None:
+  """Neighbour ids must be integers in [0, n) (so int32 holds them without wrapping)."""
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{name}: {what} must hold integer ids, got {ids.dtype}")
+  if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
+    raise ValueError(f"{name}: {what} holds ids in [{int(ids.min())}, {int(ids.max())}], "
+                     f"outside [0, {n}) of the {n} database vectors")
 
 
 def write_hdf5(path: PathLike, train, test, neighbors, distances=None,
@@ -255,8 +265,7 @@ def write_hdf5(path: PathLike, train, test, neighbors, distances=None,
   if train.shape[1] != test.shape[1] or neighbors.shape[0] != test.shape[0]:
     raise ValueError(f"write_hdf5({name}): shapes disagree: train {train.shape}, test "
                      f"{test.shape}, neighbors {neighbors.shape}")
-  if not np.issubdtype(neighbors.dtype, np.integer):
-    raise ValueError(f"write_hdf5({name}): neighbors must be integer ids, got {neighbors.dtype}")
+  _check_ids(f"write_hdf5({name})", "neighbors", neighbors, train.shape[0])
   with atomic_output(name) as tmp:
     with h5py.File(tmp, "w") as f:
       f.attrs["distance"] = distance

@@ -1,6 +1,6 @@
 """Builds spreading_jax/_shipped/fashion-mnist-mini.npz.xz, the dataset shipped in the package.
 
-    python scripts/make_fashion_mnist_mini.py --root DATA_ROOT
+    python experiments/make_fashion_mnist_mini.py --root DATA_ROOT
 
 DATA_ROOT/fashion-mnist/ holds the upstream train-images-idx3-ubyte.gz and
 t10k-images-idx3-ubyte.gz (https://github.com/zalandoresearch/fashion-mnist, MIT). Rows
