@@ -40,6 +40,8 @@ def _configure_demo(p):
   p.add_argument("--root", default=None, help="data directory searched first for datasets "
                  "on disk (then $SPREADING_DATA, then the cache)")
   p.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+  p.add_argument("--train-rows", type=int, default=None,
+                 help="train on the first N training vectors only (a quick look; default: all)")
   p.add_argument("--lambda-koleo", type=float, default=0.05,
                  help="KoLeo weight (default 0.05, the original code's default)")
   p.add_argument("--out", default="experiments/results/demo",
@@ -55,6 +57,8 @@ def demo(args):
 
   t_start = time.perf_counter()
   ds = datasets.load_dataset(args.dataset, args.root).as_float32()
+  if args.train_rows is not None:
+    ds = ds.subset(nt=args.train_rows)
   print(f"dataset {ds.name}: train {ds.train.shape}, base {ds.base.shape}, "
         f"query {ds.query.shape} (models train on `train` only)", flush=True)
   # d_out and λ given: the demo stays within its time budget (``train`` would otherwise

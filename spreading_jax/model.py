@@ -117,6 +117,10 @@ class TrainResult:
     selection = meta.get("selection")
     if selection is not None and not isinstance(selection, dict):
       raise ValueError(f"{meta_path}: selection must be an object or null")
+    size, digest = meta.get("variables_bytes"), meta.get("variables_sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or not isinstance(digest, str):
+      raise ValueError(f"{meta_path}: malformed model metadata (variables_bytes={size!r}, "
+                       f"variables_sha256={digest!r})")
     with open(var_path, "rb") as f:
       blob = f.read()
     if (len(blob) != meta.get("variables_bytes")

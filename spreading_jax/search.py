@@ -439,6 +439,8 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
   binary.check_codes("base_codes", base_codes)
   binary.check_codes("query_codes", query_codes, base_codes.shape[1])
   k = _check_k(k, base_codes.shape[0])
+  if query_codes.shape[0] == 0:  # no queries: an empty answer (nothing to pack or scan)
+    return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.int32)
   q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
   s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
                      base_block=base_block, prepared_dim=8 * base_codes.shape[1],

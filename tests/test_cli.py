@@ -61,12 +61,12 @@ def test_build_faiss_quantizer(model_dir, mini, tmp_path, capsys):
 
 def test_demo_runs_on_the_shipped_data(tmp_path, capsys, one_faiss_thread):
   """`make demo` end to end (1 epoch): train, index save/reload/search, table, plot."""
-  assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+  assert main(["demo", "--epochs", "1", "--train-rows", "3000", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "| catalyzer + Zn lattice (SpreadingIndex, d=24, r2=79) | 64 |" in out
   assert "| random projection + Zn lattice" in out
   saved = json.loads((tmp_path / "demo.json").read_text())
-  assert saved["dataset"] == "fashion-mnist-mini"
+  assert saved["dataset"].startswith("fashion-mnist-mini")
   assert [r["bits"] for r in saved["rows"]] == [64, 64, 24, 64]
   assert all(0 < r["recall"]["100"] <= 1 for r in saved["rows"])
   assert (tmp_path / "training.png").stat().st_size > 0

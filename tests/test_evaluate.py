@@ -38,7 +38,7 @@ def test_cli_eval_prints_lattice_and_sign_rows(mini, tmp_path, capsys):
   from spreading_jax.cli import main
   from spreading_jax.train import TrainConfig, train
   config = TrainConfig(d_out=16, hidden=(32,), epochs=1, val_every=0, verbose=False, r2=None,
-                       bits=32)
+                       bits=32, lambda_koleo=0.05)
   train(config, np.asarray(mini.train[:3000], np.float32)).save(tmp_path / "model")
   assert main(["eval", str(tmp_path / "model"), "fashion-mnist-mini"]) in (0, None)
   out = capsys.readouterr().out
