@@ -335,7 +335,7 @@ def _rerank_l2(xq, xb, ids, k: int):
   squared L2 computed from differences (no |x|^2 - 2<x, q> cancellation), ties to the
   lower id. -> (f32[nq, k], i32[nq, k])."""
   nq, kc = ids.shape
-  rows = min(_RERANK_ROWS, nq)
+  rows = max(1, min(_RERANK_ROWS, nq))  # zero queries: one empty block shape
   nq_pad = sharding.round_up(nq, rows)
   xq_b = sharding.pad_rows(xq, nq_pad).reshape(nq_pad // rows, rows, xq.shape[1])
   ids_b = sharding.pad_rows(ids, nq_pad).reshape(nq_pad // rows, rows, kc)
@@ -414,7 +414,8 @@ def _pack_words(codes):
   every code, so they never add to a distance)."""
   n, nbytes = codes.shape
   codes = jnp.pad(codes, ((0, 0), (0, -nbytes % 4)))
-  return jax.lax.bitcast_convert_type(codes.reshape(n, -1, 4), jnp.uint32)
+  # The word count is explicit: reshape cannot infer a -1 axis from zero rows.
+  return jax.lax.bitcast_convert_type(codes.reshape(n, -(-nbytes // 4), 4), jnp.uint32)
 
 
 def _hamming_score(xq, xb):
@@ -439,8 +440,6 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
   binary.check_codes("base_codes", base_codes)
   binary.check_codes("query_codes", query_codes, base_codes.shape[1])
   k = _check_k(k, base_codes.shape[0])
-  if query_codes.shape[0] == 0:  # no queries: an empty answer (nothing to pack or scan)
-    return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.int32)
   q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
   s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
                      base_block=base_block, prepared_dim=8 * base_codes.shape[1],

@@ -340,6 +340,10 @@ def test_cli_user_mistakes_are_one_line(work, tmp_path, capsys, one_faiss_thread
   from spreading_jax import search
   D, I = search.hamming_knn(np.zeros((0, 1), np.uint8), np.zeros((5, 1), np.uint8), 3)
   assert D.shape == I.shape == (0, 3)
+  for metric in ("l2", "ip"):
+    D, I = search.knn(np.zeros((0, 4), np.float32), np.ones((5, 4), np.float32), 3,
+                      metric=metric)
+    assert D.shape == I.shape == (0, 3)
 
 
 # Outputs each command must refuse: inputs (also spelled relatively or through a symlink),
