@@ -217,8 +217,7 @@ def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False)
   metrics: per-step arrays. The state is donated. Cached: runs with the same shapes and an
   equal recipe reuse one compiled program.
   """
-  steps, rest = divmod(num_train, batch_size)
-  train_rest = rest >= 2 and not drop_remainder  # BatchNorm and KoLeo need 2 rows
+  steps, train_rest = _epoch_split(num_train, batch_size, drop_remainder)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def epoch(state, xt, positives, negatives, key):
@@ -247,8 +246,14 @@ def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False)
 
 def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
   """Optimizer steps in one epoch over ``num_train`` vectors (the partial batch counts)."""
-  steps, rest = divmod(num_train, config.batch_size)
-  return steps + int(rest >= 2 and not config.drop_remainder)
+  steps, train_rest = _epoch_split(num_train, config.batch_size, config.drop_remainder)
+  return steps + int(train_rest)
+
+
+def _epoch_split(num_train: int, batch_size: int, drop_remainder: bool) -> tuple[int, bool]:
+  """(full batches, whether the partial batch is a step): BatchNorm and KoLeo need 2 rows."""
+  steps, rest = divmod(num_train, batch_size)
+  return steps, rest >= 2 and not drop_remainder
 
 
 # ---------------------------------------------------------------------------------------
