@@ -1,14 +1,21 @@
-"""Per-epoch hard-negative mining cost: exact kNN of every training output among all of them.
+"""Per-epoch hard-negative mining cost at the paper's size, exact and graph (NN-descent).
 
-    python benchmarks/bench_mining.py                 # 500k x 24-d unit vectors, the paper size
-    python benchmarks/bench_mining.py --n 100000      # quick (also projected to 500k: x25)
+    python benchmarks/bench_mining.py                 # 500k x 24-d unit vectors (~12 min)
+    python benchmarks/bench_mining.py --n 100000      # quick
 
-Times the call the training loop makes each epoch, ``search.knn(y, y, rank_negative + 1,
-metric="ip")`` on unit vectors (rank_negative=50), after one warm-up call (compilation),
-median of --repeats. For reference, faiss.IndexFlatIP's exact search of the same query
-set runs in the same process on the first --faiss-queries rows (its time is scaled to n
-queries: exact search is linear in the number of queries). Writes
-experiments/results/bench_mining.json.
+Epoch 0 is y0, uniform unit vectors (the hardest case for any index: KoLeo spreads the
+catalyzer's outputs); each later epoch moves every vector, y_e = normalize(y_{e-1} + drift *
+noise), and the exact-neighbour overlap between consecutive epochs is reported (in real
+training it grows from ~0.2 after the first epoch to ~0.7; experiments/mining_methods.py).
+
+Rows (each after a warm-up call on the same shapes, so compilation is not timed):
+  exact   what mining="exact" runs each epoch: ``mining.hard_negatives`` (all n x n scores);
+  graph   what mining="graph" (CPU default from 100k vectors) runs at epochs 1..E, seeded
+          with y0's exact lists: NN-descent rounds, the exact sample check, the fallback;
+          with the exact rank of the mined negatives on 500 rows (target: rank_negative);
+  faiss   the original code's CPU mining: faiss HNSW32, efSearch=64, built and searched
+          on the same vectors each epoch (same rank measure).
+Writes experiments/results/bench_mining.json.
 """
 from __future__ import annotations
 
@@ -17,13 +24,31 @@ import os
 import sys
 import time
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import faiss_threads, median, write_result  # noqa: E402
 
-from spreading_jax import search  # noqa: E402
+from spreading_jax import mining, search  # noqa: E402
+
+
+def _sphere(rng, n, d):
+  y = rng.standard_normal((n, d), dtype=np.float32)
+  return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+def _ranks(y, neg, rows):
+  """Exact 1-based rank (self counted) of each row's negative, over ``rows``."""
+  s_neg = np.einsum("nd,nd->n", y[rows], y[neg[rows]])
+  return (y[rows] @ y.T > s_neg[:, None] + 1e-6).sum(1) + 1
+
+
+def _overlap(y_prev, y, rows, k):
+  _, a = search.knn(y_prev[rows], y_prev, k, metric="ip")
+  _, b = search.knn(y[rows], y, k, metric="ip")
+  a, b = np.asarray(a), np.asarray(b)
+  return float((a[:, :, None] == b[:, None, :]).any(2).mean())
 
 
 def main(argv=None):
@@ -31,47 +56,85 @@ def main(argv=None):
   p.add_argument("--n", type=int, default=500_000)
   p.add_argument("--d", type=int, default=24)
   p.add_argument("--rank-negative", type=int, default=50)
-  p.add_argument("--repeats", type=int, default=1)
-  p.add_argument("--faiss-queries", type=int, default=20_000)
+  p.add_argument("--epochs", type=int, default=3, help="graph epochs after y0")
+  p.add_argument("--drift", type=float, default=0.1)
   p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--skip-faiss", action="store_true")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
-  y = rng.standard_normal((args.n, args.d), dtype=np.float32)
-  y /= np.linalg.norm(y, axis=1, keepdims=True)
-  yd = jax.device_put(y)
-  k = args.rank_negative + 1
-
-  def ours():
-    jax.block_until_ready(search.knn(yd, yd, k, metric="ip"))
-
+  ys = [_sphere(rng, args.n, args.d)]
+  for _ in range(args.epochs):
+    y = ys[-1] + args.drift * _sphere(rng, args.n, args.d)
+    ys.append(y / np.linalg.norm(y, axis=1, keepdims=True))
+  rows = np.sort(rng.choice(args.n, 500, replace=False))
+  rank = args.rank_negative
   loads = [os.getloadavg()[0]]
+  out = {"n": args.n, "d": args.d, "rank_negative": rank, "drift": args.drift,
+         "target_s": 60.0}
+
+  # exact: warm-up on y1 (compiles), timed on y0; y0's graph seeds the graph miner.
+  exact = mining.NegativeMiner(rank, method="exact")
+  exact(jnp.asarray(ys[1]), jnp.asarray(ys[1]))
   t = time.perf_counter()
-  ours()  # warm-up: compiles
-  warm = time.perf_counter() - t
-  times = []
-  for _ in range(args.repeats):
+  neg = exact(jnp.asarray(ys[0]), jnp.asarray(ys[0]))
+  out["exact_s"] = time.perf_counter() - t
+  out["exact_rank_median"] = float(np.median(_ranks(ys[0], neg, rows)))
+  loads.append(os.getloadavg()[0])
+  print(f"exact  epoch 0: {out['exact_s']:.1f} s", flush=True)
+
+  graph = mining.NegativeMiner(rank, method="graph")
+  seed = np.asarray(search.knn(ys[0], ys[0], graph.width(args.n), metric="ip")[1])
+  warm = mining.NegativeMiner(rank, method="graph", recall_target=1e-9)  # compiles refine
+  warm.start(seed)
+  warm(jnp.asarray(ys[0]), jnp.asarray(ys[0]))
+  graph.start(seed)
+  out["graph"] = []
+  for e in range(1, args.epochs + 1):
     t = time.perf_counter()
-    ours()
-    times.append(time.perf_counter() - t)
+    neg = graph(jnp.asarray(ys[e]), jnp.asarray(ys[e]))
+    dt = time.perf_counter() - t
+    r = _ranks(ys[e], neg, rows)
+    row = dict(graph.last, epoch=e, seconds=dt, rank_median=float(np.median(r)),
+               rank_p10=float(np.percentile(r, 10)), rank_p90=float(np.percentile(r, 90)),
+               overlap_with_previous_epoch=_overlap(ys[e - 1], ys[e], rows[:200], rank))
+    out["graph"].append(row)
     loads.append(os.getloadavg()[0])
-  faiss = faiss_threads(args.threads)
-  index = faiss.IndexFlatIP(args.d)
-  index.add(y)
-  nf = min(args.faiss_queries, args.n)
-  t = time.perf_counter()
-  index.search(y[:nf], k)
-  t_faiss = (time.perf_counter() - t) * args.n / nf
-  row = {"n": args.n, "d": args.d, "k": k, "seconds": median(times), "times_s": times,
-         "first_call_s_with_compile": warm, "faiss_flat_ip_s_projected": t_faiss,
-         "faiss_queries_timed": nf, "load_averages": loads, "target_s": 60.0,
-         # Exact mining is quadratic in n: the projection to the paper's 500k vectors.
-         "seconds_projected_500k": median(times) * (500_000 / args.n) ** 2}
-  print(f"mining {args.n} x {args.d}-d, k={k}: {row['seconds']:.1f} s per epoch "
-        f"(faiss IndexFlatIP, {nf} queries timed, scaled: {t_faiss:.1f} s; "
-        f"load {loads[0]:.1f}..{max(loads):.1f}); projected to 500k: "
-        f"{row['seconds_projected_500k']:.0f} s", flush=True)
-  path = write_result("bench_mining", {"benchmark": "per-epoch exact negative mining",
-                                       "threads": args.threads, "rows": [row],
+    print(f"graph  epoch {e}: {dt:.1f} s, rounds {row['rounds']}, recall "
+          f"{row['recall']:.3f}, exact fallback {row['exact']}, negative rank median "
+          f"{row['rank_median']:.0f} (p10 {row['rank_p10']:.0f}, p90 {row['rank_p90']:.0f}); "
+          f"neighbour overlap with the previous epoch {row['overlap_with_previous_epoch']:.2f}",
+          flush=True)
+  out["graph_s_median"] = median([r["seconds"] for r in out["graph"]])
+
+  if not args.skip_faiss:
+    faiss = faiss_threads(args.threads)
+    out["faiss_hnsw"] = []
+    for e in range(1, args.epochs + 1):
+      t = time.perf_counter()
+      index = faiss.IndexHNSWFlat(args.d, 32, faiss.METRIC_INNER_PRODUCT)
+      index.add(ys[e])
+      index.hnsw.efSearch = 64
+      _, ids = index.search(ys[e], rank)
+      dt = time.perf_counter() - t
+      r = _ranks(ys[e], ids[:, rank - 1], rows)
+      out["faiss_hnsw"].append({"epoch": e, "seconds": dt, "rank_median": float(np.median(r)),
+                                "rank_p10": float(np.percentile(r, 10)),
+                                "rank_p90": float(np.percentile(r, 90))})
+      loads.append(os.getloadavg()[0])
+      print(f"faiss HNSW32 epoch {e}: {dt:.1f} s, negative rank median "
+            f"{np.median(r):.0f} (p10 {np.percentile(r, 10):.0f}, p90 "
+            f"{np.percentile(r, 90):.0f})", flush=True)
+    out["faiss_hnsw_s_median"] = median([r["seconds"] for r in out["faiss_hnsw"]])
+    out["speedup_graph_vs_faiss_hnsw"] = out["faiss_hnsw_s_median"] / out["graph_s_median"]
+  out["speedup_graph_vs_exact"] = out["exact_s"] / out["graph_s_median"]
+  out["load_averages"] = loads
+  print(f"mining {args.n} x {args.d}-d: exact {out['exact_s']:.1f} s/epoch, graph "
+        f"{out['graph_s_median']:.1f} s/epoch (median)"
+        + (f", faiss HNSW {out['faiss_hnsw_s_median']:.1f} s/epoch: graph is "
+           f"{out['speedup_graph_vs_faiss_hnsw']:.2f}x HNSW" if "faiss_hnsw" in out else "")
+        + f"; load {loads[0]:.1f}..{max(loads):.1f}", flush=True)
+  path = write_result("bench_mining", {"benchmark": "per-epoch negative mining",
+                                       "threads": args.threads, "rows": [out],
                                        "command": "python " + " ".join(sys.argv)})
   print(f"wrote {path}")
 

@@ -15,6 +15,7 @@ BN_MODES = ("separate", "joint")
 INITS = ("torch", "flax")
 INPUT_SCALINGS = ("none", "mean_norm")
 QUANTIZERS = ("lattice", "sign")
+MINING_METHODS = ("auto", "exact", "graph")
 
 
 def parse_lr_schedule(value) -> tuple[float, ...]:
@@ -67,6 +68,13 @@ class TrainConfig:
       too; True drops it so that every step has the same shape.
     input_scaling: "none" (original) feeds the vectors as they are; "mean_norm" divides
       them by the mean norm of the training vectors (the factor is stored with the model).
+    mining: how each epoch's negatives are found: "exact" searches every output among all
+      of them; "graph" refines last epoch's approximate neighbour lists (NN-descent) until
+      an exactly measured sample shows ``mining_recall`` of the rank_negative nearest
+      neighbours, and searches exactly when it does not (``mining.NegativeMiner``);
+      "auto" (default) is the original code's choice: exact on a GPU/TPU, approximate on a
+      CPU (the original uses HNSW there), exact below 100k training vectors.
+    mining_recall: the recall target of "graph" mining.
     end_to_end: pass positives and negatives through the lattice quantizer
       (straight-through) and mine negatives among quantized outputs.
     r2: squared radius of the Zn lattice used for validation and end-to-end training;
@@ -100,6 +108,8 @@ class TrainConfig:
   init: str = "torch"
   drop_remainder: bool = False
   input_scaling: str = "none"
+  mining: str = "auto"
+  mining_recall: float = 0.85
   end_to_end: bool = False
   r2: int | None = None
   bits: int = 64
@@ -121,9 +131,12 @@ class TrainConfig:
     object.__setattr__(self, "hidden", tuple(self.hidden))
     _check_field_types(self)
     for name, allowed in (("bn_mode", BN_MODES), ("init", INITS),
-                          ("input_scaling", INPUT_SCALINGS), ("quantizer", QUANTIZERS)):
+                          ("input_scaling", INPUT_SCALINGS), ("quantizer", QUANTIZERS),
+                          ("mining", MINING_METHODS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+    if not 0.0 < self.mining_recall <= 1.0:
+      raise ValueError(f"mining_recall={self.mining_recall} must be in (0, 1]")
 
   def replace(self, **changes) -> "TrainConfig":
     return dataclasses.replace(self, **changes)

@@ -440,10 +440,19 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
   if mesh is not None:
     xt_dev = sharding.replicate(xt_dev, mesh)
 
+  method = mining.mining_method(config.mining, nt)
+  miner = mining.NegativeMiner(config.rank_negative, include_self=config.neighbors_include_self,
+                               method=method, recall_target=config.mining_recall,
+                               seed=config.seed, mesh=mesh)
   t0 = time.perf_counter()
-  positives = jnp.asarray(mining.positives(xt_dev, config.rank_positive,
-                                           include_self=config.neighbors_include_self,
-                                           mesh=mesh))
+  k_input = config.rank_positive + (0 if config.neighbors_include_self else 1)
+  if method == "graph":  # the input-space lists also seed the first epoch's mining
+    k_input = max(k_input, miner.width(nt))
+  neighbors = mining.input_neighbors(xt_dev, k_input, mesh=mesh)
+  positives = jnp.asarray(mining.positives_from(neighbors, config.rank_positive,
+                                                include_self=config.neighbors_include_self))
+  if method == "graph":
+    miner.start(neighbors[:, :miner.width(nt)])
   logger.info("exact positives for %d vectors in %.1fs", nt, time.perf_counter() - t0)
 
   init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -469,9 +478,8 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
       result.params, result.batch_stats = state.params, state.batch_stats
       yt = result.apply_device(xt_dev)
       t_mine = time.perf_counter()
-      negatives = jnp.asarray(mining.hard_negatives(
-          yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt,
-          config.rank_negative, include_self=config.neighbors_include_self, mesh=mesh))
+      negatives = jnp.asarray(miner(
+          yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt))
       t_mine = time.perf_counter() - t_mine
       state, metrics = epoch_fn(state, xt_dev, positives, negatives, jax.random.fold_in(key, epoch))
       metrics = jax.device_get(metrics)
@@ -481,6 +489,9 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
                 "koleo": float(np.mean(metrics["koleo"])),
                 "violations": int(np.sum(metrics["violations"])),
                 "mining_s": round(t_mine, 3)}
+      if method == "graph":
+        record.update(mining_recall=miner.last["recall"], mining_exact=miner.last["exact"],
+                      mining_column=miner.last["column"])
       if not np.isfinite(record["loss"]):
         raise FloatingPointError(f"loss became {record['loss']} at epoch {epoch + 1}; lower the "
                                  "learning rate or check the data")
@@ -513,6 +524,9 @@ def _log_epoch(record: dict, config: TrainConfig, bar) -> None:
           f" = triplet {record['triplet']:.4f} + {config.lambda_koleo:g}*koleo "
           f"{record['koleo']:.4f} | violating triplets {record['violations']} | "
           f"{record['time_s']:.1f}s")
+  if "mining_recall" in record:
+    how = "exact" if record["mining_exact"] else f"graph, recall {record['mining_recall']:.2f}"
+    line += f" (mining {record['mining_s']:.1f}s, {how})"
   if "lattice_R@10" in record:
     recalls = "/".join(f"{record[k]:.3f}" for k in record if k.startswith("lattice_R@"))
     line += f" | val lattice R@1/10/100 {recalls}"
