@@ -109,7 +109,7 @@ class TrainConfig:
   drop_remainder: bool = False
   input_scaling: str = "none"
   mining: str = "auto"
-  mining_recall: float = 0.85
+  mining_recall: float = 0.8
   end_to_end: bool = False
   r2: int | None = None
   bits: int = 64

@@ -143,7 +143,7 @@ class NegativeMiner:
   """
 
   def __init__(self, rank_negative: int, *, include_self: bool = True, method: str = "exact",
-               recall_target: float = 0.85, max_rounds: int = 2, sample: int = 1024,
+               recall_target: float = 0.8, max_rounds: int = 3, sample: int = 1024,
                seed: int = 0, mesh: Mesh | None = None):
     self.rank = check_int("rank_negative", rank_negative, minimum=1)
     if method not in ("exact", "graph"):
