@@ -125,7 +125,8 @@ def main(argv=None):
   x = unit(rng, args.n, args.d)
   pos = mining.positives(jnp.asarray(x), 10)
   neg = mining.hard_negatives(jnp.asarray(x), jnp.asarray(x), 50)
-  config = T.TrainConfig(d_out=24, r2=79, batch_size=64, epochs=160, verbose=False)
+  config = T.TrainConfig(d_out=24, r2=79, lambda_koleo=0.01, batch_size=64, epochs=160,
+                         verbose=False)
 
   times, steps = time_jax_epoch(x, pos, neg, config, args.repeats)
   t_epoch = median(times)

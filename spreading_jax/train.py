@@ -119,7 +119,11 @@ class Batch(NamedTuple):
 
 def make_train_state(config: TrainConfig, d_in: int, steps_per_epoch: int, key: jax.Array,
                      mesh: Mesh | None = None) -> TrainState:
-  """A freshly initialised TrainState for ``config`` on d_in-dimensional inputs."""
+  """A freshly initialised TrainState for ``config`` on d_in-dimensional inputs (d_out and
+  lambda_koleo must be set: ``train`` chooses them when they are not)."""
+  if not config.shape_is_set:
+    raise ValueError(f"make_train_state needs d_out and lambda_koleo (got d_out={config.d_out}, "
+                     f"lambda_koleo={config.lambda_koleo}); train() chooses unset ones")
   module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden), init_scheme=config.init)
   variables = module.init(key, jnp.zeros((2, d_in)), train=False)
   tx, schedule = make_optimizer(config, steps_per_epoch)

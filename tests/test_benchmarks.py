@@ -39,6 +39,18 @@ def test_bench_accel_small_runs_on_cpu(tmp_path, monkeypatch):
   assert out["nb"] == 2048
 
 
+def test_bench_train_and_mining_run_at_smoke_size(tmp_path, monkeypatch):
+  common = _bench_module("_common")
+  monkeypatch.setattr(common, "RESULTS", tmp_path)
+  _bench_module("bench_train").main(["--n", "600", "--repeats", "1", "--mine-n", "2000"])
+  saved = json.loads((tmp_path / "bench_train.json").read_text())
+  assert saved["rows"][0]["vectors_per_s"] > 0 and saved["projection"]["epoch_s_500k_projected"] > 0
+  _bench_module("bench_mining").main(["--n", "3000", "--epochs", "1"])
+  row = json.loads((tmp_path / "bench_mining.json").read_text())["rows"][0]
+  assert row["exact_s"] > 0 and row["graph"][0]["recall"] > 0.5
+  assert 40 <= row["graph"][0]["rank_median"] <= 60 and row["faiss_hnsw"][0]["seconds"] > 0
+
+
 def test_bench_accel_skips_full_scale_without_accelerator(capsys):
   if jax.devices()[0].platform != "cpu":
     pytest.skip("an accelerator is present: the full-scale run is not skipped")
