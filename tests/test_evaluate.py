@@ -14,8 +14,9 @@ def test_faiss_quantizer_protocol_equals_faiss_baseline(small, one_faiss_thread)
   pytest.importorskip("faiss")
   from spreading_jax import baselines
   proj = evaluate.random_projection(small.d, 16, seed=1)
-  got = evaluate.evaluate_quantizer(small, proj, quantizers.make_quantizer("PQ4", 16))
-  assert got == baselines.evaluate_faiss(small, "PQ4", proj)
+  # "PQ4np": PQ4 without faiss' polysemous training (seconds; codes and recall unchanged).
+  got = evaluate.evaluate_quantizer(small, proj, quantizers.make_quantizer("PQ4np", 16))
+  assert got == baselines.evaluate_faiss(small, "PQ4np", proj)
   assert set(got) == {1, 10, 100} and 0 < got[100] <= 1
 
 
