@@ -8,16 +8,10 @@ from spreading_jax.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("cli")
-  config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
-            "lambda_koleo": 0.05,
-            "verbose": False, "num_train": 3000}
-  (tmp / "config.json").write_text(json.dumps(config))
-  out = tmp / "model"
-  assert main(["train", "fashion-mnist-mini", "--config", str(tmp / "config.json"),
-               "--out", str(out)]) == 0
-  return out
+def model_dir(tiny_model_dir):
+  # `train fashion-mnist-mini --config ... --out ...` through main(): see conftest.py (the
+  # model is shared with test_index and test_evaluate).
+  return tiny_model_dir
 
 
 def test_build_search_info_encode(model_dir, mini, tmp_path, capsys):
@@ -62,7 +56,7 @@ def test_build_faiss_quantizer(model_dir, mini, tmp_path, capsys):
 
 def test_demo_runs_on_the_shipped_data(tmp_path, capsys, one_faiss_thread):
   """`make demo` end to end (1 epoch): train, index save/reload/search, table, plot."""
-  assert main(["demo", "--epochs", "1", "--train-rows", "3000", "--out", str(tmp_path)]) == 0
+  assert main(["demo", "--epochs", "1", "--train-rows", "1500", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "| catalyzer + Zn lattice (SpreadingIndex, d=24, r2=79) | 64 |" in out
   assert "| random projection + Zn lattice" in out

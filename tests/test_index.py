@@ -10,14 +10,13 @@ import pytest
 
 from spreading_jax import lattice, quantizers, search
 from spreading_jax.index import SpreadingIndex
-from spreading_jax.train import TrainConfig, train
+from spreading_jax.model import TrainResult
 
 
 @pytest.fixture(scope="module")
-def model(mini):
-  config = TrainConfig(d_out=8, r2=10, bits=32, hidden=(32, 32), epochs=1, val_every=0,
-                       lambda_koleo=0.05, verbose=False)
-  return train(config, np.asarray(mini.train[:3000], np.float32))
+def model(tiny_model_dir):
+  # d_out=8, r2=10, bits=32, 1 epoch (conftest.py; shared with test_cli and test_evaluate).
+  return TrainResult.load(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
