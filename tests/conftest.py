@@ -49,12 +49,12 @@ def mini():
 @pytest.fixture(scope="session")
 def tiny_model_dir(mini, tmp_path_factory):
   """A tiny model trained once through the CLI's `train` on the shipped dataset (1 epoch on
-  3,000 rows, d_out=8, r2=10, 32-bit budget), for the tests that need *a* trained model:
-  test_cli (which checks the command), test_index and test_evaluate."""
+  2,944 rows = 46 full batches, d_out=8, r2=10, 32-bit budget), for the tests that need *a*
+  trained model: test_cli (which checks the command), test_index and test_evaluate."""
   from spreading_jax.cli import main
   tmp = tmp_path_factory.mktemp("tiny_model")
   config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
-            "lambda_koleo": 0.05, "verbose": False, "num_train": 3000}
+            "lambda_koleo": 0.05, "verbose": False, "num_train": 2944}
   (tmp / "config.json").write_text(json.dumps(config))
   with pytest.MonkeyPatch.context() as mp:  # session scope: the autouse fixture is not active
     mp.delenv("SPREADING_DATA", raising=False)

@@ -56,7 +56,8 @@ def test_build_faiss_quantizer(model_dir, mini, tmp_path, capsys):
 
 def test_demo_runs_on_the_shipped_data(tmp_path, capsys, one_faiss_thread):
   """`make demo` end to end (1 epoch): train, index save/reload/search, table, plot."""
-  assert main(["demo", "--epochs", "1", "--train-rows", "1500", "--out", str(tmp_path)]) == 0
+  # 1,460 rows: 500 validation queries, 192 database, 768 training rows (12 full batches).
+  assert main(["demo", "--epochs", "1", "--train-rows", "1460", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "| catalyzer + Zn lattice (SpreadingIndex, d=24, r2=79) | 64 |" in out
   assert "| random projection + Zn lattice" in out
