@@ -61,12 +61,14 @@ def test_selection_reads_no_queries_and_is_deterministic(xt):
 
 
 def test_selection_picks_the_better_candidate(xt):
-  # λ=50 makes the KoLeo term swamp the triplet loss: the outputs spread over the sphere
+  # λ=500 makes the KoLeo term swamp the triplet loss: the outputs spread over the sphere
   # without regard to input neighbourhoods, so validation recall collapses. λ=0.05 must win.
   config = BASE.replace(d_out=16, bits=32)
-  chosen = selection.select_shape(config, xt, lambdas=(50.0, 0.05), **SCREEN)
+  chosen = selection.select_shape(config, xt, lambdas=(500.0, 0.05), **SCREEN)
   scores = {r["lambda_koleo"]: r["lattice_R@10"] for r in chosen.table}
-  assert scores[0.05] > scores[50.0] + 0.1, scores
+  # (R@10 0.84 vs 0.55 on these 2-epoch screens; λ=50 gave 0.84 vs 0.67, and 0.86 vs 0.77
+  # with other float rounding: too close to the margin.)
+  assert scores[0.05] > scores[500.0] + 0.1, scores
   assert chosen.lambda_koleo == 0.05 and chosen.d_out == 16
   assert chosen.r2 == selection.candidate_shapes(32, d_outs=(16,))[0][1]
 
