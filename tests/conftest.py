@@ -3,6 +3,7 @@
 A dataset that cannot be loaded skips its tests locally but fails them under CI=true, so a
 broken install never looks green in CI.
 """
+import json
 import os
 import urllib.parse
 import urllib.request
@@ -43,6 +44,24 @@ def _hermetic_data_locations(tmp_path_factory, monkeypatch):
 def mini():
   """fashion-mnist-mini: 784-d real images, 20k train / 10k base / 1k queries, exact gt."""
   return _load("fashion-mnist-mini")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(mini, tmp_path_factory):
+  """A tiny model trained once through the CLI's `train` on the shipped dataset (1 epoch on
+  2,944 rows = 46 full batches, d_out=8, r2=10, 32-bit budget), for the tests that need *a*
+  trained model: test_cli (which checks the command), test_index and test_evaluate."""
+  from spreading_jax.cli import main
+  tmp = tmp_path_factory.mktemp("tiny_model")
+  config = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 1, "val_every": 0,
+            "lambda_koleo": 0.05, "verbose": False, "num_train": 2944}
+  (tmp / "config.json").write_text(json.dumps(config))
+  with pytest.MonkeyPatch.context() as mp:  # session scope: the autouse fixture is not active
+    mp.delenv("SPREADING_DATA", raising=False)
+    mp.setenv("SPREADING_CACHE", str(tmp / "cache"))
+    assert main(["train", "fashion-mnist-mini", "--config", str(tmp / "config.json"),
+                 "--out", str(tmp / "model")]) == 0
+  return tmp / "model"
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_damaged_vector_files_are_a_value_error(files, tmp_path, name, cut, edit
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   d = tmp_path_factory.mktemp("saved")
-  x = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+  x = np.random.default_rng(1).standard_normal((288, 16)).astype(np.float32)  # 9 batches
   config = TrainConfig(d_out=8, r2=15, bits=16, hidden=(16,), epochs=1, batch_size=32,
                        lambda_koleo=0.05, val_every=0, verbose=False)
   model = train(config, x)

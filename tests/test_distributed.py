@@ -13,6 +13,8 @@ import pytest
 from spreading_jax import encode, sharding
 from spreading_jax.train import TrainConfig, TrainResult, train
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 CONFIG = {"d_out": 8, "r2": 10, "bits": 32, "hidden": [32, 32], "epochs": 2, "batch_size": 32,
           "lambda_koleo": 0.05,
           "val_queries": 50, "val_every": 1, "verbose": False, "seed": 3}
@@ -24,25 +26,33 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(args, tmp_path):
-  """Runs ``spreading_jax ARGS --distributed`` as processes 0 and 1 of one job (2 CPU
-  devices each, so the global mesh has 4 devices)."""
+def _start_two_processes(args, tmp_path, name):
+  """Starts ``spreading_jax ARGS --distributed`` as processes 0 and 1 of one job (2 CPU
+  devices each, so the global mesh has 4 devices); their output goes to files (never a
+  pipe that fills while this process works)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "spreading_jax", *args, "--distributed", "--coordinator",
-       f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("a process of the distributed job hung")
+             JAX_PLATFORMS="cpu", TQDM_DISABLE="1", PYTHONPATH=REPO)
+  procs = []
+  for i in range(2):
+    with open(tmp_path / f"{name}{i}.log", "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "spreading_jax", *args, "--distributed", "--coordinator",
+           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+          env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _wait(procs, tmp_path, name):
+  """Waits for a job from _start_two_processes; returns the outputs of processes 0 and 1."""
+  try:
+    for p in procs:
+      p.wait(timeout=240)
+  except subprocess.TimeoutExpired:
+    for q in procs:
+      q.kill()
+    pytest.fail("a process of the distributed job hung")
+  outs = [(tmp_path / f"{name}{i}.log").read_text() for i in range(2)]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   return outs
@@ -67,12 +77,18 @@ def test_two_process_train_and_encode(tmp_path):
       np.float32)  # 1001 rows: the two processes read slices of 500 and 501 rows
   np.save(tmp_path / "xt.npy", x)
   (tmp_path / "config.json").write_text(json.dumps(CONFIG))
-  outs = _run_two_processes(["train", "xt.npy", "--config", "config.json", "--out", "model"],
-                            tmp_path)
+  job = _start_two_processes(["train", "xt.npy", "--config", "config.json", "--out", "model"],
+                             tmp_path, "train")
+  try:
+    # Meanwhile, the same training in this process on a 4-device mesh: same global
+    # batches, same math (run while the job runs: its processes often wait on each other).
+    local = train(TrainConfig.from_dict(CONFIG), x, mesh=sharding.make_mesh(4))
+  except BaseException:
+    for p in job:
+      p.kill()
+    raise
+  outs = _wait(job, tmp_path, "train")
   assert "wrote model" in outs[0] and "wrote model" not in outs[1]  # process 0 writes
-
-  # The same training in this process on a 4-device mesh: same global batches, same math.
-  local = train(TrainConfig.from_dict(CONFIG), x, mesh=sharding.make_mesh(4))
   remote = TrainResult.load(tmp_path / "model")
   assert len(local.history) == len(remote.history) == CONFIG["epochs"]
   for a, b in zip(local.history, remote.history):
@@ -81,7 +97,8 @@ def test_two_process_train_and_encode(tmp_path):
   np.testing.assert_allclose(local.apply(x[:100]), remote.apply(x[:100]), atol=1e-4)
 
   # Distributed encoding: each process writes the codes of its own slice.
-  _run_two_processes(["encode", "model", "xt.npy", "codes.npy"], tmp_path)
+  _wait(_start_two_processes(["encode", "model", "xt.npy", "codes.npy"], tmp_path, "encode"),
+        tmp_path, "encode")
   parts = [np.load(tmp_path / f"codes.part{i:05d}-of-00002.npy") for i in range(2)]
   assert [len(p) for p in parts] == [500, 501]
   np.testing.assert_array_equal(np.concatenate(parts),

@@ -11,7 +11,8 @@ import pytest
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
 REPO = os.path.dirname(EXPERIMENTS)
 CONFIGS = sorted(glob.glob(os.path.join(EXPERIMENTS, "configs", "*.py")))
-TINY = ["dataset=fashion-mnist-mini", "epochs=1", "hidden=32", "nb=1000", "nq=20", "nt=1000",
+# nt=1010: 50 validation queries, 192 database, 768 training rows (12 full batches of 64).
+TINY = ["dataset=fashion-mnist-mini", "epochs=1", "hidden=32", "nb=1000", "nq=20", "nt=1010",
         "val_queries=50", "bits=16", "d_out=8", "verbose=false"]
 GRIDS = {"table1_lattice": None, "table2_binary": "16", "crossval_lambda": "0,0.05",
          "dout_sweep": "8", "lattice_ablation": "0.05"}

@@ -10,14 +10,13 @@ import pytest
 
 from spreading_jax import lattice, quantizers, search
 from spreading_jax.index import SpreadingIndex
-from spreading_jax.train import TrainConfig, train
+from spreading_jax.model import TrainResult
 
 
 @pytest.fixture(scope="module")
-def model(mini):
-  config = TrainConfig(d_out=8, r2=10, bits=32, hidden=(32, 32), epochs=1, val_every=0,
-                       lambda_koleo=0.05, verbose=False)
-  return train(config, np.asarray(mini.train[:3000], np.float32))
+def model(tiny_model_dir):
+  # d_out=8, r2=10, bits=32, 1 epoch (conftest.py; shared with test_cli and test_evaluate).
+  return TrainResult.load(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +190,9 @@ def test_quantizer_interface(model, mini):
   np.testing.assert_array_equal(chunks, quantizers.SignQuantizer(8).encode(y))
 
 
-@pytest.mark.parametrize("factory", ["ITQ8", "LSH8", "IVF16,PQ2", "SQ8"])
+# "np": no polysemous training (faiss' default for 8-bit PQ, seconds per sub-quantizer and
+# irrelevant to codes and distances); the library takes any factory string as given.
+@pytest.mark.parametrize("factory", ["ITQ8", "LSH8", "IVF16,PQ2np", "SQ8"])
 def test_faiss_quantizer_searches_codes_like_faiss(model, mini, factory, one_faiss_thread):
   from spreading_jax import baselines
   y = model.apply(np.asarray(mini.base[:3000], np.float32))
@@ -219,21 +220,21 @@ def test_faiss_quantizer(model, mini, tmp_path, one_faiss_thread):
   faiss = pytest.importorskip("faiss")
   xt = np.asarray(mini.train[:3000], np.float32)
   xb, xq = np.asarray(mini.base, np.float32), np.asarray(mini.query[:20], np.float32)
-  index = SpreadingIndex(model, "OPQ4,PQ4")
+  index = SpreadingIndex(model, "OPQ4,PQ4np")  # "np": no polysemous training (see above)
   assert index.code_bits == 32 and index.bytes_per_vector == 4 and not index.is_trained
   with pytest.raises(ValueError, match="standalone codec"):
     SpreadingIndex(model, "HNSW8")
   with pytest.raises(ValueError, match="not trained"):
     index.add(xb)
   with pytest.raises(ValueError, match="32-bit codes, not bits=64"):
-    SpreadingIndex(model, "OPQ4,PQ4", bits=64)
+    SpreadingIndex(model, "OPQ4,PQ4np", bits=64)
   with pytest.raises(ValueError, match="faiss"):
     SpreadingIndex(model, "NotAFactory12")
   index.train(xt)
   index.add(xb, chunk=3000)
   assert index.ntotal == len(xb) and index.codes.shape == (len(xb), 4)
   # The same faiss index built by hand on the catalyzed vectors gives the same answers.
-  ref = faiss.index_factory(model.config.d_out, "OPQ4,PQ4")
+  ref = faiss.index_factory(model.config.d_out, "OPQ4,PQ4np")
   ref.train(np.asarray(model.apply(xt), np.float32))
   ref.add(np.asarray(model.apply(xb), np.float32))
   D_ref, I_ref = ref.search(np.asarray(model.apply(xq), np.float32), 10)
@@ -244,7 +245,7 @@ def test_faiss_quantizer(model, mini, tmp_path, one_faiss_thread):
   assert index.reconstruct(np.array([0, 1])).shape == (2, model.config.d_out)
   index.save(tmp_path / "opq")
   loaded = SpreadingIndex.load(tmp_path / "opq")
-  assert loaded.quantizer.name == "OPQ4,PQ4" and loaded.ntotal == len(xb)
+  assert loaded.quantizer.name == "OPQ4,PQ4np" and loaded.ntotal == len(xb)
   np.testing.assert_array_equal(loaded.search(xq, 10)[1], I)
   np.testing.assert_array_equal(loaded.codes, index.codes)
   blob = (tmp_path / "opq" / "quantizer.faiss").read_bytes()
