@@ -128,8 +128,9 @@ class NegativeMiner:
 
   "exact" searches every output among all of them each epoch (``hard_negatives``).
 
-  "graph" does that once, then each epoch refines last epoch's neighbour lists by
-  neighbour-of-neighbour search (``knn_graph.refine``). A sample of ``sample`` rows is
+  "graph" refines last epoch's neighbour lists each epoch by neighbour-of-neighbour
+  search (``knn_graph.refine``), starting from lists given to ``start`` (training gives the
+  exact input-space neighbours) or, without them, from one exact search. A sample of ``sample`` rows is
   searched exactly to measure the lists: the recall of the ``rank_negative`` nearest
   neighbours, and the exact rank of the id in every column. Refinement repeats until the
   recall reaches ``recall_target``; after ``max_rounds`` rounds below it the miner falls back
