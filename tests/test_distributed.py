@@ -31,7 +31,8 @@ def _start_two_processes(args, tmp_path, name):
   devices each, so the global mesh has 4 devices); their output goes to files (never a
   pipe that fills while this process works)."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=2", *flags]),
              JAX_PLATFORMS="cpu", TQDM_DISABLE="1", PYTHONPATH=REPO)
   procs = []
   for i in range(2):
