@@ -128,16 +128,16 @@ class NegativeMiner:
 
   "exact" searches every output among all of them each epoch (``hard_negatives``).
 
-  "graph" refines last epoch's neighbour lists each epoch by neighbour-of-neighbour
-  search (``knn_graph.refine``), starting from lists given to ``start`` (training gives the
-  exact input-space neighbours) or, without them, from one exact search. A sample of ``sample`` rows is
-  searched exactly to measure the lists: the recall of the ``rank_negative`` nearest
+  "graph" refines last epoch's neighbour lists each epoch by neighbour-of-neighbour search
+  (``knn_graph.refine``), starting from lists given to ``start`` (training gives the exact
+  input-space neighbours) or, without them, from one exact search. A sample of ``sample``
+  rows is searched exactly to measure the lists: the recall of the ``rank_negative`` nearest
   neighbours, and the exact rank of the id in every column. Refinement repeats until the
-  recall reaches ``recall_target``; after ``max_rounds`` rounds below it the miner falls back
-  to an exact search, so the lists never drift far. Missed neighbours push the ids of a
-  column to larger exact ranks, so the negative is taken from the column whose median
-  exact rank on the sample is closest to ``rank_negative`` (the same column when the
-  lists are exact).
+  recall reaches ``recall_target``; after ``max_rounds`` rounds below it the miner falls
+  back to an exact search, so the lists never drift far. Missed neighbours push the ids of a
+  column to larger exact ranks, so the negative is taken from the column whose median exact
+  rank on the sample is closest to ``rank_negative`` (the same column when the lists are
+  exact).
 
   Call it with each epoch's outputs; ``last`` describes the latest call (method, rounds,
   estimated recall, whether it searched exactly, the column and its median exact rank).
