@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import deep_like, median, table, write_result  # noqa: E402
+from _common import deep_like, median, table, timeit, write_result  # noqa: E402
 
 from spreading_jax import binary, search  # noqa: E402
 from spreading_jax.index import SpreadingIndex  # noqa: E402
@@ -86,16 +86,6 @@ def forward_flops(d_in: int, hidden, d_out: int) -> int:
   """Matmul FLOPs of one catalyzer forward per vector."""
   dims = [d_in, *hidden, d_out]
   return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-
-
-def timed(fn, repeats: int) -> list[float]:
-  fn()  # warm-up: compilation, first transfers
-  out = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t)
-  return out
 
 
 def main(argv=None):
@@ -153,7 +143,7 @@ def main(argv=None):
   mining_flops = 2 * n_train * n_train * config.d_out
 
   index = SpreadingIndex(model, "zn", bits=64)
-  encode_times = timed(lambda: index.encode(xb), args.repeats)
+  encode_times = timeit(lambda: index.encode(xb), args.repeats)
   enc_rate = nb / median(encode_times)
   index.add(xb)
   codes = jax.device_put(index.codes)
@@ -163,10 +153,10 @@ def main(argv=None):
       [yb, np.random.default_rng(4).standard_normal((nb, 40), dtype=np.float32)], 1)))
   sign_q = jax.device_put(binary.sign_codes(np.concatenate(
       [np.asarray(yq), np.random.default_rng(5).standard_normal((nq, 40), dtype=np.float32)], 1)))
-  search_e2e = timed(lambda: index.search(xq, args.k), args.repeats)
-  search_kernel = timed(lambda: jax.block_until_ready(
+  search_e2e = timeit(lambda: index.search(xq, args.k), args.repeats)
+  search_kernel = timeit(lambda: jax.block_until_ready(
       search.search_lattice(yq, codes, index.quantizer.codec, args.k)), args.repeats)
-  search_ham = timed(lambda: jax.block_until_ready(
+  search_ham = timeit(lambda: jax.block_until_ready(
       search.hamming_knn(sign_q, sign_b, args.k)), args.repeats)
 
   mm = measured_matmul_flops(1024 if small else 8192)
