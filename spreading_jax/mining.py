@@ -18,19 +18,21 @@ from spreading_jax.config import MINING_METHODS
 from spreading_jax._validation import check_int
 
 
-def drop_self(ids: np.ndarray, k: int) -> np.ndarray:
+def drop_self(ids: np.ndarray, k: int, self_ids: np.ndarray | None = None) -> np.ndarray:
   """Removes each row's own id from its neighbour list. ids: i32[n, k+1] -> i32[n, k].
 
-  Row i of ``ids`` lists neighbours of vector i, usually starting with i itself; with
-  duplicate vectors i may sit later (or be absent, then the last column is dropped).
+  Row i of ``ids`` lists neighbours of vector i (of vector ``self_ids[i]`` when given),
+  usually starting with that vector itself; with duplicate vectors it may sit later (or be
+  absent, then the last column is dropped).
 
   Examples:
     >>> drop_self(np.array([[0, 5, 6], [4, 1, 7]]), 2).tolist()
     [[5, 6], [4, 7]]
   """
   ids = np.asarray(ids)
-  n = ids.shape[0]
-  is_self = ids == np.arange(n)[:, None]
+  if self_ids is None:  # row i lists the neighbours of vector i
+    self_ids = np.arange(ids.shape[0])
+  is_self = ids == np.asarray(self_ids)[:, None]
   # Stable sort puts every non-self column first, in order.
   order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
   return np.take_along_axis(ids, order, axis=1).astype(np.int32)
@@ -209,12 +211,7 @@ class NegativeMiner:
     """Neighbour lists in this miner's convention (self dropped unless include_self)."""
     if self.include_self:
       return ids
-    if rows is None:
-      return drop_self(ids, ids.shape[1] - 1)
-    # drop_self for the lists of ``rows``: self is the row's own id.
-    is_self = ids == rows[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")[:, :ids.shape[1] - 1]
-    return np.take_along_axis(ids, order, axis=1)
+    return drop_self(ids, ids.shape[1] - 1, rows)
 
 
 def _recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
