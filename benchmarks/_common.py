@@ -54,7 +54,9 @@ def environment() -> dict:
   env = {"jax": jax.__version__, "backend": jax.default_backend(),
          "devices": [d.device_kind for d in jax.devices()], "cpu_count": os.cpu_count(),
          "machine": platform.machine(), "processor": _cpu_model(),
-         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+         # 1/5/15-minute load when the result is written: other jobs on the cores distort rates
+         "load_average_at_end": os.getloadavg()}
   try:
     import faiss
     env["faiss"] = faiss.__version__

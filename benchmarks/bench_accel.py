@@ -205,7 +205,7 @@ def main(argv=None):
       "search_times_s": {"index_end_to_end": search_e2e, "lattice_kernel": search_kernel,
                          "hamming_64bit": search_ham},
       "achieved_flops": achieved, "measured_matmul_flops": mm, "peak_tflops": peak,
-      "fraction_of_peak": fractions, "load_average": os.getloadavg(), "rows": rows,
+      "fraction_of_peak": fractions, "rows": rows,
       "command": "python " + " ".join([sys.argv[0]] + list(argv if argv is not None
                                                              else sys.argv[1:]))}
   path = write_result(name, payload)

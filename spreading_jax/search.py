@@ -1,19 +1,23 @@
 """Exact k-nearest-neighbour search: float vectors, binary codes and lattice codes.
 
-Every search here is the same engine: score a block of queries against a block of the
-database, fold the block into a running top-k, and scan over database blocks so that memory
-stays bounded (never an ``nq x nb`` matrix). With a mesh, the database is split over the
-mesh's data axis with ``jax.shard_map``; each device keeps a local top-k and the results
-are merged.
+Every search here is the same engine (``topk_search``), a two-stage exact selection:
 
-The selection (``_select_into``) is threshold-pruned: the running k-th best score of each
-query is a lower bound on what can still enter its top-k, so a block is cut into chunks of
-``_CHUNK`` scores and only chunks whose maximum beats that bound are gathered and merged.
-After the first blocks almost no chunk does, and a block costs one pass that takes chunk
-maxima instead of a top-k over every score. When a row group has more surviving chunks than
-the pruned paths hold, that group falls back to the exact two-stage top-k of the whole
-block, so the result is always exact. ``lax.approx_max_k`` is an opt-in (``recall_target``)
-for accelerators.
+1. Score a block of queries against a block of the database and keep only the maximum of
+   each chunk of ``_CHUNK`` consecutive rows. The block's scores never leave the cache-sized
+   tile; what is stored is 1/32 of them.
+2. Per query, take the ``k`` chunks with the largest maxima, gather their rows, score them
+   again and take the top ``k`` of those ``32 k`` candidates.
+
+This is exact: if an element of the true top-k lay in a chunk outside the chosen ``k``, each
+chosen chunk would hold an element (its maximum) ranked before it, so ``k`` elements would
+rank before it. Ties resolve to the lower id because equal maxima pick the lower chunk and
+the candidates are scored in id order. Stage 1 has no data-dependent branch, so a search
+costs one matmul-and-max pass over the database plus a small gather, instead of a running
+top-k merged block by block. The database is visited in segments (bounding the stored
+maxima, and the rows a ``prepare_fn`` decodes at a time); each segment's top-k is merged
+into the running one. With a mesh, the database is split over the mesh's data axis with
+``jax.shard_map``; each device keeps a local top-k and the results are merged.
+``lax.approx_max_k`` is an opt-in (``recall_target``) for the chunk choice on accelerators.
 """
 from __future__ import annotations
 
@@ -28,29 +32,35 @@ from jax.sharding import Mesh, PartitionSpec as P
 from spreading_jax import binary, sharding
 from spreading_jax._validation import check_int, check_vectors
 
-# Working set of one (query block x database block) score matrix, in elements.
-_TILE_ELEMENTS = 1 << 22
-# Rows per prepared (e.g. decoded) super-block: 64k rows of 24 floats is 6 MB.
-_SUPER_BLOCK_ROWS = 1 << 16
-_MAX_QUERY_BLOCK = 64
-# Scores per chunk: the unit of pruning (and of the two-stage top-k, see _block_topk).
+# Rows per chunk: the unit whose maximum stage 1 keeps.
 _CHUNK = 32
-# Capacities, in chunks, of the pruned selection paths (tried smallest first).
-_PRUNED_CHUNKS = (8, 16, 32, 64)
+# Scores in one (query block x database block) tile: 4 MB, kept in cache by the max pass.
+_TILE_ELEMENTS = 1 << 20
+_MAX_QUERY_BLOCK = 512
+# Stored chunk maxima per query block and segment: 64 MB (a 1M-row segment at 512 queries).
+_SEGMENT_MAXIMA = 1 << 24
+# Rows per prepared (e.g. decoded) segment: 64k rows of 24 floats is 6 MB.
+_SUPER_BLOCK_ROWS = 1 << 16
 
 ScoreFn = Callable[..., jax.Array]
 
 
 def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
-                 base_block: int | None, d: int = 0) -> tuple[int, int]:
-  # Narrow vectors: the score tile is cheap, so favour long rows; wider ones: more queries
-  # per block make the matmul more efficient.
-  max_qb = _MAX_QUERY_BLOCK if d <= 32 else 4 * _MAX_QUERY_BLOCK
-  qb = query_block or min(max_qb, sharding.round_up(max(nq, 1), 8))
-  bb = base_block or max(1024, _TILE_ELEMENTS // qb)
+                 base_block: int | None) -> tuple[int, int]:
+  qb = query_block or min(_MAX_QUERY_BLOCK, sharding.round_up(max(nq, 1), 8))
+  bb = base_block or max(2048, _TILE_ELEMENTS // qb)
   bb = min(bb, sharding.round_up(max(nb_local, 1), 128))
-  # A block must hold at least k candidates for the per-block top-k.
-  return qb, max(bb, k)
+  # A block holds whole chunks and at least k rows.
+  return qb, sharding.round_up(max(bb, k), _CHUNK)
+
+
+def _segment_rows(nb_local: int, qb: int, bb: int, prepared: bool,
+                  super_block: int | None) -> int:
+  """Rows per segment: a multiple of bb that splits nb_local into near-equal parts."""
+  cap = super_block or (_SUPER_BLOCK_ROWS if prepared else _SEGMENT_MAXIMA // qb * _CHUNK)
+  cap = max(bb, cap // bb * bb)
+  parts = -(-max(nb_local, 1) // cap)
+  return sharding.round_up(-(-max(nb_local, 1) // parts), bb)
 
 
 def _merge_topk(s1, i1, s2, i2, k):
@@ -61,154 +71,115 @@ def _merge_topk(s1, i1, s2, i2, k):
   return s, jnp.take_along_axis(i, pos, axis=1)
 
 
-def _block_topk(s, k: int, chunk: int = _CHUNK):
-  """Exact top-k of each row of s: f32[q, b] -> (f32[q, k], i32[q, k]), ties to lower index.
-
-  Two stages for wide rows: every element of the top k lies in one of the k chunks with
-  the largest maxima (at most k chunks can hold an element >= it), so a top-k over the
-  chunk maxima, a gather of those k chunks and a top-k over k*chunk elements replace one
-  top-k over the whole row, which is the expensive primitive on CPU.
-  """
-  q, b = s.shape
-  if b % chunk or b < 8 * k * chunk // 4:
-    return jax.lax.top_k(s, k)
-  chunks = s.reshape(q, b // chunk, chunk)
-  _, top_chunks = jax.lax.top_k(jnp.max(chunks, axis=2), k)  # i32[q, k]
-  # Visit the chosen chunks in index order so that ties still resolve to the lower index.
-  top_chunks = jnp.sort(top_chunks, axis=1)
-  cand = jnp.take_along_axis(chunks, top_chunks[:, :, None], axis=1).reshape(q, k * chunk)
-  vals, pos = jax.lax.top_k(cand, k)
-  cols = top_chunks[jnp.arange(q)[:, None], pos // chunk] * chunk + pos % chunk
-  return vals, cols
-
-
 def _clean(s, ids, n_valid):
   # Padding rows (id >= n_valid) score -inf; top_k orders -0.0 below +0.0, so zeros are
   # canonicalized for equal scores to tie by id.
   return jnp.where(ids < n_valid, jnp.where(s == 0, 0.0, s), -jnp.inf)
 
 
-def _select_into(best_s, best_i, s, ids, k: int, n_valid):
-  """Folds one block into a running top-k, exactly.
+def _chunk_maxima(score_fn: ScoreFn, xq, rows, bb: int, n_valid, offset):
+  """Stage 1: f32[qb, seg / _CHUNK], the maximum score of each chunk of a segment's rows.
 
-  best_s f32[q, k] (descending), best_i i32[q, k]: the running top-k, whose ids are all
-  lower than ``ids``; s f32[q, b]: the block's raw scores; ids i32[b]: their ids
-  (increasing), those >= n_valid being padding.
-
-  A score equal to the running k-th best cannot enter (its id is higher), so only chunks
-  whose maximum is strictly above it are candidates. If every row holds at most f such
-  chunks, those chunks alone are merged (the smallest capacity f of ``_PRUNED_CHUNKS``
-  that fits; nothing at all when no row has one); otherwise the exact top-k of the whole
-  block is. Padding and -0.0 are cleaned on the gathered candidates only (chunks are
-  picked on raw maxima, which can only over-select), so on the pruned paths the block is
-  read once, for its chunk maxima, and never rewritten.
+  Padding rows count as -inf and the maxima's zeros as +0.0, so that chunks compare as
+  their best real, cleaned scores do.
   """
-  q, b = s.shape
-  chunk = _CHUNK if b % _CHUNK == 0 else 1
-  nc = b // chunk
-  chunks = s.reshape(q, nc, chunk)
-  maxima = jnp.max(chunks, axis=2)  # f32[q, nc]
-  need = jnp.max(jnp.sum((maxima > best_s[:, k - 1:k]).astype(jnp.int32), axis=1))
-  tiers = [f for f in _PRUNED_CHUNKS if f < nc and f * chunk < b]
+  qb, seg = xq.shape[0], rows[0].shape[0]
+  nblocks, nc = seg // bb, bb // _CHUNK
+  blocks = tuple(a.reshape((nblocks, bb) + a.shape[1:]) for a in rows)
 
-  def pruned(f):
-    # The f chunks with the largest maxima hold every candidate chunk (there are <= f);
-    # visited in index order so that ties still resolve to the lower id.
-    sel = jnp.sort(jax.lax.top_k(maxima, f)[1], axis=1)  # i32[q, f]
-    cols = (sel[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)).reshape(q, f * chunk)
-    vals = _clean(jnp.take_along_axis(s, cols, axis=1), ids[cols], n_valid)
-    return _merge_topk(best_s, best_i, vals, ids[cols], k)
+  def step(maxima, inputs):
+    block, j = inputs
+    s = score_fn(xq, *block).astype(jnp.float32)  # f32[qb, bb], fused into the max below
+    valid = offset + j * bb + jnp.arange(bb, dtype=jnp.int32) < n_valid
+    m = jnp.max(jnp.where(valid[None, :], s, -jnp.inf).reshape(qb, nc, _CHUNK), axis=2)
+    return jax.lax.dynamic_update_slice(maxima, m[:, None, :], (0, j, 0)), None
 
-  def full():
-    vals, cols = _block_topk(_clean(s, ids[None, :], n_valid), min(k, b))
-    return _merge_topk(best_s, best_i, vals, ids[cols], k)
+  maxima = jnp.full((qb, nblocks, nc), -jnp.inf, jnp.float32)
+  maxima, _ = jax.lax.scan(step, maxima, (blocks, jnp.arange(nblocks, dtype=jnp.int32)))
+  maxima = maxima.reshape(qb, nblocks * nc)
+  return jnp.where(maxima == 0, 0.0, maxima)
 
-  branches = [lambda: (best_s, best_i)] + [functools.partial(pruned, f) for f in tiers] + [full]
-  # 0: nothing beats the bound; i: the i-th capacity fits; last: the exact fallback.
-  branch = jnp.sum((need > jnp.array([0] + tiers, jnp.int32)).astype(jnp.int32))
-  return jax.lax.switch(branch, branches)
+
+def _segment_topk(score_fn: ScoreFn, xq, rows, k: int, bb: int, n_valid, offset,
+                  recall_target: float | None):
+  """Exact top-k of xq [qb, ...] over one segment: rows, a tuple of arrays whose leading
+  axis (a multiple of bb) holds ids ``offset + row``. -> (f32[qb, k'], i32[qb, k']) with
+  k' = min(k, segment rows), descending, ties to the lower id."""
+  seg = rows[0].shape[0]
+  maxima = _chunk_maxima(score_fn, xq, rows, bb, n_valid, offset)
+  kc = min(k, maxima.shape[1])
+  if recall_target is None:
+    top = jax.lax.top_k(maxima, kc)[1]
+  else:
+    top = jax.lax.approx_max_k(maxima, kc, recall_target=recall_target)[1]
+  top = jnp.sort(top, axis=1)  # candidates in id order: ties go to the lower id
+  chunked = tuple(a.reshape((seg // _CHUNK, _CHUNK) + a.shape[1:]) for a in rows)
+  width = kc * _CHUNK
+  kk = min(k, width)
+
+  def rescore(args):
+    q, chunks = args
+    cand = tuple(jnp.take(a, chunks, axis=0).reshape((width,) + a.shape[2:]) for a in chunked)
+    ids = offset + (chunks[:, None] * _CHUNK + jnp.arange(_CHUNK, dtype=jnp.int32)).reshape(-1)
+    s = _clean(score_fn(q[None], *cand)[0].astype(jnp.float32), ids, n_valid)
+    vals, pos = jax.lax.top_k(s, kk)
+    return vals, ids[pos]
+
+  # One query at a time: batching (vmap) the gathers and matrix-vector products was slower.
+  return jax.lax.map(rescore, (xq, top))
 
 
 def _empty_topk(shape):
   return jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, -1, jnp.int32)
 
 
-def _scan_database(score_fn: ScoreFn, xq, db, k: int, bb: int, n_valid, offset, best,
-                   recall_target: float | None):
-  """Folds ``db`` rows [0, nb_pad) of this shard into the running top-k ``best`` of ``xq``.
+def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=None,
+                  recall_target=None):
+  """Top-k of every query over this device's rows ``db`` (leading axis a multiple of seg).
 
-  xq: [qb, ...]; db: tuple of arrays with a common leading axis nb_pad (a multiple of bb);
-  best: (f32[qb, k], i32[qb, k]) over ids lower than ``offset``. Ids are ``offset + row``;
-  rows with id >= n_valid are padding and never returned ahead of a real row.
-  """
-  nb_pad = db[0].shape[0]
-  nblocks = nb_pad // bb
-  blocks = tuple(a.reshape((nblocks, bb) + a.shape[1:]) for a in db)
-  kb = min(k, bb)
-
-  def step(carry, inputs):
-    block, j = inputs
-    s = score_fn(xq, *block).astype(jnp.float32)  # f32[qb, bb]
-    ids = offset + j * bb + jnp.arange(bb, dtype=jnp.int32)
-    if recall_target is not None:
-      vals, pos = jax.lax.approx_max_k(_clean(s, ids[None, :], n_valid), kb,
-                                       recall_target=recall_target)
-      return _merge_topk(*carry, vals, ids[pos], k), None
-    return _select_into(*carry, s, ids, k, n_valid), None
-
-  best, _ = jax.lax.scan(step, best, (blocks, jnp.arange(nblocks, dtype=jnp.int32)))
-  return best
-
-
-def _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset, prepare_fn=None, sb=None,
-                    recall_target=None):
-  """Runs ``_scan_database`` over query blocks (sequentially, to bound memory).
-
-  With ``prepare_fn`` the database is visited in super-blocks of ``sb`` rows, each turned
-  once by ``prepare_fn(*rows) -> tuple`` (e.g. codes -> decoded vectors) and then searched
-  by every query block: work done per database row (decoding) is paid once per call
-  instead of once per query block. The running top-k (and so the pruning bound) carries
-  over from one super-block to the next.
+  Segments are visited in id order; each is prepared once (``prepare_fn``, e.g. codes ->
+  decoded vectors) and searched by every query block, and its top-k is merged into the
+  running one.
   """
   nq_pad = xq.shape[0]
   nqb = nq_pad // qb
   xq_blocks = xq.reshape((nqb, qb) + xq.shape[1:])
+  nseg = db[0].shape[0] // seg
+  segments = tuple(a.reshape((nseg, seg) + a.shape[1:]) for a in db)
+  kk = min(k, seg)
 
-  def by_query_block(rows, start, best):
-    return jax.lax.map(
-        lambda a: _scan_database(score_fn, a[0], rows, k, bb, n_valid, start, (a[1], a[2]),
-                                 recall_target),
-        (xq_blocks,) + tuple(best))
+  def step(best, inputs):
+    rows, j = inputs
+    if prepare_fn is not None:
+      rows = tuple(prepare_fn(*rows))
+    start = offset + j * seg
+
+    def by_query_block(args):
+      q, bs, bi = args
+      s, i = _segment_topk(score_fn, q, rows, kk, bb, n_valid, start, recall_target)
+      return _merge_topk(bs, bi, s, i, k)
+
+    return jax.lax.map(by_query_block, (xq_blocks,) + tuple(best)), None
 
   best = _empty_topk((nqb, qb, k))
-  if prepare_fn is None:
-    s, i = by_query_block(db, offset, best)
-  else:
-    nsb = db[0].shape[0] // sb
-    super_blocks = tuple(a.reshape((nsb, sb) + a.shape[1:]) for a in db)
-
-    def step(best, inputs):
-      rows, j = inputs
-      return by_query_block(tuple(prepare_fn(*rows)), offset + j * sb, best), None
-
-    (s, i), _ = jax.lax.scan(step, best, (super_blocks, jnp.arange(nsb, dtype=jnp.int32)))
+  (s, i), _ = jax.lax.scan(step, best, (segments, jnp.arange(nseg, dtype=jnp.int32)))
   return s.reshape(nq_pad, k), i.reshape(nq_pad, k)
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "mesh", "prepare_fn",
-                                             "sb", "recall_target"))
-def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, mesh, prepare_fn=None, sb=None,
+@functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "seg", "mesh",
+                                             "prepare_fn", "recall_target"))
+def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, seg, mesh, prepare_fn=None,
                  recall_target=None):
   if mesh is None:
-    return _search_queries(score_fn, xq, db, k, qb, bb, n_valid, 0, prepare_fn, sb,
-                           recall_target)
+    return _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, 0, prepare_fn,
+                         recall_target)
   axis = sharding.axis_name(mesh)
   local_n = db[0].shape[0] // sharding.mesh_size(mesh)
 
   def local(xq, *db):
     offset = jax.lax.axis_index(axis).astype(jnp.int32) * local_n
-    s, i = _search_queries(score_fn, xq, db, k, qb, bb, n_valid, offset, prepare_fn, sb,
-                           recall_target)
+    s, i = _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn,
+                         recall_target)
     # Gather every shard's top-k in shard (= id) order, then merge.
     s = jax.lax.all_gather(s, axis, axis=1, tiled=True)
     i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
@@ -232,50 +203,63 @@ def _check_recall_target(recall_target):
 
 def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | None = None,
                 query_block: int | None = None, base_block: int | None = None,
-                prepare_fn: Callable | None = None, prepared_dim: int | None = None,
-                super_block: int | None = None, recall_target: float | None = None):
+                prepare_fn: Callable | None = None, super_block: int | None = None,
+                recall_target: float | None = None):
   """Generic blocked, optionally sharded, exact top-k by a score function.
 
   Args:
     score_fn: a hashable function ``score_fn(xq_block, *db_block) -> f32[qb, bb]``; larger
       is better. It must be a module-level function (or otherwise stable) so that the
-      compiled search is cached.
+      compiled search is cached, and score a row the same way whatever block it is in.
     xq: [nq, ...] queries.
     db: tuple of arrays sharing a leading axis nb (e.g. vectors and their norms).
     k: number of results, 1 <= k <= nb.
     mesh: optional 1-D mesh; the database is sharded over its data axis.
-    query_block, base_block: tile sizes (defaults bound the tile to ~4M scores).
+    query_block, base_block: tile sizes (defaults: a 1M-score tile, up to 512 queries);
+      base_block is rounded up to a multiple of 32 rows (a chunk).
     prepare_fn: optional hashable ``prepare_fn(*db_rows) -> tuple`` applied once to each
-      super-block of database rows (e.g. decoding codes); ``score_fn`` then receives the
+      segment of database rows (e.g. decoding codes); ``score_fn`` then receives the
       prepared arrays. Use it when per-row work costs more than scoring.
-    prepared_dim: width of the prepared rows (picks the tile sizes; default: db's width).
-    super_block: rows per prepared super-block (default ~64k, a multiple of base_block).
-    recall_target: opt-in approximate selection with ``lax.approx_max_k`` at this recall
-      (fast on TPU; elsewhere XLA may fall back to an exact top-k). None (default): the
-      exact, threshold-pruned selection with deterministic ties.
+    super_block: rows per segment (default: 64k rows with ``prepare_fn``, else as many as
+      keep the stored chunk maxima near 32 MB per query block); a multiple of base_block.
+    recall_target: opt-in approximate choice of the candidate chunks with
+      ``lax.approx_max_k`` at this recall (fast on TPU; elsewhere XLA may fall back to an
+      exact top-k). None (default): exact, with deterministic ties.
 
   Returns:
     (scores f32[nq, k] descending, ids i32[nq, k]); ties are broken by lower id.
   """
   db = tuple(db)
   recall_target = _check_recall_target(recall_target)
-  nq, nb = xq.shape[0], db[0].shape[0]
+  nb = db[0].shape[0]
+  plan = _plan(xq.shape[0], nb, k, mesh, query_block, base_block, prepare_fn is not None,
+               super_block)
+  db = tuple(sharding.pad_rows(jnp.asarray(a), plan[3]) for a in db)
+  return _run(score_fn, xq, db, nb, k, plan, mesh, prepare_fn, recall_target)
+
+
+def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared: bool,
+          super_block) -> tuple[int, int, int, int]:
+  """(query block, base block, segment rows, padded database rows) of a search."""
   ndev = sharding.mesh_size(mesh)
-  d = int(np.prod(db[0].shape[1:])) if db[0].ndim > 1 else 1
   nb_local = -(-nb // ndev)
-  qb, bb = _block_sizes(nq, nb_local, k, query_block, base_block, prepared_dim or d)
+  qb, bb = _block_sizes(nq, nb_local, k, query_block, base_block)
+  seg = _segment_rows(nb_local, qb, bb, prepared, super_block)
+  return qb, bb, seg, sharding.round_up(nb, seg * ndev)
+
+
+def _run(score_fn, xq, db, n_valid: int, k: int, plan, mesh, prepare_fn=None,
+         recall_target=None):
+  """Searches a database already padded to ``plan``'s row count; rows >= n_valid are
+  padding."""
+  qb, bb, seg, _ = plan
+  nq = xq.shape[0]
   xq = sharding.pad_rows(jnp.asarray(xq), sharding.round_up(nq, qb))
-  sb = None
-  if prepare_fn is not None:
-    sb = super_block or max(bb, _SUPER_BLOCK_ROWS // bb * bb)
-    sb = min(sharding.round_up(sb, bb), sharding.round_up(nb_local, bb))
-  nb_pad = sharding.round_up(nb, (sb or bb) * ndev)
-  db = tuple(sharding.pad_rows(jnp.asarray(a), nb_pad) for a in db)
   if mesh is not None:
     db = tuple(sharding.shard_rows(a, mesh) for a in db)
     xq = sharding.replicate(xq, mesh)
-  s, i = _topk_search(score_fn, xq, db, jnp.int32(nb), k=k, qb=qb, bb=bb, mesh=mesh,
-                      prepare_fn=prepare_fn, sb=sb, recall_target=recall_target)
+  s, i = _topk_search(score_fn, xq, db, jnp.int32(n_valid), k=k, qb=qb, bb=bb, seg=seg,
+                      mesh=mesh, prepare_fn=prepare_fn, recall_target=recall_target)
   return s[:nq], i[:nq]
 
 
@@ -305,6 +289,8 @@ def _as_float(x):
 
 # Re-ranking of the l2 search: rows of queries per gather, and the extra candidates.
 _RERANK_ROWS = 1024
+# Database rows whose statistics place the centre of an l2 search.
+_CENTER_SAMPLE = 1 << 16
 
 
 def _rerank_margin(k: int) -> int:
@@ -392,17 +378,22 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
               recall_target=recall_target)
   if metric == "ip":
     return topk_search(_ip_score, xq, (xb,), k, **opts)
-  kc = min(xb.shape[0], k + _rerank_margin(k))
-  xbc, xqc = _centered(xb, xq)
-  half_norm = 0.5 * jnp.sum(xbc * xbc, axis=1)
-  _, i = topk_search(_l2_score, xqc, (xbc, half_norm), kc, **opts)
+  nb = xb.shape[0]
+  kc = min(nb, k + _rerank_margin(k))
+  plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, False, None)
+  xbc, half_norm, xqc = _centered(xb, xq, plan[3])
+  _, i = _run(_l2_score, xqc, (xbc, half_norm), nb, kc, plan, mesh,
+              recall_target=_check_recall_target(recall_target))
   return _rerank_l2(xq, xb, i, k)
 
 
-@jax.jit
-def _centered(xb, xq):
-  c = _center(xb)
-  return xb - c, xq - c
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _centered(xb, xq, rows: int):
+  """(xb - c padded with zero rows to ``rows``, half its squared norms, xq - c): one pass
+  over the database, with the centre c of a strided sample of it."""
+  c = _center(xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)])
+  xbc = sharding.pad_rows(xb - c, rows)
+  return xbc, 0.5 * jnp.sum(xbc * xbc, axis=1), xq - c
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,8 +433,7 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
   k = _check_k(k, base_codes.shape[0])
   q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
   s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
-                     base_block=base_block, prepared_dim=8 * base_codes.shape[1],
-                     recall_target=recall_target)
+                     base_block=base_block, recall_target=recall_target)
   return (-s).astype(jnp.int32), i
 
 
@@ -490,8 +480,7 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
   # and then scored against every query block like a float database.
   return topk_search(_ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
                      query_block=query_block, base_block=base_block,
-                     prepare_fn=_lattice_decode_fn(codec), prepared_dim=codec.d,
-                     super_block=super_block)
+                     prepare_fn=_lattice_decode_fn(codec), super_block=super_block)
 
 
 # ---------------------------------------------------------------------------------------

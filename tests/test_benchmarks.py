@@ -70,8 +70,9 @@ def test_device_peak_table():
 def test_search_does_not_retrace_across_database_sizes(which, monkeypatch):
   # Database sizes that pad to the same block count must reuse the compiled search (the
   # valid row count is traced, not baked in), and so must new query/database values.
+  # One compilation traces the score function twice: the chunk-maxima pass and the re-scoring.
   name = {"ip": "_ip_score", "l2": "_l2_score", "hamming": "_hamming_score"}[which]
-  monkeypatch.setattr(search, name, chex.assert_max_traces(getattr(search, name), n=1))
+  monkeypatch.setattr(search, name, chex.assert_max_traces(getattr(search, name), n=2))
   rng = np.random.default_rng(0)
   for nb in (1000, 1001, 1020):
     if which == "hamming":
