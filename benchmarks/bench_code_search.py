@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import faiss_threads, interleaved, median, table, write_result  # noqa: E402
 
-from spreading_jax import binary, evaluate, lattice, search  # noqa: E402
+from spreading_jax import binary, lattice, search  # noqa: E402
 
 
 def main(argv=None):
@@ -39,7 +39,7 @@ def main(argv=None):
   xb = rng.standard_normal((args.nb, 24), dtype=np.float32)
   xq = rng.standard_normal((args.nq, 24), dtype=np.float32)
   xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-  codes = evaluate.encode_lattice(codec, xb)
+  codes = np.asarray(codec.encode(xb))  # encoded chunk by chunk inside
   decoded = np.asarray(codec.decode(codes))
   codes_j, xq_j = jax.device_put(codes), jax.device_put(xq)
   rows = []

@@ -39,8 +39,8 @@ _TILE_ELEMENTS = 1 << 20
 _MAX_QUERY_BLOCK = 512
 # Stored chunk maxima per query block and segment: 64 MB (a 1M-row segment at 512 queries).
 _SEGMENT_MAXIMA = 1 << 24
-# Rows per prepared (e.g. decoded) segment: 64k rows of 24 floats is 6 MB.
-_SUPER_BLOCK_ROWS = 1 << 16
+# Elements of one prepared (e.g. decoded) segment: 128 MB of float32.
+_PREPARED_ELEMENTS = 1 << 25
 
 ScoreFn = Callable[..., jax.Array]
 
@@ -54,10 +54,17 @@ def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
   return qb, sharding.round_up(max(bb, k), _CHUNK)
 
 
-def _segment_rows(nb_local: int, qb: int, bb: int, prepared: bool,
+def _segment_rows(nb_local: int, qb: int, bb: int, prepared_width: int,
                   super_block: int | None) -> int:
-  """Rows per segment: a multiple of bb that splits nb_local into near-equal parts."""
-  cap = super_block or (_SUPER_BLOCK_ROWS if prepared else _SEGMENT_MAXIMA // qb * _CHUNK)
+  """Rows per segment: a multiple of bb that splits nb_local into near-equal parts.
+
+  A segment is as long as the stored chunk maxima allow (``_SEGMENT_MAXIMA``) and, with a
+  ``prepare_fn``, as its prepared rows allow (``_PREPARED_ELEMENTS``): every segment costs
+  one re-scoring pass, so fewer is faster.
+  """
+  cap = super_block or _SEGMENT_MAXIMA // qb * _CHUNK
+  if prepared_width and not super_block:
+    cap = min(cap, _PREPARED_ELEMENTS // prepared_width)
   cap = max(bb, cap // bb * bb)
   parts = -(-max(nb_local, 1) // cap)
   return sharding.round_up(-(-max(nb_local, 1) // parts), bb)
@@ -89,9 +96,13 @@ def _chunk_maxima(score_fn: ScoreFn, xq, rows, bb: int, n_valid, offset):
 
   def step(maxima, inputs):
     block, j = inputs
-    s = score_fn(xq, *block).astype(jnp.float32)  # f32[qb, bb], fused into the max below
+    # [qb, bb] in the score's own dtype (integer scores stay integer: converting the whole
+    # tile to float cost 3x the Hamming scoring itself); fused into the max below.
+    s = score_fn(xq, *block)
+    low = -jnp.inf if jnp.issubdtype(s.dtype, jnp.floating) else jnp.iinfo(s.dtype).min
     valid = offset + j * bb + jnp.arange(bb, dtype=jnp.int32) < n_valid
-    m = jnp.max(jnp.where(valid[None, :], s, -jnp.inf).reshape(qb, nc, _CHUNK), axis=2)
+    m = jnp.max(jnp.where(valid[None, :], s, low).reshape(qb, nc, _CHUNK), axis=2)
+    m = jnp.where(m == low, -jnp.inf, m.astype(jnp.float32))
     return jax.lax.dynamic_update_slice(maxima, m[:, None, :], (0, j, 0)), None
 
   maxima = jnp.full((qb, nblocks, nc), -jnp.inf, jnp.float32)
@@ -208,8 +219,8 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
   """Generic blocked, optionally sharded, exact top-k by a score function.
 
   Args:
-    score_fn: a hashable function ``score_fn(xq_block, *db_block) -> f32[qb, bb]``; larger
-      is better. It must be a module-level function (or otherwise stable) so that the
+    score_fn: a hashable function ``score_fn(xq_block, *db_block) -> [qb, bb]`` (float, or
+      integer below 2^24 in magnitude); larger is better. It must be a module-level function (or otherwise stable) so that the
       compiled search is cached, and score a row the same way whatever block it is in.
     xq: [nq, ...] queries.
     db: tuple of arrays sharing a leading axis nb (e.g. vectors and their norms).
@@ -220,8 +231,9 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
     prepare_fn: optional hashable ``prepare_fn(*db_rows) -> tuple`` applied once to each
       segment of database rows (e.g. decoding codes); ``score_fn`` then receives the
       prepared arrays. Use it when per-row work costs more than scoring.
-    super_block: rows per segment (default: 64k rows with ``prepare_fn``, else as many as
-      keep the stored chunk maxima near 32 MB per query block); a multiple of base_block.
+    super_block: rows per segment (default: as many as keep the stored chunk maxima within
+      64 MB per query block and, with ``prepare_fn``, the prepared rows within 128 MB);
+      rounded to a multiple of base_block.
     recall_target: opt-in approximate choice of the candidate chunks with
       ``lax.approx_max_k`` at this recall (fast on TPU; elsewhere XLA may fall back to an
       exact top-k). None (default): exact, with deterministic ties.
@@ -232,19 +244,23 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
   db = tuple(db)
   recall_target = _check_recall_target(recall_target)
   nb = db[0].shape[0]
-  plan = _plan(xq.shape[0], nb, k, mesh, query_block, base_block, prepare_fn is not None,
-               super_block)
+  width = 0
+  if prepare_fn is not None:
+    rows = tuple(jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype) for a in db)
+    width = sum(int(np.prod(o.shape)) for o in jax.eval_shape(prepare_fn, *rows))
+  plan = _plan(xq.shape[0], nb, k, mesh, query_block, base_block, width, super_block)
   db = tuple(sharding.pad_rows(jnp.asarray(a), plan[3]) for a in db)
   return _run(score_fn, xq, db, nb, k, plan, mesh, prepare_fn, recall_target)
 
 
-def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared: bool,
+def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared_width: int,
           super_block) -> tuple[int, int, int, int]:
-  """(query block, base block, segment rows, padded database rows) of a search."""
+  """(query block, base block, segment rows, padded database rows) of a search;
+  ``prepared_width``: elements per prepared row (0 without a ``prepare_fn``)."""
   ndev = sharding.mesh_size(mesh)
   nb_local = -(-nb // ndev)
   qb, bb = _block_sizes(nq, nb_local, k, query_block, base_block)
-  seg = _segment_rows(nb_local, qb, bb, prepared, super_block)
+  seg = _segment_rows(nb_local, qb, bb, prepared_width, super_block)
   return qb, bb, seg, sharding.round_up(nb, seg * ndev)
 
 
@@ -380,7 +396,7 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
     return topk_search(_ip_score, xq, (xb,), k, **opts)
   nb = xb.shape[0]
   kc = min(nb, k + _rerank_margin(k))
-  plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, False, None)
+  plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, 0, None)
   xbc, half_norm, xqc = _centered(xb, xq, plan[3])
   _, i = _run(_l2_score, xqc, (xbc, half_norm), nb, kc, plan, mesh,
               recall_target=_check_recall_target(recall_target))
@@ -410,12 +426,12 @@ def _pack_words(codes):
 
 
 def _hamming_score(xq, xb):
-  """-Hamming distance, u32[qb, W] x u32[bb, W] -> f32[qb, bb] (exact integers): xor and
-  popcount word by word, which XLA vectorizes (AVX-512 VPOPCNTDQ on recent x86)."""
+  """-Hamming distance, u32[qb, W] x u32[bb, W] -> i32[qb, bb]: xor and popcount word by
+  word, which XLA vectorizes (AVX-512 VPOPCNTDQ on recent x86)."""
   dist = jnp.zeros((xq.shape[0], xb.shape[0]), jnp.int32)
   for w in range(xq.shape[1]):
     dist = dist + jax.lax.population_count(xq[:, None, w] ^ xb[None, :, w]).astype(jnp.int32)
-  return -dist.astype(jnp.float32)
+  return -dist
 
 
 def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
@@ -465,7 +481,7 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
     symmetric: quantize the queries too.
     mesh: optional mesh; the codes are sharded over its data axis.
     query_block, base_block, super_block: tile sizes (see ``topk_search``); codes are
-      decoded one super-block at a time, once per call.
+      decoded one segment (up to 128 MB of decoded floats) at a time, once per call.
 
   Returns:
     (scores f32[nq, k] descending inner products, ids i32[nq, k]); ties to the lower id.
@@ -476,8 +492,8 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
   xq = _as_float(xq)
   if symmetric:
     xq = codec.decode(codec.encode(xq))
-  # Decoding costs more than scoring: each 64k-row super-block of codes is decoded once
-  # and then scored against every query block like a float database.
+  # Decoding costs more than scoring: each segment of codes is decoded once and then
+  # scored against every query block like a float database.
   return topk_search(_ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
                      query_block=query_block, base_block=base_block,
                      prepare_fn=_lattice_decode_fn(codec), super_block=super_block)

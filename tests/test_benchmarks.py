@@ -51,6 +51,22 @@ def test_bench_train_and_mining_run_at_smoke_size(tmp_path, monkeypatch):
   assert 40 <= row["graph"][0]["rank_median"] <= 60 and row["faiss_hnsw"][0]["seconds"] > 0
 
 
+@pytest.mark.parametrize("name, argv, check", [
+    ("bench_knn", ["--nq", "16", "--nb", "3000", "--dims", "8", "--repeats", "1",
+                   "--no-siftsmall"], lambda r: r["top1_agreement"] == 1.0),
+    ("bench_code_search", ["--nq", "16", "--nb", "3000", "--repeats", "1"],
+     lambda r: r.get("same_distances", True) and r.get("top1_agreement", 1.0) > 0.9),
+])
+def test_search_benchmarks_run_at_smoke_size(name, argv, check, tmp_path, monkeypatch):
+  # The search benchmarks behind README rows must still run against the current API.
+  pytest.importorskip("faiss")
+  common = _bench_module("_common")
+  monkeypatch.setattr(common, "RESULTS", tmp_path)
+  _bench_module(name).main(argv)
+  rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+  assert rows and all(check(r) for r in rows), rows
+
+
 def test_bench_accel_skips_full_scale_without_accelerator(capsys):
   if jax.devices()[0].platform != "cpu":
     pytest.skip("an accelerator is present: the full-scale run is not skipped")
