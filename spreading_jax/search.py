@@ -220,8 +220,9 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
 
   Args:
     score_fn: a hashable function ``score_fn(xq_block, *db_block) -> [qb, bb]`` (float, or
-      integer below 2^24 in magnitude); larger is better. It must be a module-level function (or otherwise stable) so that the
-      compiled search is cached, and score a row the same way whatever block it is in.
+      integer below 2^24 in magnitude); larger is better. It must be a module-level function
+      (or otherwise stable) so that the compiled search is cached, and score a row the same
+      way whatever block it is in.
     xq: [nq, ...] queries.
     db: tuple of arrays sharing a leading axis nb (e.g. vectors and their norms).
     k: number of results, 1 <= k <= nb.
