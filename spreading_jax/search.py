@@ -41,6 +41,9 @@ _MAX_QUERY_BLOCK = 512
 _SEGMENT_MAXIMA = 1 << 24
 # Elements of one prepared (e.g. decoded) segment: 128 MB of float32.
 _PREPARED_ELEMENTS = 1 << 25
+# From this many rows a database is searched in place, not copied into a padded array
+# (whose length is shared by nearby sizes, which then reuse one compiled search).
+_UNPADDED_ROWS = 1 << 17
 
 ScoreFn = Callable[..., jax.Array]
 
@@ -84,60 +87,79 @@ def _clean(s, ids, n_valid):
   return jnp.where(ids < n_valid, jnp.where(s == 0, 0.0, s), -jnp.inf)
 
 
-def _chunk_maxima(score_fn: ScoreFn, xq, rows, bb: int, n_valid, offset):
-  """Stage 1: f32[qb, seg / _CHUNK], the maximum score of each chunk of a segment's rows.
+def _block_starts(nblocks: int, bb: int, base, n_src: int):
+  """(nominal start, read start) of each block of a segment that begins at row ``base`` of a
+  source of ``n_src`` rows. A block that would run past the source's end is read from
+  ``n_src - bb`` instead; its rows before the nominal start belong to earlier blocks and
+  are masked. Unpadded databases are read in place this way, without a padded copy."""
+  nominal = base + jnp.arange(nblocks, dtype=jnp.int32) * bb
+  return nominal, jnp.minimum(nominal, n_src - bb)
 
-  Padding rows count as -inf and the maxima's zeros as +0.0, so that chunks compare as
-  their best real, cleaned scores do.
+
+def _valid(rows, nominal, id0, n_valid):
+  # A source row counts if its block has not seen it before and it is not padding.
+  return (rows >= nominal) & (id0 + rows < n_valid)
+
+
+def _chunk_maxima(score_fn: ScoreFn, xq, src, base, nblocks: int, bb: int, id0, n_valid):
+  """Stage 1: f32[qb, nblocks * bb / _CHUNK], the maximum score of each chunk of a segment.
+
+  The segment is ``nblocks`` blocks of ``src`` rows from ``base`` (see ``_block_starts``);
+  source row r has id ``id0 + r``. Rows that do not count (``_valid``) score -inf and the
+  maxima's zeros are +0.0, so that chunks compare as their best real, cleaned scores do.
   """
-  qb, seg = xq.shape[0], rows[0].shape[0]
-  nblocks, nc = seg // bb, bb // _CHUNK
-  blocks = tuple(a.reshape((nblocks, bb) + a.shape[1:]) for a in rows)
+  qb, nc = xq.shape[0], bb // _CHUNK
+  nominal, starts = _block_starts(nblocks, bb, base, src[0].shape[0])
 
   def step(maxima, inputs):
-    block, j = inputs
+    j, nom, start = inputs
+    block = tuple(jax.lax.dynamic_slice_in_dim(a, start, bb) for a in src)
     # [qb, bb] in the score's own dtype (integer scores stay integer: converting the whole
     # tile to float cost 3x the Hamming scoring itself); fused into the max below.
     s = score_fn(xq, *block)
     low = -jnp.inf if jnp.issubdtype(s.dtype, jnp.floating) else jnp.iinfo(s.dtype).min
-    valid = offset + j * bb + jnp.arange(bb, dtype=jnp.int32) < n_valid
+    valid = _valid(start + jnp.arange(bb, dtype=jnp.int32), nom, id0, n_valid)
     m = jnp.max(jnp.where(valid[None, :], s, low).reshape(qb, nc, _CHUNK), axis=2)
     m = jnp.where(m == low, -jnp.inf, m.astype(jnp.float32))
     return jax.lax.dynamic_update_slice(maxima, m[:, None, :], (0, j, 0)), None
 
   maxima = jnp.full((qb, nblocks, nc), -jnp.inf, jnp.float32)
-  maxima, _ = jax.lax.scan(step, maxima, (blocks, jnp.arange(nblocks, dtype=jnp.int32)))
+  maxima, _ = jax.lax.scan(step, maxima,
+                           (jnp.arange(nblocks, dtype=jnp.int32), nominal, starts))
   maxima = maxima.reshape(qb, nblocks * nc)
   return jnp.where(maxima == 0, 0.0, maxima)
 
 
-def _segment_topk(score_fn: ScoreFn, xq, rows, k: int, bb: int, n_valid, offset,
-                  recall_target: float | None):
-  """Exact top-k of xq [qb, ...] over one segment: rows, a tuple of arrays whose leading
-  axis (a multiple of bb) holds ids ``offset + row``. -> (f32[qb, k'], i32[qb, k']) with
-  k' = min(k, segment rows), descending, ties to the lower id."""
-  seg = rows[0].shape[0]
-  maxima = _chunk_maxima(score_fn, xq, rows, bb, n_valid, offset)
+def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: int, id0,
+                  n_valid, recall_target: float | None):
+  """Exact top-k of xq [qb, ...] over one segment (see ``_chunk_maxima``).
+  -> (f32[qb, k'], i32[qb, k'] ids) with k' = min(k, segment rows), descending, ties to
+  the lower id."""
+  maxima = _chunk_maxima(score_fn, xq, src, base, nblocks, bb, id0, n_valid)
   kc = min(k, maxima.shape[1])
   if recall_target is None:
     top = jax.lax.top_k(maxima, kc)[1]
   else:
     top = jax.lax.approx_max_k(maxima, kc, recall_target=recall_target)[1]
   top = jnp.sort(top, axis=1)  # candidates in id order: ties go to the lower id
-  chunked = tuple(a.reshape((seg // _CHUNK, _CHUNK) + a.shape[1:]) for a in rows)
+  nc = bb // _CHUNK
+  nominal, starts = _block_starts(nblocks, bb, base, src[0].shape[0])
+  first = starts[top // nc] + top % nc * _CHUNK  # i32[qb, kc]: each chunk's first row
   width = kc * _CHUNK
   kk = min(k, width)
+  offsets = jnp.arange(_CHUNK, dtype=jnp.int32)
 
   def rescore(args):
-    q, chunks = args
-    cand = tuple(jnp.take(a, chunks, axis=0).reshape((width,) + a.shape[2:]) for a in chunked)
-    ids = offset + (chunks[:, None] * _CHUNK + jnp.arange(_CHUNK, dtype=jnp.int32)).reshape(-1)
-    s = _clean(score_fn(q[None], *cand)[0].astype(jnp.float32), ids, n_valid)
+    q, first, nom = args
+    rows = (first[:, None] + offsets).reshape(width)
+    cand = tuple(jnp.take(a, rows, axis=0) for a in src)
+    s = _clean(score_fn(q[None], *cand)[0].astype(jnp.float32), id0 + rows, n_valid)
+    s = jnp.where(rows >= jnp.repeat(nom, _CHUNK), s, -jnp.inf)
     vals, pos = jax.lax.top_k(s, kk)
-    return vals, ids[pos]
+    return vals, id0 + rows[pos]
 
   # One query at a time: batching (vmap) the gathers and matrix-vector products was slower.
-  return jax.lax.map(rescore, (xq, top))
+  return jax.lax.map(rescore, (xq, first, nominal[top // nc]))
 
 
 def _empty_topk(shape):
@@ -146,34 +168,38 @@ def _empty_topk(shape):
 
 def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=None,
                   recall_target=None):
-  """Top-k of every query over this device's rows ``db`` (leading axis a multiple of seg).
+  """Top-k of every query over this device's rows ``db``.
 
-  Segments are visited in id order; each is prepared once (``prepare_fn``, e.g. codes ->
-  decoded vectors) and searched by every query block, and its top-k is merged into the
-  running one.
+  Segments of ``seg`` rows are visited in id order and searched by every query block; each
+  segment's top-k is merged into the running one. With ``prepare_fn`` (e.g. codes ->
+  decoded vectors) ``db`` is padded to whole segments and each is prepared once; without,
+  ``db`` may end anywhere after its first block and is read in place.
   """
   nq_pad = xq.shape[0]
   nqb = nq_pad // qb
   xq_blocks = xq.reshape((nqb, qb) + xq.shape[1:])
-  nseg = db[0].shape[0] // seg
-  segments = tuple(a.reshape((nseg, seg) + a.shape[1:]) for a in db)
+  n_src = db[0].shape[0]
+  nseg = -(-n_src // seg)
+  nblocks = seg // bb
   kk = min(k, seg)
 
-  def step(best, inputs):
-    rows, j = inputs
+  def step(best, s):
     if prepare_fn is not None:
-      rows = tuple(prepare_fn(*rows))
-    start = offset + j * seg
+      rows = tuple(jax.lax.dynamic_slice_in_dim(a, s * seg, seg) for a in db)
+      src, base, id0 = tuple(prepare_fn(*rows)), 0, offset + s * seg
+    else:
+      src, base, id0 = db, s * seg, offset
 
     def by_query_block(args):
       q, bs, bi = args
-      s, i = _segment_topk(score_fn, q, rows, kk, bb, n_valid, start, recall_target)
-      return _merge_topk(bs, bi, s, i, k)
+      si = _segment_topk(score_fn, q, src, base, nblocks, kk, bb, id0, n_valid,
+                         recall_target)
+      return _merge_topk(bs, bi, *si, k)
 
     return jax.lax.map(by_query_block, (xq_blocks,) + tuple(best)), None
 
   best = _empty_topk((nqb, qb, k))
-  (s, i), _ = jax.lax.scan(step, best, (segments, jnp.arange(nseg, dtype=jnp.int32)))
+  (s, i), _ = jax.lax.scan(step, best, jnp.arange(nseg, dtype=jnp.int32))
   return s.reshape(nq_pad, k), i.reshape(nq_pad, k)
 
 
@@ -262,6 +288,8 @@ def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared_widt
   nb_local = -(-nb // ndev)
   qb, bb = _block_sizes(nq, nb_local, k, query_block, base_block)
   seg = _segment_rows(nb_local, qb, bb, prepared_width, super_block)
+  if mesh is None and not prepared_width and nb >= max(bb, _UNPADDED_ROWS):
+    return qb, bb, seg, nb  # read in place (see _block_starts)
   return qb, bb, seg, sharding.round_up(nb, seg * ndev)
 
 
@@ -398,19 +426,34 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   nb = xb.shape[0]
   kc = min(nb, k + _rerank_margin(k))
   plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, 0, None)
-  xbc, half_norm, xqc = _centered(xb, xq, plan[3])
+  centre = _sample_centre(xb)
+  if np.any(np.asarray(centre)):  # one small read back; zero-mean data is used in place
+    xbc, half_norm, xqc = _centered(xb, xq, centre, plan[3])
+  else:
+    xbc, xqc = sharding.pad_rows(xb, plan[3]), xq
+    half_norm = _half_norms(xbc)
   _, i = _run(_l2_score, xqc, (xbc, half_norm), nb, kc, plan, mesh,
               recall_target=_check_recall_target(recall_target))
   return _rerank_l2(xq, xb, i, k)
 
 
+@jax.jit
+def _sample_centre(xb):
+  """``_center`` of a strided sample of at most ~64k rows of xb."""
+  return _center(xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)])
+
+
 @functools.partial(jax.jit, static_argnames=("rows",))
-def _centered(xb, xq, rows: int):
-  """(xb - c padded with zero rows to ``rows``, half its squared norms, xq - c): one pass
-  over the database, with the centre c of a strided sample of it."""
-  c = _center(xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)])
-  xbc = sharding.pad_rows(xb - c, rows)
-  return xbc, 0.5 * jnp.sum(xbc * xbc, axis=1), xq - c
+def _centered(xb, xq, centre, rows: int):
+  """(xb - centre padded with zero rows to ``rows``, half its squared norms, xq - centre),
+  in one pass over the database."""
+  xbc = sharding.pad_rows(xb - centre, rows)
+  return xbc, 0.5 * jnp.sum(xbc * xbc, axis=1), xq - centre
+
+
+@jax.jit
+def _half_norms(xb):
+  return 0.5 * jnp.sum(xb * xb, axis=1)
 
 
 # ---------------------------------------------------------------------------------------

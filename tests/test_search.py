@@ -70,8 +70,13 @@ def _scores(case, q, n, rng):
     # real chunks of the second segment, where the padding (ids >= nb) would take slots.
     s[:, 0] = 100
     for r in range(q):
-      for c in rng.choice(np.arange(64, 125), 39, replace=False):
+      for c in rng.choice(np.arange(64, n // 32 - 1), 39, replace=False):
         s[r, c * 32 + rng.integers(32)] = 50
+  elif case == "tail":
+    # The best scores fill the last 170 rows. Read in place (nb = 3990), the last block is
+    # moved back to row 3734, over rows block 3584 has seen: the best 40 (3820-3859) span
+    # both blocks, and the seen rows must not come back as duplicates.
+    s[:, n - 170:] = 50
   elif case == "all equal":
     s[:] = 7.0
   elif case == "signed zeros":
@@ -87,14 +92,17 @@ def _lookup_score(xq, rows):
   return jnp.take(xq, rows[:, 0], axis=1)
 
 
-@pytest.mark.parametrize("case", ["ties", "concentrated", "spread", "padding", "all equal",
-                                  "signed zeros"])
-@pytest.mark.parametrize("nb", [4096, 4000])
-def test_chunk_selection_is_exact_with_ties(case, nb):
+@pytest.mark.parametrize("case", ["ties", "concentrated", "spread", "padding", "tail",
+                                  "all equal", "signed zeros"])
+@pytest.mark.parametrize("nb", [4096, 3990])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_chunk_selection_is_exact_with_ties(case, nb, in_place, monkeypatch):
   # A score function that looks scores up makes them a given matrix (-0.0 included), so the
   # engine's chunk choice and re-scoring are checked against a stable sort of them, over
   # several blocks and two segments of 64 chunks (more than k), with padding when nb is not
-  # a multiple of the block.
+  # a multiple of the block, or (in_place) read in place, the last block moved back to fit.
+  if in_place:
+    monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
   rng = np.random.default_rng(len(case) + nb)
   q, k = 8, 40
   scores = _scores(case, q, nb, rng)
