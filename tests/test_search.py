@@ -114,6 +114,21 @@ def test_chunk_selection_is_exact_with_ties(case, nb, in_place, monkeypatch):
   np.testing.assert_array_equal(np.asarray(s), ref_s)
 
 
+@pytest.mark.parametrize("case", ["concentrated", "padding", "tail"])
+def test_batched_rescoring_is_exact(case, monkeypatch):
+  # Accelerators re-score a whole query block at once (a vmap); CPUs one query at a time.
+  monkeypatch.setattr(search, "_rescore_batch", lambda qb: qb)
+  monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
+  rng = np.random.default_rng(1)
+  scores = _scores(case, 8, 3990, rng)
+  rows = np.arange(3990, dtype=np.int32)[:, None]
+  s, i = search.topk_search(_lookup_score, scores, (rows,), 40, query_block=8,
+                            base_block=256, super_block=2048)
+  ref_s, ref_i = _stable_topk(np.where(scores == 0, 0.0, scores), 40)
+  np.testing.assert_array_equal(np.asarray(i), ref_i)
+  np.testing.assert_array_equal(np.asarray(s), ref_s)
+
+
 def test_padding_and_negative_zero_never_win():
   # l2 scores of zero-padded rows are 0, above every real score here: they must not be
   # returned; -0.0 and +0.0 scores tie by id.
@@ -342,7 +357,7 @@ def test_search_lattice_asymmetric_symmetric_and_sharded():
   xq_q = np.asarray(codec.decode(codec.encode(xq)))
   _, ref_sym = search.knn(xq_q, np.asarray(codec.decode(codes)), 20, metric="ip")
   np.testing.assert_array_equal(np.asarray(isym), np.asarray(ref_sym))
-  # Several decoded super-blocks and query blocks, single device and sharded, against a
+  # Several decoded segments and query blocks, single device and sharded, against a
   # numpy reference (stable sort: ties to the lower id).
   points = np.asarray(codec.decode(codes), np.float64)
   ref_ids = np.argsort(-(xq.astype(np.float64) @ points.T), axis=1, kind="stable")[:, :20]
