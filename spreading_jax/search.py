@@ -50,7 +50,10 @@ ScoreFn = Callable[..., jax.Array]
 
 def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
                  base_block: int | None) -> tuple[int, int]:
-  qb = query_block or min(_MAX_QUERY_BLOCK, sharding.round_up(max(nq, 1), 8))
+  # The fewest query blocks of at most _MAX_QUERY_BLOCK, split evenly (1000 queries: two
+  # blocks of 504, not 512 + 488 padded to 1024).
+  nqb = -(-max(nq, 1) // _MAX_QUERY_BLOCK)
+  qb = query_block or sharding.round_up(-(-max(nq, 1) // nqb), 8)
   bb = base_block or max(2048, _TILE_ELEMENTS // qb)
   bb = min(bb, sharding.round_up(max(nb_local, 1), 128))
   # A block holds whole chunks and at least k rows.
