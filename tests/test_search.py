@@ -117,7 +117,7 @@ def test_chunk_selection_is_exact_with_ties(case, nb, in_place, monkeypatch):
 @pytest.mark.parametrize("case", ["concentrated", "padding", "tail"])
 def test_batched_rescoring_is_exact(case, monkeypatch):
   # Accelerators re-score a whole query block at once (a vmap); CPUs one query at a time.
-  monkeypatch.setattr(search, "_rescore_batch", lambda qb: qb)
+  monkeypatch.setattr(search, "_rescore_batch", lambda qb, per_query: 3)  # 8 = 3 + 3 + 2
   monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
   rng = np.random.default_rng(1)
   scores = _scores(case, 8, 3990, rng)
@@ -127,6 +127,14 @@ def test_batched_rescoring_is_exact(case, monkeypatch):
   ref_s, ref_i = _stable_topk(np.where(scores == 0, 0.0, scores), 40)
   np.testing.assert_array_equal(np.asarray(i), ref_i)
   np.testing.assert_array_equal(np.asarray(s), ref_s)
+
+
+def test_rescore_batch_by_backend(monkeypatch):
+  assert search._rescore_batch(512, 3584 * 128) is None  # CPU: one query at a time
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert search._rescore_batch(512, 3584 * 128) == (1 << 26) // (3584 * 128)  # 146
+  assert search._rescore_batch(512, 3200 * 24) == 512  # lattice d=24: the whole block
+  assert search._rescore_batch(512, 1 << 30) == 1
 
 
 def test_padding_and_negative_zero_never_win():
