@@ -412,7 +412,7 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   sharded over the mesh's data axis and the result is identical to the unsharded call.
 
   L2 is exact on data far from the origin too: both sides are centred (exactly, see
-  ``_center``; the centre comes from a sample of up to ~64k database rows) on the
+  ``_center``; the centre comes from a strided sample of 64k-128k database rows) on the
   database's middle before the matmul-based scoring, which otherwise subtracts large,
   nearly equal numbers, and the best ``k + max(8, k // 8)`` candidates are re-ranked by
   distances computed from coordinate differences. The centre is read back to the host (d
@@ -460,7 +460,7 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
 
 @jax.jit
 def _sample_centre(xb):
-  """``_center`` of a strided sample of at most ~64k rows of xb."""
+  """``_center`` of every (nb // 65536)-th row of xb: 64k-128k rows, or all below 128k."""
   return _center(xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)])
 
 
