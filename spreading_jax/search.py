@@ -84,10 +84,10 @@ def _merge_topk(s1, i1, s2, i2, k):
   return s, jnp.take_along_axis(i, pos, axis=1)
 
 
-def _clean(s, ids, n_valid):
-  # Padding rows (id >= n_valid) score -inf; top_k orders -0.0 below +0.0, so zeros are
-  # canonicalized for equal scores to tie by id.
-  return jnp.where(ids < n_valid, jnp.where(s == 0, 0.0, s), -jnp.inf)
+def _clean(s, valid):
+  # Rows that do not count (``_valid``) score -inf; top_k orders -0.0 below +0.0, so zeros
+  # are canonicalized for equal scores to tie by id.
+  return jnp.where(valid, jnp.where(s == 0, 0.0, s), -jnp.inf)
 
 
 def _block_starts(nblocks: int, bb: int, base, n_src: int):
@@ -104,15 +104,15 @@ def _valid(rows, nominal, id0, n_valid):
   return (rows >= nominal) & (id0 + rows < n_valid)
 
 
-def _chunk_maxima(score_fn: ScoreFn, xq, src, base, nblocks: int, bb: int, id0, n_valid):
+def _chunk_maxima(score_fn: ScoreFn, xq, src, nominal, starts, bb: int, id0, n_valid):
   """Stage 1: f32[qb, nblocks * bb / _CHUNK], the maximum score of each chunk of a segment.
 
-  The segment is ``nblocks`` blocks of ``src`` rows from ``base`` (see ``_block_starts``);
-  source row r has id ``id0 + r``. Rows that do not count (``_valid``) score -inf and the
-  maxima's zeros are +0.0, so that chunks compare as their best real, cleaned scores do.
+  The segment is the blocks of ``bb`` rows of ``src`` at ``nominal`` and read at ``starts``
+  (``_block_starts``); source row r has id ``id0 + r``. Rows that do not count (``_valid``)
+  score -inf and the maxima's zeros are +0.0, so that chunks compare as their best real,
+  cleaned scores do.
   """
-  qb, nc = xq.shape[0], bb // _CHUNK
-  nominal, starts = _block_starts(nblocks, bb, base, src[0].shape[0])
+  qb, nc, nblocks = xq.shape[0], bb // _CHUNK, nominal.shape[0]
 
   def step(maxima, inputs):
     j, nom, start = inputs
@@ -139,7 +139,8 @@ def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: in
   -> (f32[qb, k'], i32[qb, k'] ids) with k' = min(k, segment rows), descending, ties to
   the lower id."""
   qb = xq.shape[0]
-  maxima = _chunk_maxima(score_fn, xq, src, base, nblocks, bb, id0, n_valid)
+  nominal, starts = _block_starts(nblocks, bb, base, src[0].shape[0])
+  maxima = _chunk_maxima(score_fn, xq, src, nominal, starts, bb, id0, n_valid)
   kc = min(k, maxima.shape[1])
   if recall_target is None:
     top = jax.lax.top_k(maxima, kc)[1]
@@ -147,7 +148,6 @@ def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: in
     top = jax.lax.approx_max_k(maxima, kc, recall_target=recall_target)[1]
   top = jnp.sort(top, axis=1)  # candidates in id order: ties go to the lower id
   nc = bb // _CHUNK
-  nominal, starts = _block_starts(nblocks, bb, base, src[0].shape[0])
   first = starts[top // nc] + top % nc * _CHUNK  # i32[qb, kc]: each chunk's first row
   width = kc * _CHUNK
   kk = min(k, width)
@@ -157,8 +157,8 @@ def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: in
     q, first, nom = args
     rows = (first[:, None] + offsets).reshape(width)
     cand = tuple(jnp.take(a, rows, axis=0) for a in src)
-    s = _clean(score_fn(q[None], *cand)[0].astype(jnp.float32), id0 + rows, n_valid)
-    s = jnp.where(rows >= jnp.repeat(nom, _CHUNK), s, -jnp.inf)
+    valid = _valid(rows, jnp.repeat(nom, _CHUNK), id0, n_valid)
+    s = _clean(score_fn(q[None], *cand)[0].astype(jnp.float32), valid)
     vals, pos = jax.lax.top_k(s, kk)
     return vals, id0 + rows[pos]
 
@@ -469,7 +469,7 @@ def _centered(xb, xq, centre, rows: int):
   """(xb - centre padded with zero rows to ``rows``, half its squared norms, xq - centre),
   in one pass over the database."""
   xbc = sharding.pad_rows(xb - centre, rows)
-  return xbc, 0.5 * jnp.sum(xbc * xbc, axis=1), xq - centre
+  return xbc, _half_norms(xbc), xq - centre
 
 
 @jax.jit
