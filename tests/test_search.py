@@ -92,6 +92,17 @@ def _lookup_score(xq, rows):
   return jnp.take(xq, rows[:, 0], axis=1)
 
 
+def _assert_engine_exact(scores, k=40):
+  """topk_search over looked-up ``scores`` (8 queries, 256-row blocks, 2048-row segments)
+  equals a stable sort of them, zeros canonicalized."""
+  rows = np.arange(scores.shape[1], dtype=np.int32)[:, None]
+  s, i = search.topk_search(_lookup_score, scores, (rows,), k, query_block=8,
+                            base_block=256, super_block=2048)
+  ref_s, ref_i = _stable_topk(np.where(scores == 0, 0.0, scores), k)
+  np.testing.assert_array_equal(np.asarray(i), ref_i)
+  np.testing.assert_array_equal(np.asarray(s), ref_s)
+
+
 @pytest.mark.parametrize("case", ["ties", "concentrated", "spread", "padding", "tail",
                                   "all equal", "signed zeros"])
 @pytest.mark.parametrize("nb", [4096, 3990])
@@ -103,15 +114,7 @@ def test_chunk_selection_is_exact_with_ties(case, nb, in_place, monkeypatch):
   # a multiple of the block, or (in_place) read in place, the last block moved back to fit.
   if in_place:
     monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
-  rng = np.random.default_rng(len(case) + nb)
-  q, k = 8, 40
-  scores = _scores(case, q, nb, rng)
-  rows = np.arange(nb, dtype=np.int32)[:, None]
-  s, i = search.topk_search(_lookup_score, scores, (rows,), k, query_block=8,
-                            base_block=256, super_block=2048)
-  ref_s, ref_i = _stable_topk(np.where(scores == 0, 0.0, scores), k)
-  np.testing.assert_array_equal(np.asarray(i), ref_i)
-  np.testing.assert_array_equal(np.asarray(s), ref_s)
+  _assert_engine_exact(_scores(case, 8, nb, np.random.default_rng(len(case) + nb)))
 
 
 @pytest.mark.parametrize("case", ["concentrated", "padding", "tail"])
@@ -119,14 +122,7 @@ def test_batched_rescoring_is_exact(case, monkeypatch):
   # Accelerators re-score a whole query block at once (a vmap); CPUs one query at a time.
   monkeypatch.setattr(search, "_rescore_batch", lambda qb, per_query: 3)  # 8 = 3 + 3 + 2
   monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
-  rng = np.random.default_rng(1)
-  scores = _scores(case, 8, 3990, rng)
-  rows = np.arange(3990, dtype=np.int32)[:, None]
-  s, i = search.topk_search(_lookup_score, scores, (rows,), 40, query_block=8,
-                            base_block=256, super_block=2048)
-  ref_s, ref_i = _stable_topk(np.where(scores == 0, 0.0, scores), 40)
-  np.testing.assert_array_equal(np.asarray(i), ref_i)
-  np.testing.assert_array_equal(np.asarray(s), ref_s)
+  _assert_engine_exact(_scores(case, 8, 3990, np.random.default_rng(1)))
 
 
 def test_rescore_batch_by_backend(monkeypatch):
