@@ -96,6 +96,16 @@ def table(rows: list[dict], columns: list[str]) -> str:
   return "\n".join(lines)
 
 
+def device_batches(x, max_batch: int = 65536):
+  """Device-resident equal batches of at most ``max_batch`` rows of x (the last one
+  zero-padded by fewer than 8 * count rows, so padding does not inflate the timings)."""
+  import jax.numpy as jnp
+  from spreading_jax import sharding
+  count = -(-len(x) // max_batch)
+  batch = sharding.round_up(-(-len(x) // count), 8)
+  return [jnp.asarray(sharding.pad_rows(x[s:s + batch], batch)) for s in range(0, len(x), batch)]
+
+
 def deep_like(n: int, d: int = 96, seed: int = 0, clusters: int = 1000):
   """n float32 vectors shaped like Deep1M (d=96, clustered, unit norm): a stand-in with the
   same size and cost when the real files are not on the machine. Throughput depends on

@@ -11,8 +11,10 @@ Measures, on the default JAX device:
   network and batch; per epoch, from ``result.history``, the negative-mining seconds
   (``mining_s``) and the rest (``time_s - mining_s``: the SGD steps); the first epoch
   (compilation) is left out; projected 160-epoch time = 160 x (median epoch);
-* encode: ``SpreadingIndex(model, "zn", bits=64).encode`` of the 1M vectors (catalyzer
-  forward + lattice encode, codes back on the host), after a warm-up call;
+* encode: ``SpreadingIndex(model, "zn", bits=64).encode`` of the 1M vectors from host
+  memory (catalyzer forward + lattice encode, codes back on the host), after a warm-up
+  call; and the batch-job path, ``encode.make_encoder`` on device-resident batches of
+  <= 65536 rows, with its catalyzer forward and lattice encode also timed alone;
 * search: queries/s over the 1M 64-bit codes: the index end to end (queries through the
   catalyzer, lattice search), the lattice search kernel on device-resident codes, and
   Hamming search over 64-bit sign codes, k=100, after warm-up, median of --repeats;
@@ -35,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import deep_like, median, table, timeit, write_result  # noqa: E402
+from _common import (deep_like, device_batches, median, table, timeit,  # noqa: E402
+                     write_result)
 
-from spreading_jax import binary, search  # noqa: E402
+from spreading_jax import binary, encode, search  # noqa: E402
 from spreading_jax.index import SpreadingIndex  # noqa: E402
 from spreading_jax.train import TrainConfig, train  # noqa: E402
 
@@ -145,6 +148,22 @@ def main(argv=None):
   index = SpreadingIndex(model, "zn", bits=64)
   encode_times = timeit(lambda: index.encode(xb), args.repeats)
   enc_rate = nb / median(encode_times)
+  # The batch-job path: the jitted encoder on device-resident batches (no host transfers),
+  # and its two halves alone.
+  encoder = encode.make_encoder(model, codec=index.quantizer.codec)
+  batches = device_batches(xb)
+  forward = jax.jit(lambda x: model.module.apply(model.variables, x / model.input_scale,
+                                                 train=False))
+  ys = jax.block_until_ready([forward(b) for b in batches])
+  lattice_encode = jax.jit(index.quantizer.codec.encode_core)
+  device_times = {
+      "end to end": timeit(lambda: jax.block_until_ready([encoder(b) for b in batches]),
+                           args.repeats),
+      "catalyzer forward": timeit(lambda: jax.block_until_ready([forward(b) for b in batches]),
+                                  args.repeats),
+      "lattice encode": timeit(lambda: jax.block_until_ready([lattice_encode(y) for y in ys]),
+                               args.repeats)}
+  device_rates = {k: nb / median(v) for k, v in device_times.items()}
   index.add(xb)
   codes = jax.device_put(index.codes)
   yq = jax.device_put(model.apply(xq))
@@ -162,14 +181,20 @@ def main(argv=None):
   mm = measured_matmul_flops(1024 if small else 8192)
   peak = device_peak(kind)
   achieved = {"sgd_steps": steps * step_flops / sgd,
-              "encode": enc_rate * forward_flops(args.d, hidden, config.d_out),
+              "encode": device_rates["end to end"] * forward_flops(args.d, hidden, config.d_out),
               "mining": mining_flops / mining}
   rows = [
       {"what": "SGD steps per epoch", "value": sgd, "unit": "s"},
       {"what": "negative mining per epoch", "value": mining, "unit": "s"},
       {"what": "epoch (median, compile excluded)", "value": epoch_s, "unit": "s"},
       {"what": "projected 160 epochs", "value": 160 * epoch_s / 60, "unit": "min"},
-      {"what": "encode (catalyzer + 64-bit lattice code)", "value": enc_rate, "unit": "vec/s"},
+      {"what": "encode, host to host (index.encode)", "value": enc_rate, "unit": "vec/s"},
+      {"what": "encode, device-resident (jitted encoder)", "value": device_rates["end to end"],
+       "unit": "vec/s"},
+      {"what": "  of which catalyzer forward alone", "value": device_rates["catalyzer forward"],
+       "unit": "vec/s"},
+      {"what": "  of which lattice encode alone", "value": device_rates["lattice encode"],
+       "unit": "vec/s"},
       {"what": f"search, index end to end, {nb} codes", "value": nq / median(search_e2e),
        "unit": "q/s"},
       {"what": f"search, lattice kernel, {nb} codes", "value": nq / median(search_kernel),
@@ -199,11 +224,14 @@ def main(argv=None):
       "train_wall_s": train_wall, "sgd_s_per_epoch": sgd, "mining_s_per_epoch": mining,
       "epoch_s": epoch_s, "projected_160_epochs_s": 160 * epoch_s,
       "encode_vectors_per_s": enc_rate, "encode_times_s": encode_times,
+      "encode_device_resident_vectors_per_s": device_rates,
+      "encode_device_resident_times_s": device_times,
       "search_qps": {"index_end_to_end": nq / median(search_e2e),
                      "lattice_kernel": nq / median(search_kernel),
                      "hamming_64bit": nq / median(search_ham)},
       "search_times_s": {"index_end_to_end": search_e2e, "lattice_kernel": search_kernel,
                          "hamming_64bit": search_ham},
+      "engine_tiles": search._tiles()._asdict(),  # pylint: disable=protected-access
       "achieved_flops": achieved, "measured_matmul_flops": mm, "peak_tflops": peak,
       "fraction_of_peak": fractions, "rows": rows,
       "command": "python " + " ".join([sys.argv[0]] + list(argv if argv is not None

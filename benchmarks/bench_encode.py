@@ -18,26 +18,14 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import (deep_like, deep_like_setup, interleaved, median, table,  # noqa: E402
-                     write_result)
+from _common import (deep_like, deep_like_setup, device_batches, interleaved,  # noqa: E402
+                     median, table, write_result)
 
-from spreading_jax import encode, sharding  # noqa: E402
+from spreading_jax import encode  # noqa: E402
 from spreading_jax.config import make_codec  # noqa: E402
 from spreading_jax.model import _forward_fn  # noqa: E402
-
-MAX_BATCH = 65536
-
-
-def _batches(x):
-  """Device-resident equal batches of at most MAX_BATCH rows (the last one zero-padded by
-  fewer than 8 * count rows, so padding does not inflate the timings)."""
-  count = -(-len(x) // MAX_BATCH)
-  batch = sharding.round_up(-(-len(x) // count), 8)
-  return [jnp.asarray(sharding.pad_rows(x[s:s + batch], batch)) for s in range(0, len(x), batch)]
-
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +39,7 @@ def main(argv=None):
   codec = make_codec(model.config)
   enc = encode.make_encoder(model)
   fwd = _forward_fn(model.module)
-  batches = _batches(xb)
+  batches = device_batches(xb)
 
   def ours():  # raw vectors -> codes
     return jax.block_until_ready([enc(b) for b in batches])

@@ -22,13 +22,16 @@ def num_bytes(d: int) -> int:
   return -(-d // 8)
 
 
-@jax.jit
-def _sign_codes(y):
+def sign_codes_core(y) -> jax.Array:
+  """Traceable ``sign_codes`` (no input checks): f32[n, d] -> u8[n, ceil(d/8)]."""
   n, d = y.shape
   nbytes = num_bytes(d)
   bits = jnp.pad((y >= 0).astype(jnp.uint32), ((0, 0), (0, nbytes * 8 - d)))
   packed = jnp.sum(bits.reshape(n, nbytes, 8) * jnp.asarray(_BIT_WEIGHTS), axis=2)
   return packed.astype(jnp.uint8)
+
+
+_sign_codes = jax.jit(sign_codes_core)
 
 
 def sign_codes(y) -> jax.Array:

@@ -129,8 +129,18 @@ class SpreadingIndex:
 
   # -------------------------------------------------------------------------------------
   def encode(self, x) -> np.ndarray:
-    """Raw vectors f32[n, d_in] -> codes [n, code_width] (see ``codes``)."""
-    return self.quantizer.encode(self.model.apply(x))
+    """Raw vectors f32[n, d_in] -> codes [n, code_width] (see ``codes``).
+
+    For "zn" and "sign" the catalyzer and the encoder are one compiled program per chunk
+    (``Quantizer.encode_core``): only codes come back from the device. On a CPU the codes
+    equal ``quantizer.encode(model.apply(x))``; on a GPU the two programs' default (TF32)
+    matmuls may round differently, which moved 1 code in 10^4 across a quantization
+    boundary on an H200 (either code is the nearest point of a catalyzed vector within
+    rounding)."""
+    core = self.quantizer.encode_core
+    if core is None:
+      return self.quantizer.encode(self.model.apply(x))
+    return self.model.apply(x, then=core)
 
   def add(self, x, chunk: int = 65536) -> None:
     """Encodes and appends x: [n, d_in] (numpy or memory map), ``chunk`` rows at a time."""

@@ -125,6 +125,13 @@ class Quantizer(abc.ABC):
   def encode(self, y) -> np.ndarray:
     """Catalyzed vectors f32[n, d] -> codes [n, code_width] of ``code_dtype``."""
 
+  @property
+  def encode_core(self) -> Callable | None:
+    """A traceable, hashable ``f32[n, d] -> codes`` that ``SpreadingIndex`` compiles into
+    the catalyzer's forward program, so that codes come back from the device instead of
+    floats; None where encoding runs outside JAX (faiss)."""
+    return None
+
   @abc.abstractmethod
   def decode(self, codes) -> np.ndarray:
     """Codes [n, code_width] -> reconstructed vectors f32[n, d]."""
@@ -191,6 +198,10 @@ class ZnQuantizer(Quantizer):
   def encode(self, y) -> np.ndarray:
     return np.asarray(self.codec.encode(y), np.uint32)
 
+  @property
+  def encode_core(self) -> Callable:
+    return self.codec.encode_core
+
   def decode(self, codes) -> np.ndarray:
     """Unit-norm lattice points f32[n, d]."""
     return np.asarray(self.codec.decode(codes), np.float32)
@@ -233,6 +244,10 @@ class SignQuantizer(Quantizer):
   def encode(self, y) -> np.ndarray:
     check_vectors("y", y, d=self.d)
     return np.asarray(binary.sign_codes(y), np.uint8)
+
+  @property
+  def encode_core(self) -> Callable:
+    return binary.sign_codes_core
 
   def decode(self, codes) -> np.ndarray:
     """The ±1 vertices scaled to unit norm, f32[n, d]."""

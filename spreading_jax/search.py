@@ -22,7 +22,7 @@ into the running one. With a mesh, the database is split over the mesh's data ax
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,27 +34,45 @@ from spreading_jax._validation import check_int, check_vectors
 
 # Rows per chunk: the unit whose maximum stage 1 keeps.
 _CHUNK = 32
-# Scores in one (query block x database block) tile: 4 MB, kept in cache by the max pass.
-_TILE_ELEMENTS = 1 << 20
-_MAX_QUERY_BLOCK = 512
-# Stored chunk maxima per query block and segment: 64 MB (a 1M-row segment at 512 queries).
-_SEGMENT_MAXIMA = 1 << 24
-# Elements of one prepared (e.g. decoded) segment: 128 MB of float32.
-_PREPARED_ELEMENTS = 1 << 25
 # From this many rows a database is searched in place, not copied into a padded array
 # (whose length is shared by nearby sizes, which then reuse one compiled search).
 _UNPADDED_ROWS = 1 << 17
+
+
+class _Tiles(NamedTuple):
+  """Tile limits of the engine on one kind of backend."""
+  elements: int      # scores in one (query block x database block) tile
+  query_block: int   # most queries in a block
+  maxima: int        # stored chunk maxima per query block and segment
+  prepared: int      # elements of one prepared (e.g. decoded) segment
+
+
+# CPU: a 4 MB tile stays in cache through the max pass; 64 MB of maxima (a 1M-row
+# segment at 512 queries); 128 MB of decoded floats.
+_CPU_TILES = _Tiles(1 << 20, 512, 1 << 24, 1 << 25)
+# GPU/TPU: each scan step is a kernel launch, so tiles are 32x larger (2048 x 16384), and
+# segments of up to 1M rows (256 MB of maxima per query block) cost fewer re-scoring
+# passes. Measured on an H200: mining 500k x 500k x 24-d took 3.70 s with the CPU tiles,
+# 1.78 s with these tiles and 262k-row segments, 1.60 s in one segment; 1k x 1M x 96-d
+# kNN ran at 67k q/s instead of 44k.
+_ACCEL_TILES = _Tiles(1 << 25, 2048, 1 << 26, 1 << 25)
+
+
+def _tiles() -> _Tiles:
+  return _CPU_TILES if jax.default_backend() == "cpu" else _ACCEL_TILES
+
 
 ScoreFn = Callable[..., jax.Array]
 
 
 def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
                  base_block: int | None) -> tuple[int, int]:
-  # The fewest query blocks of at most _MAX_QUERY_BLOCK, split evenly (1000 queries: two
+  # The fewest query blocks of at most ``_tiles().query_block``, split evenly (1000 queries: two
   # blocks of 504, not 512 + 488 padded to 1024).
-  nqb = -(-max(nq, 1) // _MAX_QUERY_BLOCK)
+  tiles = _tiles()
+  nqb = -(-max(nq, 1) // tiles.query_block)
   qb = query_block or sharding.round_up(-(-max(nq, 1) // nqb), 8)
-  bb = base_block or max(2048, _TILE_ELEMENTS // qb)
+  bb = base_block or max(2048, tiles.elements // qb)
   bb = min(bb, sharding.round_up(max(nb_local, 1), 128))
   # A block holds whole chunks and at least k rows.
   return qb, sharding.round_up(max(bb, k), _CHUNK)
@@ -64,13 +82,14 @@ def _segment_rows(nb_local: int, qb: int, bb: int, prepared_width: int,
                   super_block: int | None) -> int:
   """Rows per segment: a multiple of bb that splits nb_local into near-equal parts.
 
-  A segment is as long as the stored chunk maxima allow (``_SEGMENT_MAXIMA``) and, with a
-  ``prepare_fn``, as its prepared rows allow (``_PREPARED_ELEMENTS``): every segment costs
+  A segment is as long as the stored chunk maxima allow (``_Tiles.maxima``) and, with a
+  ``prepare_fn``, as its prepared rows allow (``_Tiles.prepared``): every segment costs
   one re-scoring pass, so fewer is faster.
   """
-  cap = super_block or _SEGMENT_MAXIMA // qb * _CHUNK
+  tiles = _tiles()
+  cap = super_block or tiles.maxima // qb * _CHUNK
   if prepared_width and not super_block:
-    cap = min(cap, _PREPARED_ELEMENTS // prepared_width)
+    cap = min(cap, tiles.prepared // prepared_width)
   cap = max(bb, cap // bb * bb)
   parts = -(-max(nb_local, 1) // cap)
   return sharding.round_up(-(-max(nb_local, 1) // parts), bb)

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from spreading_jax import lattice, quantizers, search
+from spreading_jax import model as model_module
 from spreading_jax.index import SpreadingIndex
 from spreading_jax.model import TrainResult
 
@@ -289,3 +291,28 @@ def test_encode_file_row_ranges(model, mini, tmp_path):
   np.testing.assert_array_equal(parts, np.load(tmp_path / "full.npy"))
   with pytest.raises(ValueError, match="row_range"):
     encode_file(model, src, tmp_path / "c.npy", row_range=(0, 601))
+
+
+def test_fused_encode_matches_the_two_step_path(model, mini):
+  # index.encode compiles the catalyzer and the encoder into one program per chunk, with
+  # chunks dispatched ahead of the read-back: same codes as catalyzing, then encoding.
+  x = np.asarray(mini.base[:203], np.float32)
+  for kind in ("zn", "sign"):
+    index = SpreadingIndex(model, kind)
+    q = index.quantizer
+    ref = q.encode(model.apply(x))
+    np.testing.assert_array_equal(index.encode(x), ref)
+    # 203 rows in chunks of 16: 13 chunks, more than are kept in flight; rows in order.
+    chunked = model.apply(x, batch_size=16, then=q.encode_core)
+    assert chunked.dtype == q.code_dtype
+    np.testing.assert_array_equal(chunked, ref)
+    empty = index.encode(x[:0])
+    assert empty.shape == (0, q.code_width) and empty.dtype == q.code_dtype
+  np.testing.assert_allclose(model.apply(x, batch_size=16), model.apply(x), atol=1e-5)
+  assert model.apply(x[:0]).shape == (0, model.config.d_out)
+
+
+def test_forward_batch_by_backend(monkeypatch):
+  assert model_module.default_batch_size() == 16384
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert model_module.default_batch_size() == 65536

@@ -133,6 +133,18 @@ def test_rescore_batch_by_backend(monkeypatch):
   assert search._rescore_batch(512, 1 << 30) == 1
 
 
+def test_tiles_by_backend(monkeypatch):
+  # (query block, base block, segment rows, database rows) of 1k queries x 1M rows, and of
+  # mining-shaped 500k x 500k: CPU tiles of ~1M scores, two 504-query blocks; accelerator
+  # tiles of ~32M scores (fewer kernel launches) and one segment.
+  assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (504, 2080, 1000480, 10**6)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (
+      1000, 33568, 1007040, 10**6)
+  assert search._plan(500_000, 500_000, 51, None, None, None, 0, None) == (
+      2048, 16384, 507904, 500_000)
+
+
 def test_padding_and_negative_zero_never_win():
   # l2 scores of zero-padded rows are 0, above every real score here: they must not be
   # returned; -0.0 and +0.0 scores tie by id.
