@@ -92,10 +92,12 @@ class TrainResult:
 
   def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None):
     """Yields (start row, device array [m, ...]) over fixed-size chunks of x (one compiled
-    shape; the last chunk is padded and its padding dropped)."""
+    shape; the last chunk is padded and its padding dropped). Fewer rows than a batch are
+    padded to a power of two (at least 8), so that calls with varying row counts (query
+    batches) share a few compiled shapes instead of compiling one per size."""
     fwd = _forward_fn(self.module, then)
     n = x.shape[0]
-    chunk = min(batch_size, sharding.round_up(max(n, 1), 8))
+    chunk = min(batch_size, max(8, 1 << (max(n, 1) - 1).bit_length()))
     for start in range(0, n, chunk):
       xb = x[start:start + chunk]
       m = xb.shape[0]

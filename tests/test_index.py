@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -310,6 +311,15 @@ def test_fused_encode_matches_the_two_step_path(model, mini):
     assert empty.shape == (0, q.code_width) and empty.dtype == q.code_dtype
   np.testing.assert_allclose(model.apply(x, batch_size=16), model.apply(x), atol=1e-5)
   assert model.apply(x[:0]).shape == (0, model.config.d_out)
+
+
+def test_forward_compiles_once_per_size_bucket(model, mini):
+  # Query batches of varying size share the program of their power-of-two bucket: one
+  # trace for 65..128 rows (then is traced once per compiled program).
+  x = np.asarray(mini.base[:128], np.float32)
+  core = chex.assert_max_traces(SpreadingIndex(model, "zn").quantizer.encode_core, n=1)
+  for n in (100, 65, 128, 121):
+    assert model.apply(x[:n], then=core).shape[0] == n
 
 
 def test_forward_batch_by_backend(monkeypatch):
