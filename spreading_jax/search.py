@@ -45,17 +45,18 @@ class _Tiles(NamedTuple):
   query_block: int   # most queries in a block
   maxima: int        # stored chunk maxima per query block and segment
   prepared: int      # elements of one prepared (e.g. decoded) segment
+  rescore: int | None  # gathered elements re-scored at once (None: one query at a time)
 
 
 # CPU: a 4 MB tile stays in cache through the max pass; 64 MB of maxima (a 1M-row
-# segment at 512 queries); 128 MB of decoded floats.
-_CPU_TILES = _Tiles(1 << 20, 512, 1 << 24, 1 << 25)
+# segment at 512 queries); 128 MB of decoded floats; stage 2 one query at a time.
+_CPU_TILES = _Tiles(1 << 20, 512, 1 << 24, 1 << 25, None)
 # GPU/TPU: each scan step is a kernel launch, so tiles are 32x larger (2048 x 16384), and
 # segments of up to 1M rows (256 MB of maxima per query block) cost fewer re-scoring
 # passes. Measured on an H200: mining 500k x 500k x 24-d took 3.70 s with the CPU tiles,
 # 1.78 s with these tiles and 262k-row segments, 1.60 s in one segment; 1k x 1M x 96-d
-# kNN ran at 67k q/s instead of 44k.
-_ACCEL_TILES = _Tiles(1 << 25, 2048, 1 << 26, 1 << 25)
+# kNN ran at 67k q/s instead of 44k. Stage 2 re-scores up to 256 MB of gathered rows at once.
+_ACCEL_TILES = _Tiles(1 << 25, 2048, 1 << 26, 1 << 25, 1 << 26)
 
 
 def _tiles() -> _Tiles:
@@ -67,8 +68,8 @@ ScoreFn = Callable[..., jax.Array]
 
 def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
                  base_block: int | None) -> tuple[int, int]:
-  # The fewest query blocks of at most ``_tiles().query_block``, split evenly (1000 queries: two
-  # blocks of 504, not 512 + 488 padded to 1024).
+  # The fewest query blocks of at most ``_Tiles.query_block``, split evenly (1000 queries:
+  # two blocks of 504 on a CPU, not 512 + 488 padded to 1024).
   tiles = _tiles()
   nqb = -(-max(nq, 1) // tiles.query_block)
   qb = query_block or sharding.round_up(-(-max(nq, 1) // nqb), 8)
@@ -186,18 +187,15 @@ def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: in
                      batch_size=_rescore_batch(qb, per_query))
 
 
-# Gathered elements re-scored at once on an accelerator: 256 MB of float32.
-_RESCORE_ELEMENTS = 1 << 26
-
-
 def _rescore_batch(qb: int, per_query: int) -> int | None:
   """Queries re-scored together (a vmap) in stage 2, each gathering ``per_query`` elements.
   On a CPU one at a time: batching the gathers and matrix-vector products measured slower
   (0.24 s vs 0.17 s per 1k queries at d=128). On a GPU/TPU as much of the query block as
-  ``_RESCORE_ELEMENTS`` allows: a loop of tiny steps would be launch-bound."""
-  if jax.default_backend() == "cpu":
+  ``_Tiles.rescore`` allows: a loop of tiny steps would be launch-bound."""
+  budget = _tiles().rescore
+  if budget is None:
     return None
-  return max(1, min(qb, _RESCORE_ELEMENTS // max(per_query, 1)))
+  return max(1, min(qb, budget // max(per_query, 1)))
 
 
 def _empty_topk(shape):
@@ -291,14 +289,15 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
     db: tuple of arrays sharing a leading axis nb (e.g. vectors and their norms).
     k: number of results, 1 <= k <= nb.
     mesh: optional 1-D mesh; the database is sharded over its data axis.
-    query_block, base_block: tile sizes (defaults: a 1M-score tile, up to 512 queries);
+    query_block, base_block: tile sizes (defaults: a 1M-score tile and up to 512 queries
+      on a CPU, a 32M-score tile and up to 2048 queries on a GPU/TPU; see ``_Tiles``);
       base_block is rounded up to a multiple of 32 rows (a chunk).
     prepare_fn: optional hashable ``prepare_fn(*db_rows) -> tuple`` applied once to each
       segment of database rows (e.g. decoding codes); ``score_fn`` then receives the
       prepared arrays. Use it when per-row work costs more than scoring.
     super_block: rows per segment (default: as many as keep the stored chunk maxima within
-      64 MB per query block and, with ``prepare_fn``, the prepared rows within 128 MB);
-      rounded to a multiple of base_block.
+      64 MB per query block on a CPU, 256 MB on a GPU/TPU, and, with ``prepare_fn``, the
+      prepared rows within 128 MB); rounded to a multiple of base_block.
     recall_target: opt-in approximate choice of the candidate chunks with
       ``lax.approx_max_k`` at this recall (fast on TPU; elsewhere XLA may fall back to an
       exact top-k). None (default): exact, with deterministic ties.
