@@ -106,6 +106,25 @@ def device_batches(x, max_batch: int = 65536):
   return [jnp.asarray(sharding.pad_rows(x[s:s + batch], batch)) for s in range(0, len(x), batch)]
 
 
+def encode_cases(model, codec, batches) -> dict:
+  """The batch-job encode path on device-resident ``batches`` and its two halves, as
+  {name: fn} for ``timeit``/``interleaved``: "end-to-end" (``encode.make_encoder``: raw
+  vectors -> codes), "catalyzer forward" and "lattice encode" (quantize + rank)."""
+  from spreading_jax import encode
+  from spreading_jax.model import _forward_fn
+  enc = encode.make_encoder(model, codec=codec)
+  fwd = _forward_fn(model.module)
+
+  def forward():
+    return jax.block_until_ready([fwd(model.variables, b, model.input_scale) for b in batches])
+
+  ys = forward()
+  lattice_encode = jax.jit(codec.encode_core)
+  return {"end-to-end": lambda: jax.block_until_ready([enc(b) for b in batches]),
+          "catalyzer forward": forward,
+          "lattice encode": lambda: jax.block_until_ready([lattice_encode(y) for y in ys])}
+
+
 def deep_like(n: int, d: int = 96, seed: int = 0, clusters: int = 1000):
   """n float32 vectors shaped like Deep1M (d=96, clustered, unit norm): a stand-in with the
   same size and cost when the real files are not on the machine. Throughput depends on

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import (deep_like, device_batches, median, table, timeit,  # noqa: E402
-                     write_result)
+from _common import (deep_like, device_batches, encode_cases, median, table,  # noqa: E402
+                     timeit, write_result)
 
-from spreading_jax import binary, encode, search  # noqa: E402
+from spreading_jax import binary, search  # noqa: E402
 from spreading_jax.index import SpreadingIndex  # noqa: E402
 from spreading_jax.train import TrainConfig, train  # noqa: E402
 
@@ -150,19 +150,8 @@ def main(argv=None):
   enc_rate = nb / median(encode_times)
   # The batch-job path: the jitted encoder on device-resident batches (no host transfers),
   # and its two halves alone.
-  encoder = encode.make_encoder(model, codec=index.quantizer.codec)
-  batches = device_batches(xb)
-  forward = jax.jit(lambda x: model.module.apply(model.variables, x / model.input_scale,
-                                                 train=False))
-  ys = jax.block_until_ready([forward(b) for b in batches])
-  lattice_encode = jax.jit(index.quantizer.codec.encode_core)
-  device_times = {
-      "end to end": timeit(lambda: jax.block_until_ready([encoder(b) for b in batches]),
-                           args.repeats),
-      "catalyzer forward": timeit(lambda: jax.block_until_ready([forward(b) for b in batches]),
-                                  args.repeats),
-      "lattice encode": timeit(lambda: jax.block_until_ready([lattice_encode(y) for y in ys]),
-                               args.repeats)}
+  device_times = {name: timeit(fn, args.repeats) for name, fn in
+                  encode_cases(model, index.quantizer.codec, device_batches(xb)).items()}
   device_rates = {k: nb / median(v) for k, v in device_times.items()}
   index.add(xb)
   codes = jax.device_put(index.codes)
@@ -181,7 +170,7 @@ def main(argv=None):
   mm = measured_matmul_flops(1024 if small else 8192)
   peak = device_peak(kind)
   achieved = {"sgd_steps": steps * step_flops / sgd,
-              "encode": device_rates["end to end"] * forward_flops(args.d, hidden, config.d_out),
+              "encode": device_rates["end-to-end"] * forward_flops(args.d, hidden, config.d_out),
               "mining": mining_flops / mining}
   rows = [
       {"what": "SGD steps per epoch", "value": sgd, "unit": "s"},
@@ -189,7 +178,7 @@ def main(argv=None):
       {"what": "epoch (median, compile excluded)", "value": epoch_s, "unit": "s"},
       {"what": "projected 160 epochs", "value": 160 * epoch_s / 60, "unit": "min"},
       {"what": "encode, host to host (index.encode)", "value": enc_rate, "unit": "vec/s"},
-      {"what": "encode, device-resident (jitted encoder)", "value": device_rates["end to end"],
+      {"what": "encode, device-resident (jitted encoder)", "value": device_rates["end-to-end"],
        "unit": "vec/s"},
       {"what": "  of which catalyzer forward alone", "value": device_rates["catalyzer forward"],
        "unit": "vec/s"},

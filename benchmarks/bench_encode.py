@@ -20,12 +20,10 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import (deep_like, deep_like_setup, device_batches, interleaved,  # noqa: E402
-                     median, table, write_result)
+from _common import (deep_like, deep_like_setup, device_batches, encode_cases,  # noqa: E402
+                     interleaved, median, table, write_result)
 
-from spreading_jax import encode  # noqa: E402
 from spreading_jax.config import make_codec  # noqa: E402
-from spreading_jax.model import _forward_fn  # noqa: E402
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,22 +35,8 @@ def main(argv=None):
   faiss, xt, model = deep_like_setup(args.d, args.threads)
   xb = deep_like(args.n, args.d, seed=2)
   codec = make_codec(model.config)
-  enc = encode.make_encoder(model)
-  fwd = _forward_fn(model.module)
   batches = device_batches(xb)
-
-  def ours():  # raw vectors -> codes
-    return jax.block_until_ready([enc(b) for b in batches])
-
-  def ours_forward():  # catalyzer alone
-    return jax.block_until_ready([fwd(model.variables, b, model.input_scale) for b in batches])
-
-  ys = ours_forward()
-
-  lattice_encode = jax.jit(codec.encode_core)
-
-  def ours_lattice():  # quantize + rank alone
-    return jax.block_until_ready([lattice_encode(y) for y in ys])
+  ours = {f"ours {name}": fn for name, fn in encode_cases(model, codec, batches).items()}
 
   opq = faiss.index_factory(args.d, "OPQ8_64,PQ8")
   opq.train(xt)
@@ -61,8 +45,7 @@ def main(argv=None):
   def theirs():
     return opq.sa_encode(xb)
 
-  cases = {"ours end-to-end": ours, "ours catalyzer forward": ours_forward,
-           "ours lattice encode": ours_lattice, "faiss OPQ8_64,PQ8 sa_encode": theirs}
+  cases = {**ours, "faiss OPQ8_64,PQ8 sa_encode": theirs}
   times = interleaved(cases, args.repeats)
   rows = [{"case": name, "vectors_per_s": args.n / median(ts), "median_s": median(ts),
            "times_s": ts} for name, ts in times.items()]
