@@ -282,20 +282,25 @@ def test_validation_of_batch_size_overflow_and_zero_width(work):
     check_vectors("x", np.zeros((4, 0), np.float32))
 
 
-def test_finiteness_of_device_arrays():
-  # Device arrays are checked by a compiled float32 sum with an exact fallback: a sum that
-  # overflows is not a NaN, and each bad value is found wherever it is.
-  huge = jax.numpy.full((64, 8), 3e38, jax.numpy.float32)
-  assert check_vectors("x", huge) is huge
-  for value in (np.nan, np.inf, -np.inf):
-    x = np.full((64, 8), 3e38, np.float32)
-    x[37, 5] = value
-    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(first at row 37, column 5"):
-      check_vectors("x", jax.numpy.asarray(x))
-  x = np.ones((64, 8), np.float32)
-  x[[3, 9], 2] = (np.inf, -np.inf)  # the sum alone is NaN
-  with pytest.raises(ValueError, match="row 3, column 2"):
-    check_vectors("x", jax.numpy.asarray(x))
+def test_finiteness_by_sum_with_exact_fallback():
+  # NaN/Inf are found by one float sum (numpy on the host, a compiled sum on the device)
+  # with an exact fallback: a sum that overflows is not a NaN, and each bad value is found
+  # wherever it is.
+  for wrap in (np.asarray, jax.numpy.asarray):
+    huge = wrap(np.full((64, 8), 3e38, np.float32))
+    assert check_vectors("x", huge) is huge
+    for value in (np.nan, np.inf, -np.inf):
+      x = np.full((64, 8), 3e38, np.float32)
+      x[37, 5] = value
+      with pytest.raises(ValueError, match=r"x contains NaN or Inf \(first at row 37, column 5"):
+        check_vectors("x", wrap(x))
+    x = np.ones((64, 8), np.float32)
+    x[[3, 9], 2] = (np.inf, -np.inf)  # the sum alone is NaN
+    with pytest.raises(ValueError, match="row 3, column 2"):
+      check_vectors("x", wrap(x))
+  check_vectors("x", np.full((64, 8), 6e4, np.float16))  # its float32 sum is finite
+  with pytest.raises(ValueError, match="row 0, column 1"):
+    check_vectors("x", np.array([[1, np.inf]], np.float16))
 
 
 # ---------------------------------------------------------------------------------------
