@@ -203,14 +203,18 @@ def _empty_topk(shape):
 
 
 def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=None,
-                  recall_target=None):
+                  recall_target=None, extra=()):
   """Top-k of every query over this device's rows ``db``.
 
   Segments of ``seg`` rows are visited in id order and searched by every query block; each
   segment's top-k is merged into the running one. With ``prepare_fn`` (e.g. codes ->
   decoded vectors) ``db`` is padded to whole segments and each is prepared once; without,
-  ``db`` may end anywhere after its first block and is read in place.
+  ``db`` may end anywhere after its first block and is read in place. ``extra`` arrays
+  (not split by rows) are passed to ``score_fn`` after the database rows.
   """
+  if extra:
+    base_fn = score_fn
+    score_fn = lambda q, *rows: base_fn(q, *rows, *extra)  # noqa: E731
   nq_pad = xq.shape[0]
   nqb = nq_pad // qb
   xq_blocks = xq.reshape((nqb, qb) + xq.shape[1:])
@@ -241,28 +245,29 @@ def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "seg", "mesh",
                                              "prepare_fn", "recall_target"))
-def _topk_search(score_fn, xq, db, n_valid, *, k, qb, bb, seg, mesh, prepare_fn=None,
-                 recall_target=None):
+def _topk_search(score_fn, xq, db, n_valid, extra=(), *, k, qb, bb, seg, mesh,
+                 prepare_fn=None, recall_target=None):
   if mesh is None:
     return _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, 0, prepare_fn,
-                         recall_target)
+                         recall_target, extra)
   axis = sharding.axis_name(mesh)
   local_n = db[0].shape[0] // sharding.mesh_size(mesh)
+  n_db = len(db)
 
-  def local(xq, *db):
+  def local(xq, *arrays):
+    db, extra = arrays[:n_db], arrays[n_db:]
     offset = jax.lax.axis_index(axis).astype(jnp.int32) * local_n
     s, i = _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn,
-                         recall_target)
+                         recall_target, extra)
     # Gather every shard's top-k in shard (= id) order, then merge.
     s = jax.lax.all_gather(s, axis, axis=1, tiled=True)
     i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
     s, pos = jax.lax.top_k(s, k)
     return s, jnp.take_along_axis(i, pos, axis=1)
 
-  db_specs = tuple(P(axis) for _ in db)
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(),) + db_specs, out_specs=(P(), P()),
-                     check_vma=False)
-  return fn(xq, *db)
+  specs = (P(),) + tuple(P(axis) for _ in db) + tuple(P() for _ in extra)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)
+  return fn(xq, *db, *extra)
 
 
 def _check_recall_target(recall_target):
@@ -331,17 +336,19 @@ def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared_widt
 
 
 def _run(score_fn, xq, db, n_valid: int, k: int, plan, mesh, prepare_fn=None,
-         recall_target=None):
+         recall_target=None, extra=()):
   """Searches a database already padded to ``plan``'s row count; rows >= n_valid are
-  padding."""
+  padding. ``extra``: arrays every ``score_fn`` call receives after the rows (replicated
+  on a mesh)."""
   qb, bb, seg, _ = plan
   nq = xq.shape[0]
   xq = sharding.pad_rows(jnp.asarray(xq), sharding.round_up(nq, qb))
   if mesh is not None:
     db = tuple(sharding.shard_rows(a, mesh) for a in db)
     xq = sharding.replicate(xq, mesh)
-  s, i = _topk_search(score_fn, xq, db, jnp.int32(n_valid), k=k, qb=qb, bb=bb, seg=seg,
-                      mesh=mesh, prepare_fn=prepare_fn, recall_target=recall_target)
+    extra = tuple(sharding.replicate(a, mesh) for a in extra)
+  s, i = _topk_search(score_fn, xq, db, jnp.int32(n_valid), tuple(extra), k=k, qb=qb, bb=bb,
+                      seg=seg, mesh=mesh, prepare_fn=prepare_fn, recall_target=recall_target)
   return s[:nq], i[:nq]
 
 
@@ -351,6 +358,12 @@ def _run(score_fn, xq, db, n_valid: int, k: int, plan, mesh, prepare_fn=None,
 def _l2_score(xq, xb, half_norm):
   # Ranking by 0.5*|xb|^2 - xq.xb is ranking by L2 (the query norm is a constant per row).
   return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST) - half_norm[None, :]
+
+
+def _l2_score_centred(xq, xb, half_norm, centre):
+  # _l2_score of the rows moved by -centre: the subtraction fuses into the copy of each
+  # block into the tile, so the database is never copied whole.
+  return _l2_score(xq, xb - centre, half_norm)
 
 
 def _ip_score(xq, xb):
@@ -433,8 +446,9 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   ``_center``; the centre comes from a strided sample of 64k-128k database rows) on the
   database's middle before the matmul-based scoring, which otherwise subtracts large,
   nearly equal numbers, and the best ``k + max(8, k // 8)`` candidates are re-ranked by
-  distances computed from coordinate differences. The centre is read back to the host (d
-  floats): when it is zero the database is searched as given, with no centred copy.
+  distances computed from coordinate differences. The database is centred block by block
+  as it is scored, never copied; the centre is read back to the host (d floats) so that
+  zero-mean data skips the subtraction.
 
   Args:
     xq: queries, any real dtype (converted to float32).
@@ -465,14 +479,16 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   nb = xb.shape[0]
   kc = min(nb, k + _rerank_margin(k))
   plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, 0, None)
+  recall_target = _check_recall_target(recall_target)
   centre = _sample_centre(xb)
-  if np.any(np.asarray(centre)):  # one small read back; zero-mean data is used in place
-    xbc, half_norm, xqc = _centered(xb, xq, centre, plan[3])
+  xbp = sharding.pad_rows(xb, plan[3])
+  if np.any(np.asarray(centre)):  # one small read back
+    score, extra = _l2_score_centred, (centre,)
+    half_norm, xqc = _half_norms(xbp, centre), xq - centre
   else:
-    xbc, xqc = sharding.pad_rows(xb, plan[3]), xq
-    half_norm = _half_norms(xbc)
-  _, i = _run(_l2_score, xqc, (xbc, half_norm), nb, kc, plan, mesh,
-              recall_target=_check_recall_target(recall_target))
+    score, extra, half_norm, xqc = _l2_score, (), _half_norms(xbp), xq
+  _, i = _run(score, xqc, (xbp, half_norm), nb, kc, plan, mesh, recall_target=recall_target,
+              extra=extra)
   return _rerank_l2(xq, xb, i, k)
 
 
@@ -482,16 +498,10 @@ def _sample_centre(xb):
   return _center(xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)])
 
 
-@functools.partial(jax.jit, static_argnames=("rows",))
-def _centered(xb, xq, centre, rows: int):
-  """(xb - centre padded with zero rows to ``rows``, half its squared norms, xq - centre),
-  in one pass over the database."""
-  xbc = sharding.pad_rows(xb - centre, rows)
-  return xbc, _half_norms(xbc), xq - centre
-
-
 @jax.jit
-def _half_norms(xb):
+def _half_norms(xb, centre=None):
+  """0.5 |xb - centre|^2 per row (centre None: 0), in one pass, without a centred copy."""
+  xb = xb if centre is None else xb - centre
   return 0.5 * jnp.sum(xb * xb, axis=1)
 
 

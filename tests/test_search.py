@@ -213,6 +213,20 @@ def test_l2_exact_with_a_large_common_offset(mini, offset):
     np.testing.assert_array_equal(np.asarray(D), -ref_d)
 
 
+def test_l2_offset_database_read_in_place():
+  # From 2^17 rows the database is searched in place (its last block overlaps the one before)
+  # and centred block by block as it is scored: the ids must be the exact ones, ties to the
+  # lower id, on integer data far from the origin.
+  rng = np.random.default_rng(12)
+  nb = search._UNPADDED_ROWS + 77
+  xb = rng.integers(-4, 5, (nb, 6)).astype(np.float32) + np.float32(3e6)
+  xq = np.concatenate([xb[-3:], rng.integers(-4, 5, (9, 6)).astype(np.float32) + 3e6])
+  ref_d, ref_i = _stable_topk(-_l2_float64(xq, xb), 40)
+  D, I = search.knn(xq, xb, 40)
+  np.testing.assert_array_equal(np.asarray(I), ref_i)
+  np.testing.assert_array_equal(np.asarray(D), -ref_d)
+
+
 def test_l2_large_offset_on_float_data():
   rng = np.random.default_rng(8)
   xb = rng.standard_normal((5000, 32)).astype(np.float32) + np.float32(1000.0)
