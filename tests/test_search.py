@@ -138,7 +138,9 @@ def test_tiles_by_backend(monkeypatch):
   # mining-shaped 500k x 500k: CPU tiles of ~1M scores, two 504-query blocks; accelerator
   # tiles of ~32M scores (fewer kernel launches) and one segment.
   assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (504, 2080, 1000480, 10**6)
+  assert search._rerank_rows(1000, 112, 128) == 292  # 16 MB of gathered candidates
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert search._rerank_rows(1000, 112, 128) == 1000
   assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (
       1000, 33568, 1007040, 10**6)
   assert search._plan(500_000, 500_000, 51, None, None, None, 0, None) == (
