@@ -195,9 +195,13 @@ def _rescore_batch(qb: int, per_query: int) -> int | None:
   (0.24 s vs 0.17 s per 1k queries at d=128). On a GPU/TPU as much of the query block as
   ``_Tiles.rescore`` allows: a loop of tiny steps would be launch-bound."""
   budget = _tiles().rescore
-  if budget is None:
-    return None
-  return max(1, min(qb, budget // max(per_query, 1)))
+  return None if budget is None else _items_within(budget, qb, per_query)
+
+
+def _items_within(budget: int, n: int, size: int) -> int:
+  """How many of ``n`` items of ``size`` elements each fit in ``budget`` elements (at least
+  1, at most n; 1 when n is 0)."""
+  return max(1, min(n, budget // max(size, 1)))
 
 
 def _empty_topk(shape):
@@ -414,7 +418,7 @@ def _center(xb):
 def _rerank_rows(nq: int, kc: int, d: int) -> int:
   """Queries re-ranked per gather: kc candidates of d floats each, within ``_Tiles.rerank``
   (at least 1: zero queries are one empty block)."""
-  return max(1, min(nq, _tiles().rerank // max(kc * d, 1)))
+  return _items_within(_tiles().rerank, nq, kc * d)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
