@@ -18,6 +18,14 @@ maxima, and the rows a ``prepare_fn`` decodes at a time); each segment's top-k i
 into the running one. With a mesh, the database is split over the mesh's data axis with
 ``jax.shard_map``; each device keeps a local top-k and the results are merged.
 ``lax.approx_max_k`` is an opt-in (``recall_target``) for the chunk choice on accelerators.
+
+Float searches (``knn``) run stage 1 in bfloat16 (``_screened``): each chunk's maximum
+plus a proven bound on the bfloat16 error is an upper bound of its float32 maximum, stage 2
+re-scores the ``k + max(k, 32)`` chunks of highest bound in float32, and a query is exact
+when its k-th score beats every bound left out. The few queries where it does not (scores
+closer than the bfloat16 error) are searched again in float32. On a 2-core Zen 4 CPU this
+is 1.3x faster at d=128 (bfloat16 products run at 1.5x the float32 rate); on GPU/TPU
+matrix units the gap is larger.
 """
 from __future__ import annotations
 
@@ -66,6 +74,10 @@ def _tiles() -> _Tiles:
 
 
 ScoreFn = Callable[..., jax.Array]
+# screen_fn(xq_block, *db_block) -> (scores f32[qb, bb], q_scale f32[qb], row_scale f32[bb],
+# row_offset f32[bb]): a cheap score within q_scale[q] * row_scale[x] + row_offset[x] of
+# score_fn's (see ``_screened``).
+ScreenFn = Callable[..., tuple]
 
 
 def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
@@ -126,26 +138,39 @@ def _valid(rows, nominal, id0, n_valid):
   return (rows >= nominal) & (id0 + rows < n_valid)
 
 
-def _chunk_maxima(score_fn: ScoreFn, xq, src, nominal, starts, bb: int, id0, n_valid):
+def _chunk_maxima(score_fn: ScoreFn, xq, src, nominal, starts, bb: int, id0, n_valid,
+                  screen_fn: ScreenFn | None = None):
   """Stage 1: f32[qb, nblocks * bb / _CHUNK], the maximum score of each chunk of a segment.
 
   The segment is the blocks of ``bb`` rows of ``src`` at ``nominal`` and read at ``starts``
   (``_block_starts``); source row r has id ``id0 + r``. Rows that do not count (``_valid``)
   score -inf and the maxima's zeros are +0.0, so that chunks compare as their best real,
-  cleaned scores do.
+  cleaned scores do. With ``screen_fn`` each value is instead an upper bound of the chunk's
+  best ``score_fn`` score: the screen's maximum plus its error bound (NaN counts as +inf).
   """
   qb, nc, nblocks = xq.shape[0], bb // _CHUNK, nominal.shape[0]
+
+  def by_chunk(x):
+    return x.reshape(x.shape[:-1] + (nc, _CHUNK))
 
   def step(maxima, inputs):
     j, nom, start = inputs
     block = tuple(jax.lax.dynamic_slice_in_dim(a, start, bb) for a in src)
     # [qb, bb] in the score's own dtype (integer scores stay integer: converting the whole
     # tile to float cost 3x the Hamming scoring itself); fused into the max below.
-    s = score_fn(xq, *block)
+    if screen_fn is None:
+      s = score_fn(xq, *block)
+    else:
+      s, q_scale, row_scale, row_offset = screen_fn(xq, *block)
     low = -jnp.inf if jnp.issubdtype(s.dtype, jnp.floating) else jnp.iinfo(s.dtype).min
     valid = _valid(start + jnp.arange(bb, dtype=jnp.int32), nom, id0, n_valid)
-    m = jnp.max(jnp.where(valid[None, :], s, low).reshape(qb, nc, _CHUNK), axis=2)
+    m = jnp.max(by_chunk(jnp.where(valid[None, :], s, low)), axis=2)
     m = jnp.where(m == low, -jnp.inf, m.astype(jnp.float32))
+    if screen_fn is not None:
+      err = (q_scale[:, None] * jnp.max(by_chunk(row_scale), axis=1)[None, :]
+             + jnp.max(by_chunk(row_offset), axis=1)[None, :])
+      m = m + err
+      m = jnp.where(jnp.isnan(m), jnp.inf, m)
     return jax.lax.dynamic_update_slice(maxima, m[:, None, :], (0, j, 0)), None
 
   maxima = jnp.full((qb, nblocks, nc), -jnp.inf, jnp.float32)
@@ -156,15 +181,25 @@ def _chunk_maxima(score_fn: ScoreFn, xq, src, nominal, starts, bb: int, id0, n_v
 
 
 def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: int, id0,
-                  n_valid, recall_target: float | None):
+                  n_valid, recall_target: float | None, screen_fn: ScreenFn | None = None,
+                  screen_chunks: int = 0):
   """Exact top-k of xq [qb, ...] over one segment (see ``_chunk_maxima``).
-  -> (f32[qb, k'], i32[qb, k'] ids) with k' = min(k, segment rows), descending, ties to
-  the lower id."""
+  -> (f32[qb, k'], i32[qb, k'] ids, f32[qb] bound) with k' = min(k, segment rows),
+  descending, ties to the lower id. With ``screen_fn`` the ``screen_chunks`` chunks of
+  highest bound are re-scored and ``bound`` is at least every bound left out (-inf if
+  none): the result is exact where its k-th score is above it. Without, ``bound`` is -inf.
+  """
   qb = xq.shape[0]
   nominal, starts = _block_starts(nblocks, bb, base, src[0].shape[0])
-  maxima = _chunk_maxima(score_fn, xq, src, nominal, starts, bb, id0, n_valid)
-  kc = min(k, maxima.shape[1])
-  if recall_target is None:
+  maxima = _chunk_maxima(score_fn, xq, src, nominal, starts, bb, id0, n_valid, screen_fn)
+  kc = min(screen_chunks if screen_fn is not None else k, maxima.shape[1])
+  bound = jnp.full((qb,), -jnp.inf, jnp.float32)
+  if screen_fn is not None and kc < maxima.shape[1]:
+    # The lowest chosen bound is >= every bound left out. (Slicing top_k's outputs, e.g.
+    # taking kc + 1 and the last value, makes XLA:CPU sort the whole row: 50x slower.)
+    vals, top = jax.lax.top_k(maxima, kc)
+    bound = jnp.min(vals, axis=1)
+  elif recall_target is None:
     top = jax.lax.top_k(maxima, kc)[1]
   else:
     top = jax.lax.approx_max_k(maxima, kc, recall_target=recall_target)[1]
@@ -185,8 +220,9 @@ def _segment_topk(score_fn: ScoreFn, xq, src, base, nblocks: int, k: int, bb: in
     return vals, id0 + rows[pos]
 
   per_query = width * sum(int(np.prod(a.shape[1:])) for a in src)
-  return jax.lax.map(rescore, (xq, first, nominal[top // nc]),
-                     batch_size=_rescore_batch(qb, per_query))
+  vals, ids = jax.lax.map(rescore, (xq, first, nominal[top // nc]),
+                          batch_size=_rescore_batch(qb, per_query))
+  return vals, ids, bound
 
 
 def _rescore_batch(qb: int, per_query: int) -> int | None:
@@ -209,7 +245,7 @@ def _empty_topk(shape):
 
 
 def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=None,
-                  recall_target=None, extra=()):
+                  recall_target=None, extra=(), screen_fn=None, screen_chunks=0):
   """Top-k of every query over this device's rows ``db``.
 
   Segments of ``seg`` rows are visited in id order and searched by every query block; each
@@ -219,8 +255,10 @@ def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=
   (not split by rows) are passed to ``score_fn`` after the database rows.
   """
   if extra:
-    base_fn = score_fn
+    base_fn, base_screen = score_fn, screen_fn
     score_fn = lambda q, *rows: base_fn(q, *rows, *extra)  # noqa: E731
+    if screen_fn is not None:
+      screen_fn = lambda q, *rows: base_screen(q, *rows, *extra)  # noqa: E731
   nq_pad = xq.shape[0]
   nqb = nq_pad // qb
   xq_blocks = xq.reshape((nqb, qb) + xq.shape[1:])
@@ -237,25 +275,30 @@ def _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn=
       src, base, id0 = db, s * seg, offset
 
     def by_query_block(args):
-      q, bs, bi = args
-      si = _segment_topk(score_fn, q, src, base, nblocks, kk, bb, id0, n_valid,
-                         recall_target)
-      return _merge_topk(bs, bi, *si, k)
+      q, bs, bi, bound = args
+      s, i, b = _segment_topk(score_fn, q, src, base, nblocks, kk, bb, id0, n_valid,
+                              recall_target, screen_fn, screen_chunks)
+      return _merge_topk(bs, bi, s, i, k) + (jnp.maximum(bound, b),)
 
     return jax.lax.map(by_query_block, (xq_blocks,) + tuple(best)), None
 
-  best = _empty_topk((nqb, qb, k))
-  (s, i), _ = jax.lax.scan(step, best, jnp.arange(nseg, dtype=jnp.int32))
-  return s.reshape(nq_pad, k), i.reshape(nq_pad, k)
+  best = _empty_topk((nqb, qb, k)) + (jnp.full((nqb, qb), -jnp.inf, jnp.float32),)
+  (s, i, bound), _ = jax.lax.scan(step, best, jnp.arange(nseg, dtype=jnp.int32))
+  return s.reshape(nq_pad, k), i.reshape(nq_pad, k), bound.reshape(nq_pad)
 
 
 @functools.partial(jax.jit, static_argnames=("score_fn", "k", "qb", "bb", "seg", "mesh",
-                                             "prepare_fn", "recall_target"))
+                                             "prepare_fn", "recall_target", "screen_fn",
+                                             "screen_chunks"))
 def _topk_search(score_fn, xq, db, n_valid, extra=(), *, k, qb, bb, seg, mesh,
-                 prepare_fn=None, recall_target=None):
+                 prepare_fn=None, recall_target=None, screen_fn=None, screen_chunks=0):
+  """-> (scores, ids, exact): ``exact`` bool[nq] is True where the result is exact (always,
+  without ``screen_fn``): its k-th score beats every bound the screen left out."""
+  opts = dict(prepare_fn=prepare_fn, recall_target=recall_target, extra=extra,
+              screen_fn=screen_fn, screen_chunks=screen_chunks)
   if mesh is None:
-    return _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, 0, prepare_fn,
-                         recall_target, extra)
+    s, i, bound = _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, 0, **opts)
+    return s, i, (s[:, -1] > bound) | (screen_fn is None)
   axis = sharding.axis_name(mesh)
   local_n = db[0].shape[0] // sharding.mesh_size(mesh)
   n_db = len(db)
@@ -263,16 +306,18 @@ def _topk_search(score_fn, xq, db, n_valid, extra=(), *, k, qb, bb, seg, mesh,
   def local(xq, *arrays):
     db, extra = arrays[:n_db], arrays[n_db:]
     offset = jax.lax.axis_index(axis).astype(jnp.int32) * local_n
-    s, i = _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset, prepare_fn,
-                         recall_target, extra)
+    s, i, bound = _search_local(score_fn, xq, db, k, qb, bb, seg, n_valid, offset,
+                                **dict(opts, extra=extra))
     # Gather every shard's top-k in shard (= id) order, then merge.
     s = jax.lax.all_gather(s, axis, axis=1, tiled=True)
     i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
     s, pos = jax.lax.top_k(s, k)
-    return s, jnp.take_along_axis(i, pos, axis=1)
+    bound = jax.lax.pmax(bound, axis)
+    return s, jnp.take_along_axis(i, pos, axis=1), (s[:, -1] > bound) | (screen_fn is None)
 
   specs = (P(),) + tuple(P(axis) for _ in db) + tuple(P() for _ in extra)
-  fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P(), P()),
+                     check_vma=False)
   return fn(xq, *db, *extra)
 
 
@@ -325,7 +370,7 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
     width = sum(int(np.prod(o.shape)) for o in jax.eval_shape(prepare_fn, *rows))
   plan = _plan(xq.shape[0], nb, k, mesh, query_block, base_block, width, super_block)
   db = tuple(sharding.pad_rows(jnp.asarray(a), plan[3]) for a in db)
-  return _run(score_fn, xq, db, nb, k, plan, mesh, prepare_fn, recall_target)
+  return _run(score_fn, xq, db, nb, k, plan, mesh, prepare_fn, recall_target)[:2]
 
 
 def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared_width: int,
@@ -342,10 +387,10 @@ def _plan(nq: int, nb: int, k: int, mesh, query_block, base_block, prepared_widt
 
 
 def _run(score_fn, xq, db, n_valid: int, k: int, plan, mesh, prepare_fn=None,
-         recall_target=None, extra=()):
+         recall_target=None, extra=(), screen_fn=None, screen_chunks=0):
   """Searches a database already padded to ``plan``'s row count; rows >= n_valid are
   padding. ``extra``: arrays every ``score_fn`` call receives after the rows (replicated
-  on a mesh)."""
+  on a mesh). -> (scores, ids, exact) as ``_topk_search``."""
   qb, bb, seg, _ = plan
   nq = xq.shape[0]
   xq = sharding.pad_rows(jnp.asarray(xq), sharding.round_up(nq, qb))
@@ -353,9 +398,11 @@ def _run(score_fn, xq, db, n_valid: int, k: int, plan, mesh, prepare_fn=None,
     db = tuple(sharding.shard_rows(a, mesh) for a in db)
     xq = sharding.replicate(xq, mesh)
     extra = tuple(sharding.replicate(a, mesh) for a in extra)
-  s, i = _topk_search(score_fn, xq, db, jnp.int32(n_valid), tuple(extra), k=k, qb=qb, bb=bb,
-                      seg=seg, mesh=mesh, prepare_fn=prepare_fn, recall_target=recall_target)
-  return s[:nq], i[:nq]
+  s, i, exact = _topk_search(score_fn, xq, db, jnp.int32(n_valid), tuple(extra), k=k, qb=qb,
+                             bb=bb, seg=seg, mesh=mesh, prepare_fn=prepare_fn,
+                             recall_target=recall_target, screen_fn=screen_fn,
+                             screen_chunks=screen_chunks)
+  return s[:nq], i[:nq], exact[:nq]
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,6 +421,49 @@ def _l2_score_centred(xq, xb, half_norm, centre):
 
 def _ip_score(xq, xb):
   return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _bf16_dot(xq, xb):
+  # bfloat16 operands, float32 products and sums: 1.5x the float32 matmul on a Zen 4 CPU
+  # (AVX512-BF16), several times it on GPU/TPU matrix units.
+  return jax.lax.dot_general(xq.astype(jnp.bfloat16), xb.astype(jnp.bfloat16),
+                             (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _bf16_error(xq, row_norm, half_norm=None):
+  """(q_scale, row_scale, row_offset) bounding |_bf16_dot - the float32 score| (see
+  ``ScreenFn``). Rounding q and x to bfloat16 (8 significant bits) moves each product by
+  at most (2u + u^2)|q_i x_i|, u = 2^-8; summing d products in float32, here and in the
+  reference score, adds at most 2 d 2^-23 sum|q_i x_i| (2^-23: truncating adders too); and
+  sum|q_i x_i| <= |q| |x| (Cauchy-Schwarz). The float32 subtraction of a half norm rounds
+  by 2^-24 of |score| in each; bfloat16 and the matrix units may flush subnormals, covered
+  by the absolute terms. 25% slack on top."""
+  d = xq.shape[1]
+  rel = 1.25 * (2.0 ** -7 + 2.0 ** -16 + (2 * d + 1) * 2.0 ** -23)
+  q_scale = rel * jnp.sqrt(jnp.sum(xq * xq, axis=1))
+  row_scale = row_norm + d * 2.0 ** -110
+  row_offset = d * 2.0 ** -120 * (1.0 + row_norm)
+  if half_norm is not None:
+    row_offset = row_offset + 2.0 ** -22 * half_norm
+  return q_scale, row_scale, row_offset
+
+
+def _l2_screen(xq, xb, half_norm):
+  s = _bf16_dot(xq, xb) - half_norm[None, :]
+  return (s,) + _bf16_error(xq, jnp.sqrt(2.0 * half_norm), half_norm)
+
+
+def _l2_screen_centred(xq, xb, half_norm, centre):
+  return _l2_screen(xq, xb - centre, half_norm)
+
+
+def _ip_screen(xq, xb):
+  return (_bf16_dot(xq, xb),) + _bf16_error(xq, jnp.sqrt(jnp.sum(xb * xb, axis=1)))
+
+
+# The bfloat16 screen of each float32 score (``_screened``).
+_SCREENS = {_l2_score: _l2_screen, _l2_score_centred: _l2_screen_centred,
+            _ip_score: _ip_screen}
 
 
 def _check_k(k, nb):
@@ -453,6 +543,10 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   blocked over queries and database and jit-compiled; with ``mesh`` the database is
   sharded over the mesh's data axis and the result is identical to the unsharded call.
 
+  The first pass over the database scores in bfloat16 with a proven error bound; only the
+  queries whose result it cannot prove exact are searched again in float32 (one read back
+  of nq booleans decides), so the result is the float32 search's either way.
+
   L2 is exact on data far from the origin too: both sides are centred (exactly, see
   ``_center``; the centre comes from a strided sample of 64k-128k database rows) on the
   database's middle before the matmul-based scoring, which otherwise subtracts large,
@@ -483,14 +577,14 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   check_vectors("xq", xq, d=xb.shape[1])
   k = _check_k(k, xb.shape[0])
   xq, xb = _as_float(xq), _as_float(xb)
-  opts = dict(mesh=mesh, query_block=query_block, base_block=base_block,
-              recall_target=recall_target)
-  if metric == "ip":
-    return topk_search(_ip_score, xq, (xb,), k, **opts)
   nb = xb.shape[0]
+  recall_target = _check_recall_target(recall_target)
+  if metric == "ip":
+    plan = _plan(xq.shape[0], nb, k, mesh, query_block, base_block, 0, None)
+    xbp = sharding.pad_rows(xb, plan[3])
+    return _screened(_ip_score, xq, (xbp,), nb, k, plan, mesh, recall_target)
   kc = min(nb, k + _rerank_margin(k))
   plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, 0, None)
-  recall_target = _check_recall_target(recall_target)
   centre = _sample_centre(xb)
   xbp = sharding.pad_rows(xb, plan[3])
   if np.any(np.asarray(centre)):  # one small read back
@@ -498,9 +592,40 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
     half_norm, xqc = _half_norms(xbp, centre), xq - centre
   else:
     score, extra, half_norm, xqc = _l2_score, (), _half_norms(xbp), xq
-  _, i = _run(score, xqc, (xbp, half_norm), nb, kc, plan, mesh, recall_target=recall_target,
-              extra=extra)
+  _, i = _screened(score, xqc, (xbp, half_norm), nb, kc, plan, mesh, recall_target, extra)
   return _rerank_l2(xq, xb, i, k)
+
+
+def _screen_chunks(k: int) -> int:
+  """Chunks re-scored per query and segment behind a bfloat16 screen: ``k + max(k, 32)``
+  where an exact first stage takes k, as the screen's error (~2^-7 |q| |x|) blurs the
+  order of close chunks (the 32 are for small k, whose k-th score is no further from the
+  rest). Measured share of queries shown exact: 100% on 1M random unit vectors at d=128."""
+  return k + max(k, 32)
+
+
+def _screened(score_fn, xq, db, n_valid, k, plan, mesh, recall_target, extra=()):
+  """``_run`` with a bfloat16 first stage (``_SCREENS[score_fn]``) whose error is bounded,
+  so the chunks it leaves out provably hold nothing better than the k-th result; queries
+  where that cannot be shown (the bound is too close) are searched again in float32. Exact
+  either way. -> (scores, ids). With ``recall_target`` the float32 search runs alone."""
+  screen_fn = _SCREENS.get(score_fn)
+  if recall_target is not None or screen_fn is None:
+    return _run(score_fn, xq, db, n_valid, k, plan, mesh, recall_target=recall_target,
+                extra=extra)[:2]
+  s, i, exact = _run(score_fn, xq, db, n_valid, k, plan, mesh, extra=extra,
+                     screen_fn=screen_fn, screen_chunks=_screen_chunks(k))
+  redo = np.flatnonzero(~np.asarray(exact))  # nq booleans read back
+  if redo.size:
+    # Padded to a power of two: a handful of compiled shapes, not one per count.
+    n = max(8, 1 << int(redo.size - 1).bit_length())
+    rows = jnp.asarray(np.pad(redo, (0, n - redo.size)))
+    # Same blocks and segments (the database is padded for them), fewer queries a block.
+    s2, i2, _ = _run(score_fn, jnp.take(xq, rows, axis=0), db, n_valid, k,
+                     (min(plan[0], n),) + tuple(plan[1:]), mesh, extra=extra)
+    s = s.at[redo].set(s2[:redo.size])
+    i = i.at[redo].set(i2[:redo.size])
+  return s, i
 
 
 @jax.jit

@@ -240,6 +240,89 @@ def test_l2_large_offset_on_float_data():
   np.testing.assert_allclose(np.asarray(D), -ref_d, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 3e15])
+@pytest.mark.parametrize("d", [3, 128, 784])
+def test_bf16_screen_bounds_the_float32_score(scale, d):
+  # The bound (q_scale x row_scale + row_offset) must hold against both float32 scores the
+  # engine compares with: the tile matmul and stage 2's one-query product, on heavy-tailed
+  # data at scales from near-subnormal products to near-overflowing ones.
+  rng = np.random.default_rng(d)
+  xb = (rng.standard_t(2, (700, d)) * scale).astype(np.float32)
+  xq = (rng.standard_t(2, (40, d)) * scale).astype(np.float32)
+  xb[:5] = xq[:5]  # a query's own row: the largest inner product it can meet
+  half = search._half_norms(jnp.asarray(xb))
+  cases = [(search._ip_score, search._ip_screen, (jnp.asarray(xb),)),
+           (search._l2_score, search._l2_screen, (jnp.asarray(xb), half))]
+  for score_fn, screen_fn, rows in cases:
+    approx, q_scale, row_scale, row_offset = map(np.asarray, screen_fn(jnp.asarray(xq), *rows))
+    err = q_scale[:, None] * row_scale[None, :] + row_offset[None, :]
+    tile = np.asarray(score_fn(jnp.asarray(xq), *rows))
+    one = np.stack([np.asarray(score_fn(jnp.asarray(q[None]), *rows))[0] for q in xq])
+    for ref in (tile, one):
+      assert np.all(np.isfinite(ref))
+      assert np.all(np.abs(approx.astype(np.float64) - ref) <= err), screen_fn.__name__
+    if scale >= 1e-3:  # and is not vacuous where products are normal (1e-60 underflows)
+      qx = np.outer(np.linalg.norm(xq, axis=1), np.linalg.norm(xb, axis=1))
+      assert np.median(err / qx) < 0.02
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_screened_search_equals_float32_search(metric, monkeypatch):
+  # Above 32 chunks per query the bfloat16 screen leaves chunks out; on well-separated data
+  # every query is shown exact without a second pass, and the result is the float32
+  # engine's, scores and ids, on one device and on four.
+  rng = np.random.default_rng(21)
+  xb = rng.standard_normal((40_000, 24)).astype(np.float32)
+  xq = rng.standard_normal((60, 24)).astype(np.float32)
+  calls = []
+  run = search._run
+  monkeypatch.setattr(search, "_run", lambda *a, **kw: calls.append(kw) or run(*a, **kw))
+  D, I = search.knn(xq, xb, 10, metric=metric)
+  assert [c.get("screen_fn") is not None for c in calls] == [True]  # no float32 pass
+  monkeypatch.setattr(search, "_SCREENS", {})
+  D32, I32 = search.knn(xq, xb, 10, metric=metric)
+  np.testing.assert_array_equal(np.asarray(I), np.asarray(I32))
+  np.testing.assert_array_equal(np.asarray(D), np.asarray(D32))
+  if jax.device_count() >= 4:
+    monkeypatch.undo()
+    Ds, Is = search.knn(xq, xb, 10, metric=metric, mesh=sharding.make_mesh(4))
+    np.testing.assert_array_equal(np.asarray(Is), np.asarray(I32))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_screen_too_coarse_falls_back_to_float32(metric):
+  # Rows ~1e-3 apart around two opposite unit vectors (so centring cannot help): their
+  # scores differ by less than the screen's error (~1e-2), so it shows no query exact and
+  # every query is searched again in float32. The ids must be the exact ones all the same
+  # (without the second search, most are wrong).
+  rng = np.random.default_rng(5)
+  v = rng.standard_normal(16).astype(np.float32)
+  v /= np.linalg.norm(v)
+  xb = np.concatenate([v + 1e-3 * rng.standard_normal((10_000, 16)),
+                       -v + 1e-3 * rng.standard_normal((10_000, 16))]).astype(np.float32)
+  xq = (v + 1e-3 * rng.standard_normal((20, 16))).astype(np.float32)
+  xq[-4:] = -xq[-4:]
+  nb, k = xb.shape[0], 10
+  kc = k + search._rerank_margin(k) if metric == "l2" else k
+  plan = search._plan(xq.shape[0], nb, kc, None, None, None, 0, None)
+  if metric == "l2":
+    score, screen, db = search._l2_score, search._l2_screen, (xb, search._half_norms(xb))
+  else:
+    score, screen, db = search._ip_score, search._ip_screen, (xb,)
+  db = tuple(sharding.pad_rows(jnp.asarray(a), plan[3]) for a in db)
+  _, _, exact = search._run(score, xq, db, nb, kc, plan, None, screen_fn=screen,
+                            screen_chunks=search._screen_chunks(kc))
+  assert not np.asarray(exact).any()
+  D, I = search.knn(xq, xb, k, metric=metric)
+  if metric == "l2":
+    ref = -_l2_float64(xq, xb)
+  else:
+    ref = np.asarray(xq, np.float64) @ np.asarray(xb, np.float64).T
+  ref_s, ref_i = _stable_topk(ref, k)
+  assert (np.asarray(I) == ref_i).mean() > 0.99  # float32 rounding of near-equal scores
+  np.testing.assert_allclose(np.asarray(D), ref_s if metric == "ip" else -ref_s, rtol=1e-5)
+
+
 def test_recall_target_opt_in():
   rng = np.random.default_rng(9)
   xb = rng.standard_normal((4000, 16)).astype(np.float32)
