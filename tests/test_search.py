@@ -255,7 +255,7 @@ def test_bf16_screen_bounds_the_float32_score(scale, d):
            (search._l2_score, search._l2_screen, (jnp.asarray(xb), half))]
   for score_fn, screen_fn, rows in cases:
     approx, q_scale, row_scale, row_offset = map(np.asarray, screen_fn(jnp.asarray(xq), *rows))
-    err = q_scale[:, None] * row_scale[None, :] + row_offset[None, :]
+    err = q_scale.astype(np.float64) @ row_scale.T + row_offset[None, :]
     tile = np.asarray(score_fn(jnp.asarray(xq), *rows))
     one = np.stack([np.asarray(score_fn(jnp.asarray(q[None]), *rows))[0] for q in xq])
     for ref in (tile, one):
