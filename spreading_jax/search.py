@@ -55,18 +55,25 @@ class _Tiles(NamedTuple):
   prepared: int      # elements of one prepared (e.g. decoded) segment
   rescore: int | None  # gathered elements re-scored at once (None: one query at a time)
   rerank: int        # gathered elements of knn's exact l2 re-rank at once
+  screen_dim: int | None  # knn from this dimension takes the bfloat16 screen (None: never)
 
 
 # CPU: a 4 MB tile stays in cache through the max pass; 64 MB of maxima (a 1M-row
 # segment at 512 queries); 128 MB of decoded floats; stage 2 one query at a time; the l2
 # re-rank 16 MB at a time (1k queries x 112 candidates x 128-d: 20 ms, 34 ms in 58 MB).
-_CPU_TILES = _Tiles(1 << 20, 512, 1 << 24, 1 << 25, None, 1 << 22)
+# The bfloat16 screen from d=40 (1k x 1M, k=100, screen vs float32 engine, medians of
+# 10: d=24 0.72 vs 0.68 s, 32 0.76 vs 0.74, 48 1.00 vs 1.08, 64 0.93 vs 1.07, 128 1.33
+# vs 1.73): below, the matmul is too small a share of the search to pay for the wider
+# second stage.
+_CPU_TILES = _Tiles(1 << 20, 512, 1 << 24, 1 << 25, None, 1 << 22, 40)
 # GPU/TPU: each scan step is a kernel launch, so tiles are 32x larger (2048 x 16384), and
 # segments of up to 1M rows (256 MB of maxima per query block) cost fewer re-scoring
 # passes. Measured on an H200: mining 500k x 500k x 24-d took 3.70 s with the CPU tiles,
 # 1.78 s with these tiles and 262k-row segments, 1.60 s in one segment; 1k x 1M x 96-d
 # kNN ran at 67k q/s instead of 44k. Stage 2 re-scores up to 256 MB of gathered rows at once.
-_ACCEL_TILES = _Tiles(1 << 25, 2048, 1 << 26, 1 << 25, 1 << 26, 1 << 24)
+# No bfloat16 screen yet: it has not been measured on an accelerator (where it replaces the
+# six-pass float32 matmul of Precision.HIGHEST with one bfloat16 pass).
+_ACCEL_TILES = _Tiles(1 << 25, 2048, 1 << 26, 1 << 25, 1 << 26, 1 << 24, None)
 
 
 def _tiles() -> _Tiles:
@@ -621,9 +628,12 @@ def _screened(score_fn, xq, db, n_valid, k, plan, mesh, recall_target, extra=())
   """``_run`` with a bfloat16 first stage (``_SCREENS[score_fn]``) whose error is bounded,
   so the chunks it leaves out provably hold nothing better than the k-th result; queries
   where that cannot be shown (the bound is too close) are searched again in float32. Exact
-  either way. -> (scores, ids). With ``recall_target`` the float32 search runs alone."""
+  either way. -> (scores, ids). With ``recall_target``, below ``_Tiles.screen_dim`` and on
+  accelerators (not measured yet) the float32 search runs alone."""
   screen_fn = _SCREENS.get(score_fn)
-  if recall_target is not None or screen_fn is None:
+  screen_dim = _tiles().screen_dim
+  if (recall_target is not None or screen_fn is None or screen_dim is None
+      or xq.shape[1] < screen_dim):
     return _run(score_fn, xq, db, n_valid, k, plan, mesh, recall_target=recall_target,
                 extra=extra)[:2]
   s, i, exact = _run(score_fn, xq, db, n_valid, k, plan, mesh, extra=extra,

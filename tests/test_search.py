@@ -139,8 +139,10 @@ def test_tiles_by_backend(monkeypatch):
   # tiles of ~32M scores (fewer kernel launches) and one segment.
   assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (504, 2080, 1000480, 10**6)
   assert search._rerank_rows(1000, 112, 128) == 292  # 16 MB of gathered candidates
+  assert search._tiles().screen_dim == 40
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert search._rerank_rows(1000, 112, 128) == 1000
+  assert search._tiles().screen_dim is None
   assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (
       1000, 33568, 1007040, 10**6)
   assert search._plan(500_000, 500_000, 51, None, None, None, 0, None) == (
@@ -270,15 +272,19 @@ def test_bf16_screen_bounds_the_float32_score(scale, d):
 def test_screened_search_equals_float32_search(metric, monkeypatch):
   # Above 32 chunks per query the bfloat16 screen leaves chunks out; on well-separated data
   # every query is shown exact without a second pass, and the result is the float32
-  # engine's, scores and ids, on one device and on four.
+  # engine's, scores and ids, on one device and on four. Below d=40 (on a CPU) knn runs
+  # the float32 engine alone.
   rng = np.random.default_rng(21)
-  xb = rng.standard_normal((40_000, 24)).astype(np.float32)
-  xq = rng.standard_normal((60, 24)).astype(np.float32)
+  xb = rng.standard_normal((40_000, 40)).astype(np.float32)
+  xq = rng.standard_normal((60, 40)).astype(np.float32)
   calls = []
   run = search._run
   monkeypatch.setattr(search, "_run", lambda *a, **kw: calls.append(kw) or run(*a, **kw))
   D, I = search.knn(xq, xb, 10, metric=metric)
   assert [c.get("screen_fn") is not None for c in calls] == [True]  # no float32 pass
+  calls.clear()
+  search.knn(xq[:, :39], xb[:, :39], 10, metric=metric)
+  assert [c.get("screen_fn") is not None for c in calls] == [False]
   monkeypatch.setattr(search, "_SCREENS", {})
   D32, I32 = search.knn(xq, xb, 10, metric=metric)
   np.testing.assert_array_equal(np.asarray(I), np.asarray(I32))
@@ -296,11 +302,11 @@ def test_screen_too_coarse_falls_back_to_float32(metric):
   # every query is searched again in float32. The ids must be the exact ones all the same
   # (without the second search, most are wrong).
   rng = np.random.default_rng(5)
-  v = rng.standard_normal(16).astype(np.float32)
+  v = rng.standard_normal(48).astype(np.float32)
   v /= np.linalg.norm(v)
-  xb = np.concatenate([v + 1e-3 * rng.standard_normal((10_000, 16)),
-                       -v + 1e-3 * rng.standard_normal((10_000, 16))]).astype(np.float32)
-  xq = (v + 1e-3 * rng.standard_normal((20, 16))).astype(np.float32)
+  xb = np.concatenate([v + 1e-3 * rng.standard_normal((10_000, 48)),
+                       -v + 1e-3 * rng.standard_normal((10_000, 48))]).astype(np.float32)
+  xq = (v + 1e-3 * rng.standard_normal((20, 48))).astype(np.float32)
   xq[-4:] = -xq[-4:]
   nb, k = xb.shape[0], 10
   kc = k + search._rerank_margin(k) if metric == "l2" else k
