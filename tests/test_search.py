@@ -272,31 +272,58 @@ def test_bf16_screen_bounds_the_float32_score(scale, d):
 def test_screened_search_equals_float32_search(metric, monkeypatch):
   # Above 32 chunks per query the bfloat16 screen leaves chunks out; on well-separated data
   # every query is shown exact without a second pass, and the result is the float32
-  # engine's, scores and ids, on one device and on four. Below d=40 (on a CPU) knn runs
-  # the float32 engine alone.
+  # engine's, scores and ids, on one device and on four. (The screen is forced on: from
+  # its real size threshold, ``test_screen_only_where_it_pays``, this would take 131k rows.)
   rng = np.random.default_rng(21)
   xb = rng.standard_normal((40_000, 40)).astype(np.float32)
   xq = rng.standard_normal((60, 40)).astype(np.float32)
-  calls = []
-  run = search._run
-  monkeypatch.setattr(search, "_run", lambda *a, **kw: calls.append(kw) or run(*a, **kw))
+  screened = _spy_screen(monkeypatch)
+  monkeypatch.setattr(search, "_SCREEN_ROWS", 1)
   D, I = search.knn(xq, xb, 10, metric=metric)
-  assert [c.get("screen_fn") is not None for c in calls] == [True]  # no float32 pass
-  calls.clear()
-  search.knn(xq[:, :39], xb[:, :39], 10, metric=metric)
-  assert [c.get("screen_fn") is not None for c in calls] == [False]
+  assert screened == [True]  # no float32 pass
+  if jax.device_count() >= 4:
+    Ds, Is = search.knn(xq, xb, 10, metric=metric, mesh=sharding.make_mesh(4))
+    np.testing.assert_array_equal(np.asarray(Is), np.asarray(I))
+    np.testing.assert_array_equal(np.asarray(Ds), np.asarray(D))
   monkeypatch.setattr(search, "_SCREENS", {})
   D32, I32 = search.knn(xq, xb, 10, metric=metric)
   np.testing.assert_array_equal(np.asarray(I), np.asarray(I32))
   np.testing.assert_array_equal(np.asarray(D), np.asarray(D32))
+
+
+def _spy_screen(monkeypatch):
+  """A list that records, for each engine run of ``knn``, whether it took the screen."""
+  screened = []
+  run = search._run
+
+  def spy(*args, **kwargs):
+    screened.append(kwargs.get("screen_fn") is not None)
+    return run(*args, **kwargs)
+
+  monkeypatch.setattr(search, "_run", spy)
+  return screened
+
+
+def test_screen_only_where_it_pays(monkeypatch):
+  # On a CPU from d=40 and from 128 database rows per extra re-scored row (k=10: 32 extra
+  # chunks, 131072 rows); per device on a mesh.
+  screened = _spy_screen(monkeypatch)
+  rng = np.random.default_rng(3)
+  xb = rng.standard_normal((131_072, 40)).astype(np.float32)
+  xq = rng.standard_normal((5, 40)).astype(np.float32)
+  for xb_, xq_, expect in [(xb, xq, True), (xb[:-1], xq, False),
+                           (xb[:, :39], xq[:, :39], False)]:
+    screened.clear()
+    search.knn(xq_, xb_, 10)
+    assert screened == [expect], (xb_.shape, expect)
   if jax.device_count() >= 4:
-    monkeypatch.undo()
-    Ds, Is = search.knn(xq, xb, 10, metric=metric, mesh=sharding.make_mesh(4))
-    np.testing.assert_array_equal(np.asarray(Is), np.asarray(I32))
+    screened.clear()
+    search.knn(xq, xb, 10, mesh=sharding.make_mesh(4))
+    assert screened == [False]
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_screen_too_coarse_falls_back_to_float32(metric):
+def test_screen_too_coarse_falls_back_to_float32(metric, monkeypatch):
   # Rows ~1e-3 apart around two opposite unit vectors (so centring cannot help): their
   # scores differ by less than the screen's error (~1e-2), so it shows no query exact and
   # every query is searched again in float32. The ids must be the exact ones all the same
@@ -309,6 +336,7 @@ def test_screen_too_coarse_falls_back_to_float32(metric):
   xq = (v + 1e-3 * rng.standard_normal((20, 48))).astype(np.float32)
   xq[-4:] = -xq[-4:]
   nb, k = xb.shape[0], 10
+  monkeypatch.setattr(search, "_SCREEN_ROWS", 1)
   kc = k + search._rerank_margin(k) if metric == "l2" else k
   plan = search._plan(xq.shape[0], nb, kc, None, None, None, 0, None)
   if metric == "l2":
