@@ -19,13 +19,13 @@ into the running one. With a mesh, the database is split over the mesh's data ax
 ``jax.shard_map``; each device keeps a local top-k and the results are merged.
 ``lax.approx_max_k`` is an opt-in (``recall_target``) for the chunk choice on accelerators.
 
-Float searches (``knn``) run stage 1 in bfloat16 (``_screened``): each chunk's maximum
-plus a proven bound on the bfloat16 error is an upper bound of its float32 maximum, stage 2
-re-scores the ``k + max(k, 32)`` chunks of highest bound in float32, and a query is exact
-when its k-th score beats every bound left out. The few queries where it does not (scores
-closer than the bfloat16 error) are searched again in float32. On a 2-core Zen 4 CPU this
-is 1.3x faster at d=128 (bfloat16 products run at 1.5x the float32 rate); on GPU/TPU
-matrix units the gap is larger.
+Large float searches (``knn`` on a CPU from d=40, see ``_screened`` for when) run stage 1
+in bfloat16: each chunk's maximum plus a proven bound on the bfloat16 error is an upper
+bound of its float32 maximum, stage 2 re-scores the ``k + max(k, 32)`` chunks of highest
+bound in float32, and a query is exact when its k-th score beats every bound left out. The
+few queries where it does not (scores closer than the bfloat16 error) are searched again
+in float32. On a 2-core Zen 4 CPU this is 1.3x faster at d=128 (bfloat16 products run at
+1.5x the float32 rate).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from spreading_jax import binary, sharding
-from spreading_jax._validation import check_int, check_vectors
+from spreading_jax._validation import check_int, check_vectors, is_concrete
 
 # Rows per chunk: the unit whose maximum stage 1 keeps.
 _CHUNK = 32
@@ -560,9 +560,10 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   blocked over queries and database and jit-compiled; with ``mesh`` the database is
   sharded over the mesh's data axis and the result is identical to the unsharded call.
 
-  The first pass over the database scores in bfloat16 with a proven error bound; only the
-  queries whose result it cannot prove exact are searched again in float32 (one read back
-  of nq booleans decides), so the result is the float32 search's either way.
+  On a CPU, from d=40 and on large databases (k=100: from 459k rows per device), the first
+  pass over the database scores in bfloat16 with a proven error bound; only the queries
+  whose result it cannot prove exact are searched again in float32 (one read back of nq
+  booleans decides), so the result is the float32 search's either way.
 
   L2 is exact on data far from the origin too: both sides are centred (exactly, see
   ``_center``; the centre comes from a strided sample of 64k-128k database rows) on the
@@ -636,14 +637,16 @@ def _screened(score_fn, xq, db, n_valid, k, plan, mesh, recall_target, extra=())
   so the chunks it leaves out provably hold nothing better than the k-th result; queries
   where that cannot be shown (the bound is too close) are searched again in float32. Exact
   either way. -> (scores, ids). With ``recall_target``, below ``_Tiles.screen_dim``, on
-  accelerators (not measured yet) and on databases too small to pay for the wider second
-  stage (``_SCREEN_ROWS``) the float32 search runs alone."""
+  accelerators (not measured yet), on databases too small to pay for the wider second
+  stage (``_SCREEN_ROWS``) and inside a trace (``jax.jit``: the fallback needs a read back)
+  the float32 search runs alone."""
   screen_fn = _SCREENS.get(score_fn)
   screen_dim = _tiles().screen_dim
   extra_rows = (_screen_chunks(k) - k) * _CHUNK
   if (recall_target is not None or screen_fn is None or screen_dim is None
       or xq.shape[1] < screen_dim
-      or n_valid // sharding.mesh_size(mesh) < _SCREEN_ROWS * extra_rows):
+      or n_valid // sharding.mesh_size(mesh) < _SCREEN_ROWS * extra_rows
+      or not all(map(is_concrete, (xq,) + tuple(db)))):  # traced: no read back
     return _run(score_fn, xq, db, n_valid, k, plan, mesh, recall_target=recall_target,
                 extra=extra)[:2]
   s, i, exact = _run(score_fn, xq, db, n_valid, k, plan, mesh, extra=extra,

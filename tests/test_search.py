@@ -320,6 +320,12 @@ def test_screen_only_where_it_pays(monkeypatch):
     screened.clear()
     search.knn(xq, xb, 10, mesh=sharding.make_mesh(4))
     assert screened == [False]
+  # Inside jax.jit there is no read back for the fallback: the float32 engine alone.
+  screened.clear()
+  _, traced = jax.jit(lambda q, b: search.knn(q, b, 10, metric="ip"))(xq, xb)
+  assert screened == [False]
+  _, eager = search.knn(xq, xb, 10, metric="ip")
+  np.testing.assert_array_equal(np.asarray(traced), np.asarray(eager))
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
