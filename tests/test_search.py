@@ -169,21 +169,29 @@ def _l2_float64(xq, xb):
   return (xq * xq).sum(1)[:, None] + (xb * xb).sum(1)[None, :] - 2 * xq @ xb.T
 
 
-def test_exact_against_faiss_on_real_images_ties_included(mini):
-  # fashion-mnist-mini: 784-d integer pixels, many exactly tied distances.
+@pytest.mark.parametrize("screen", [False, True])
+def test_exact_against_faiss_on_real_images_ties_included(mini, screen, monkeypatch):
+  # fashion-mnist-mini: 784-d integer pixels, many exactly tied distances. With the
+  # bfloat16 screen forced on (base + train, 30k rows: 938 chunks, 224 re-scored) every
+  # query must be shown exact in its first pass.
   faiss = pytest.importorskip("faiss")
   xb, xq = np.asarray(mini.base), np.asarray(mini.query)[:200]
+  screened = _spy_screen(monkeypatch)
+  if screen:
+    xb = np.concatenate([xb, np.asarray(mini.train)])
+    monkeypatch.setattr(search, "_SCREEN_ROWS", 1)
   index = faiss.IndexFlatL2(xb.shape[1])
   index.add(xb)
   Df, If = index.search(xq, 100)
   D, I = search.knn(xq, xb, 100)
+  assert screened == [screen]
   D, I = np.asarray(D), np.asarray(I)
   ref_d, ref = _stable_topk(-_l2_float64(xq, xb), 100)
   np.testing.assert_array_equal(I, ref)  # ties: lower id first
   np.testing.assert_array_equal(D, -ref_d)  # exact integers (all below 2^24 here)
   # faiss agrees up to its own float32 rounding of |x|^2 + |q|^2 - 2<x, q> (~5e7 here):
   # its ids differ from ours only between distances within that rounding.
-  np.testing.assert_allclose(Df, D, rtol=1e-5)
+  np.testing.assert_allclose(Df, D, rtol=1e-5, atol=8)
   assert np.all(np.abs(D[I != If] - Df[I != If]) <= 1e-5 * D[I != If] + 8)
   assert (I == If).mean() > 0.95
 
