@@ -339,7 +339,7 @@ def test_screen_only_where_it_pays(monkeypatch):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_screen_too_coarse_falls_back_to_float32(metric, monkeypatch):
   # Rows ~1e-3 apart around two opposite unit vectors (so centring cannot help): their
-  # scores differ by less than the screen's error (~1e-2), so it shows no query exact and
+  # scores differ by less than the screen's error (~2^-8), so it shows no query exact and
   # every query is searched again in float32. The ids must be the exact ones all the same
   # (without the second search, most are wrong).
   rng = np.random.default_rng(5)
@@ -361,7 +361,9 @@ def test_screen_too_coarse_falls_back_to_float32(metric, monkeypatch):
   _, _, exact = search._run(score, xq, db, nb, kc, plan, None, screen_fn=screen,
                             screen_chunks=search._screen_chunks(kc))
   assert not np.asarray(exact).any()
+  screened = _spy_screen(monkeypatch)
   D, I = search.knn(xq, xb, k, metric=metric)
+  assert screened == [True, False]  # the screen, then float32 for every query
   if metric == "l2":
     ref = -_l2_float64(xq, xb)
   else:
