@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spreading_jax import sharding
 from spreading_jax._validation import check_int, check_vectors, is_concrete
 
 MAX_BITS = 256
@@ -822,7 +823,7 @@ def _map_rows(codec: ZnSphereCodec, name: str, x, out_cols: int, out_dtype):
     return jnp.zeros((0, out_cols), out_dtype)
   if n >= _CHUNK:
     return _jitted(codec, name)(x)
-  size = max(64, 1 << (n - 1).bit_length())
+  size = sharding.round_up_pow2(n, 64)
   if size != n:
     widths = ((0, size - n), (0, 0))
     x = np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(jnp.asarray(x), widths)

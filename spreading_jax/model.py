@@ -97,7 +97,7 @@ class TrainResult:
     batches) share a few compiled shapes instead of compiling one per size."""
     fwd = _forward_fn(self.module, then)
     n = x.shape[0]
-    chunk = min(batch_size, max(8, 1 << (max(n, 1) - 1).bit_length()))
+    chunk = min(batch_size, sharding.round_up_pow2(n, 8))
     for start in range(0, n, chunk):
       xb = x[start:start + chunk]
       m = xb.shape[0]

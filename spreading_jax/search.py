@@ -654,7 +654,7 @@ def _screened(score_fn, xq, db, n_valid, k, plan, mesh, recall_target, extra=())
   redo = np.flatnonzero(~np.asarray(exact))  # nq booleans read back
   if redo.size:
     # Padded to a power of two: a handful of compiled shapes, not one per count.
-    n = max(8, 1 << int(redo.size - 1).bit_length())
+    n = sharding.round_up_pow2(int(redo.size), 8)
     rows = jnp.asarray(np.pad(redo, (0, n - redo.size)))
     # Same blocks and segments (the database is padded for them), fewer queries a block.
     s2, i2, _ = _run(score_fn, jnp.take(xq, rows, axis=0), db, n_valid, k,

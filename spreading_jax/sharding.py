@@ -52,6 +52,12 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def round_up_pow2(n: int, minimum: int = 1) -> int:
+  """Smallest power of two that is >= n and >= ``minimum``: a size bucket, so that varying
+  row counts share a few compiled shapes."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
 def pad_rows(x, n: int, value=0):
   """Pads the leading axis of ``x`` (numpy or jax) to length ``n`` with ``value``."""
   extra = n - x.shape[0]
