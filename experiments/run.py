@@ -12,8 +12,9 @@ training histories), ``<out>/<name>.md`` and PNG plots; ``<out>`` defaults to
 ``experiments/results/<dataset>/``.
 
 Experiments (the ``experiment`` key): ``table1_lattice``, ``table2_binary``,
-``crossval_lambda``, ``dout_sweep``, ``lattice_ablation``; each sweeps ``grid`` (or its
-paper default) and returns recall rows built from ``spreading_jax.evaluate``'s protocols.
+``crossval_lambda``, ``dout_sweep``, ``lattice_ablation``, ``validation_ranking``,
+``auto_shape``; each sweeps ``grid`` (or its paper default) and returns recall rows built
+from ``spreading_jax.evaluate``'s protocols.
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from spreading_jax import datasets, evaluate, lattice, report
-from spreading_jax.train import TrainConfig, TrainResult, train
+import numpy as np
+
+from spreading_jax import datasets, evaluate, lattice, report, selection
+from spreading_jax.autoshape import fit
+from spreading_jax.train import (TrainConfig, TrainResult, split_indices, train,
+                                 train_many, validation_recalls, validation_split)
 
 DEFAULTS: dict[str, Any] = {
     "experiment": None,      # one of EXPERIMENTS
@@ -64,12 +69,12 @@ def table1_lattice(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Model
   rows = []
   for name in ("pq", "opq", "lsq"):
     _faiss_row(rows, name.upper(), name, dataset, config.bits)
-  model = train(config, dataset)
+  model = fit(config, dataset)
   codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
   _faiss_row(rows, "catalyzer+OPQ", "opq", dataset, config.bits, model.apply)
   rows.append({"method": "catalyzer+lattice", "bits": codec.code_bits,
                "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
-  e2e = train(config.replace(end_to_end=True), dataset)
+  e2e = fit(config.replace(end_to_end=True), dataset)
   rows.append({"method": "catalyzer+lattice end-to-end", "bits": codec.code_bits,
                "recall": evaluate.evaluate_lattice(dataset, e2e.apply, codec)})
   return rows, {"catalyzer": model, "end-to-end": e2e}
@@ -82,7 +87,7 @@ def table2_binary(dataset, config: TrainConfig, grid: Sequence[int] | None = Non
   for b in grid or (16, 32, 64, 128):
     _faiss_row(rows, "LSH", "lsh", dataset, b)
     _faiss_row(rows, "ITQ", "itq", dataset, b)
-    model = train(config.replace(d_out=b, r2=None, bits=b), dataset)
+    model = fit(config.replace(d_out=b, r2=None, bits=b), dataset)
     rows.append({"method": "catalyzer+sign", "bits": b,
                  "recall": evaluate.evaluate_sign(dataset, model.apply)})
     models[f"catalyzer_{b}"] = model
@@ -91,14 +96,15 @@ def table2_binary(dataset, config: TrainConfig, grid: Sequence[int] | None = Non
 
 def crossval_lambda(dataset, config: TrainConfig, grid: Sequence[float] | None = None
                     ) -> tuple[Rows, Models]:
-  """λ grid: the λ with the best validation lattice R@10 (last history record) is selected;
-  every row reports test recall."""
+  """λ grid, trained as one program (``train_many``): the λ with the best validation lattice
+  R@10 (best epoch) is selected; every row reports test recall."""
   rows, best, models = [], None, {}
   codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
-  for lam in grid or LAMBDAS:
-    model = train(config.replace(lambda_koleo=lam), dataset)
+  grid = tuple(grid or LAMBDAS)
+  trained = train_many([config.replace(lambda_koleo=lam) for lam in grid], dataset)
+  for lam, model in zip(grid, trained):
     val = [h["lattice_R@10"] for h in model.history if "lattice_R@10" in h]
-    score = val[-1] if val else float("nan")
+    score = max(val) if val else float("nan")
     rows.append({"method": f"lambda={lam} (val R@10 {score:.3f})", "bits": codec.code_bits,
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec), "val": score,
                  "lambda": lam})
@@ -117,7 +123,7 @@ def dout_sweep(dataset, config: TrainConfig, grid: Sequence[int] | None = None
   rows, models = [], {}
   for d_out in grid or (16, 24, 32, 40):
     codec = lattice.zn_codec(d_out, config.bits)
-    model = train(config.replace(d_out=d_out, r2=codec.r2), dataset)
+    model = fit(config.replace(d_out=d_out, r2=codec.r2), dataset)
     rows.append({"method": f"d_out={d_out} r2={codec.r2}", "bits": codec.code_bits,
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
     models[f"catalyzer_{d_out}"] = model
@@ -136,7 +142,7 @@ def lattice_ablation(dataset, config: TrainConfig, grid: Sequence[float] | None 
   models = {}
   for lam in grid or (0.01, 0.0):
     t = time.perf_counter()
-    model = train(config.replace(lambda_koleo=lam), dataset)
+    model = fit(config.replace(lambda_koleo=lam), dataset)
     rows.append({"method": f"catalyzer (λ={lam:g}) + Zn lattice", "bits": codec.code_bits,
                  "lambda": lam, "train_seconds": round(time.perf_counter() - t, 1),
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
@@ -144,9 +150,125 @@ def lattice_ablation(dataset, config: TrainConfig, grid: Sequence[float] | None 
   return rows, models
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+  """Spearman rank correlation (average ranks for ties).
+
+  Example:
+    >>> spearman([1, 2, 3, 4], [10, 30, 20, 40])
+    0.8
+  """
+  def ranks(v):
+    v = np.asarray(v, np.float64)
+    order = np.argsort(v, kind="stable")
+    r = np.empty(v.size)
+    r[order] = np.arange(v.size)
+    for x in np.unique(v):  # ties share their mean rank
+      r[v == x] = r[v == x].mean()
+    return r
+  ra, rb = ranks(a), ranks(b)
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  den = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+  return round(float((ra * rb).sum()) / den, 4) if den else float("nan")
+
+
+def validation_ranking(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
+  """Does validation rank candidates as the test does? The λ grid (at d_out=24, as one
+  program) and the d_out grid (at λ=0.05), each model trained once on the training vectors
+  less ``val_queries`` held-out queries; its validation recall@10 is measured against (a) a
+  database carved out of the training vectors (min(10k, n/5) rows, the previous default)
+  and (b) every training vector but the queries (the current default), beside its test
+  recall. Rows "spearman ..." give the rank correlation of (a) and (b) with the test."""
+  del grid
+  n = dataset.nt
+  tc = config.replace(r2=None, val_every=1)
+  train_idx, q_idx, b_idx = split_indices(n, tc)
+  small = np.sort(np.random.default_rng(tc.seed + 3).permutation(b_idx)[
+      :min(10_000, b_idx.size // 5)])
+  x = dataset.train
+  splits = {"small": validation_split(x[q_idx], x[small]),
+            "large": validation_split(x[q_idx], x[b_idx])}
+  xt = np.asarray(x[train_idx], np.float32)
+  base = tc.replace(val_every=0)
+  runs = [("lambda", 24, lam) for lam in selection.PAPER_LAMBDAS] + [
+      ("d_out", d, selection.PAPER_LAMBDA) for d in selection.D_OUT_CANDIDATES if d != 24]
+  configs = [base.replace(d_out=d, r2=lattice.zn_r2_for_bits(d, config.bits), lambda_koleo=lam)
+             for _, d, lam in runs]
+  trained = train_many(configs, xt)
+  rows, models = [], {}
+  for (kind, d, lam), c, model in zip(runs, configs, trained):
+    codec = lattice.zn_codec(c.d_out, c.bits, c.r2)
+    yq = model.apply(x[q_idx])
+    val = {k: validation_recalls(yq, model.apply(s.base), s, codec)["lattice_R@10"]
+           for k, s in splits.items()}
+    rows.append({"method": f"d_out={d} r2={c.r2} lambda={lam:g} (val R@10 small database "
+                 f"{val['small']:.3f}, large {val['large']:.3f})", "bits": codec.code_bits,
+                 "grid": kind, "d_out": d, "lambda": lam, "val_small": val["small"],
+                 "val_large": val["large"],
+                 "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
+    models[f"d_out={d},lambda={lam:g}"] = model
+  shared = next(r for r in rows if r["d_out"] == 24 and r["lambda"] == selection.PAPER_LAMBDA)
+  for kind in ("lambda", "d_out"):
+    grid_rows = [r for r in rows if r["grid"] == kind] + ([shared] if kind == "d_out" else [])
+    test = [r["recall"][10] for r in grid_rows]
+    rho = {k: spearman([r[f"val_{k}"] for r in grid_rows], test) for k in ("small", "large")}
+    rows.append({"method": f"Spearman rho, validation vs test R@10 over the {kind} grid: small "
+                 f"database {rho['small']}, large database {rho['large']}", "bits": "",
+                 "grid": kind, "recall": {}, "spearman_small": rho["small"],
+                 "spearman_large": rho["large"],
+                 "validation_queries": int(q_idx.size), "db_small": int(small.size),
+                 "db_large": int(b_idx.size)})
+  return rows, models
+
+
+def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
+  """The library's default (``fit``: the paper's shape unless a screened candidate beats it
+  beyond the validation noise) against the paper's shape and faiss, for 64-bit lattice codes
+  (vs OPQ8_64,PQ8 and LSQ) and 64-bit sign codes (vs LSH and ITQ); the selection's choice,
+  reason and cost are in each row."""
+  del grid
+  rows, models = [], {}
+  bits = config.bits
+  for quantizer in ("lattice", "sign"):
+    auto = config.replace(quantizer=quantizer, d_out=None, r2=None, lambda_koleo=None)
+    t = time.perf_counter()
+    model = fit(auto, dataset)
+    seconds = time.perf_counter() - t
+    paper_d, paper_r2 = selection.incumbent_shape(bits, quantizer)
+    paper = auto.replace(d_out=paper_d, r2=paper_r2, lambda_koleo=selection.PAPER_LAMBDA)
+
+    def recall(m, quantizer=quantizer):
+      if quantizer == "sign":
+        return evaluate.evaluate_sign(dataset, m.apply)
+      return evaluate.evaluate_lattice(dataset, m.apply, lattice.zn_codec(
+          m.config.d_out, m.config.bits, m.config.r2))
+
+    c, sel = model.config, model.selection or {}
+    rows.append({"method": f"catalyzer + {quantizer}, default (chosen: d_out={c.d_out} "
+                 f"lambda={c.lambda_koleo:g})", "bits": bits, "recall": recall(model),
+                 "d_out": c.d_out, "r2": c.r2, "lambda": c.lambda_koleo,
+                 "train_seconds": round(seconds, 1), "selection_s": sel.get("cost_s"),
+                 "selection_row_epochs": sel.get("row_epochs"), "reason": sel.get("reason")})
+    models[f"{quantizer}_default"] = model
+    if (c.d_out, c.lambda_koleo) == (paper.d_out, paper.lambda_koleo):
+      rows.append({**rows[-1], "method": f"catalyzer + {quantizer}, the paper's shape (the "
+                   "same run: the default kept it)"})
+    else:
+      t = time.perf_counter()
+      ref = train(paper, dataset)
+      rows.append({"method": f"catalyzer + {quantizer}, the paper's shape", "bits": bits,
+                   "recall": recall(ref), "d_out": paper.d_out, "r2": paper.r2,
+                   "lambda": paper.lambda_koleo,
+                   "train_seconds": round(time.perf_counter() - t, 1)})
+      models[f"{quantizer}_paper"] = ref
+    for name in (("opq", "lsq") if quantizer == "lattice" else ("lsh", "itq")):
+      _faiss_row(rows, name.upper(), name, dataset, bits)
+  models["catalyzer"] = models["lattice_default"]
+  return rows, models
+
+
 EXPERIMENTS: dict[str, Callable[..., tuple[Rows, Models]]] = {
     f.__name__: f for f in (table1_lattice, table2_binary, crossval_lambda, dout_sweep,
-                            lattice_ablation)}
+                            lattice_ablation, validation_ranking, auto_shape)}
 
 
 def load_config(spec: str) -> dict:

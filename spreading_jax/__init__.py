@@ -14,9 +14,19 @@ from spreading_jax.model import TrainResult  # train(): spreading_jax.train.trai
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # ``spreading_jax.fit`` (choose the unset shape, then train) imports the training stack
+  # (optax, orbax) on first use only, so that inference imports stay light.
+  if name == "fit":
+    from spreading_jax.autoshape import fit  # pylint: disable=import-outside-toplevel
+    return fit
+  raise AttributeError(f"module 'spreading_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "Catalyzer", "Dataset", "Quantizer", "SpreadingIndex", "TrainConfig", "TrainResult",
-    "ZnSphereCodec", "hamming_knn", "knn", "koleo", "l2_normalize", "load_dataset",
+    "ZnSphereCodec", "fit", "hamming_knn", "knn", "koleo", "l2_normalize", "load_dataset",
     "make_mesh", "make_quantizer", "read_bvecs", "read_fvecs", "read_ivecs", "recall_at",
     "search_lattice", "sign_codes", "spreading_loss", "triplet_rank", "unpack", "write_fvecs",
     "write_ivecs", "zn_codec", "zn_r2_for_bits",

@@ -61,8 +61,8 @@ def demo(args):
     ds = ds.subset(nt=args.train_rows)
   print(f"dataset {ds.name}: train {ds.train.shape}, base {ds.base.shape}, "
         f"query {ds.query.shape} (models train on `train` only)", flush=True)
-  # d_out and λ given: the demo stays within its time budget (``train`` would otherwise
-  # choose them by validation, see selection.py).
+  # d_out and λ given: the paper's shape (``fit`` would screen for another one first when
+  # they are unset, see selection.py).
   config = TrainConfig(d_out=24, epochs=args.epochs, lambda_koleo=args.lambda_koleo,
                        seed=args.seed, val_every=max(1, args.epochs // 5), val_queries=500)
   t = time.perf_counter()
@@ -230,11 +230,13 @@ def _configure_train(p):
   p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
   p.add_argument("--epochs", type=int, default=None, help="override config epochs")
   p.add_argument("--lambda-koleo", type=float, default=None,
-                 help="KoLeo weight; unset (here and in --config), it is cross-validated over "
-                 "the paper's grid before training")
+                 help="KoLeo weight; unset (here and in --config), it is screened over the "
+                 "paper's grid before training (0.05 is kept unless another value beats it by "
+                 "more than the validation noise)")
   p.add_argument("--d-out", type=int, default=None,
-                 help="catalyzer output dimension; unset, it is chosen (with the largest "
-                 "lattice radius that fits --bits) by validation recall before training")
+                 help="catalyzer output dimension; unset, it is screened (with the largest "
+                 "lattice radius that fits --bits) before training: 24 is kept unless another "
+                 "beats it by more than the validation noise")
   p.add_argument("--bits", type=int, default=None,
                  help="code budget in bits (default 64); the lattice radius is chosen to fit "
                  "(sets r2=None)")
@@ -252,7 +254,8 @@ def _configure_train(p):
 def train_cmd(args):
   from spreading_jax import datasets, sharding, vecs_io
   from spreading_jax import _outputs
-  from spreading_jax.train import TrainConfig, rows_to_read, train
+  from spreading_jax.autoshape import fit
+  from spreading_jax.train import TrainConfig, rows_to_read
   config = _load_config(args.config) if args.config else TrainConfig()
   overrides = {"epochs": args.epochs, "lambda_koleo": args.lambda_koleo, "d_out": args.d_out,
                "checkpoint_dir": args.checkpoint_dir, "quantizer": args.quantizer}
@@ -282,7 +285,7 @@ def train_cmd(args):
       raise UserError(f"batch_size={config.batch_size} must be divisible by the "
                       f"{jax.device_count()} devices of a distributed job")
     mesh = None
-  result = train(config, xt, mesh=mesh)
+  result = fit(config, xt, mesh=mesh)
   if jax.process_index() == 0:
     result.save(args.out)
     print(f"wrote {args.out}")
@@ -449,10 +452,15 @@ def info_cmd(args):
           f"quantizer={m.config.quantizer} epochs_trained={len(m.history)}")
     if m.selection:
       from spreading_jax.selection import Selection
-      sel = Selection(**m.selection)
-      print(f"shape chosen by validation in {sel.cost_s:.0f}s ({len(sel.table)} runs of "
-            f"{sel.screen_epochs} epochs on {sel.screen_rows} training vectors):\n"
-            + sel.format_table())
+      try:
+        sel = Selection.from_dict(m.selection)
+        text = sel.format_table()
+      except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{args.path}: the model's selection record is malformed ({e})") from e
+      how = (f"{len(sel.table)} runs of {sel.screen_epochs} epochs on {sel.screen_rows} "
+             f"training vectors, {sel.val_queries} validation queries against {sel.val_base}"
+             if sel.table else "nothing screened")
+      print(f"shape chosen in {sel.cost_s:.0f}s ({how}):\n{text}")
 
 
 info_cmd.configure = _configure_info

@@ -37,19 +37,21 @@ def parse_lr_schedule(value) -> tuple[float, ...]:
 class TrainConfig:
   """Hyper-parameters; the defaults are the paper's 64-bit lattice recipe, with the
   conventions of the original PyTorch code where the paper is silent, except that the
-  output dimension and λ are fitted to the data when left unset (``selection.py``).
+  output dimension and λ are left unset: ``spreading_jax.fit`` keeps the paper's d_out=24
+  and λ=0.05 unless a screened candidate beats them by more than the validation noise
+  (``selection.py``); ``train.train`` needs them set.
 
   Attributes:
-    d_out: output dimension of the catalyzer; None (default) chooses it, with r², by
-      validation recall at the code budget (the paper uses 24, with r²=79, at 64 bits).
+    d_out: output dimension of the catalyzer; None (default): ``fit`` chooses it, with r²,
+      at the code budget (the paper uses 24, with r²=79, at 64 bits).
     hidden: hidden layer widths.
     epochs: number of epochs (160 in the paper; ~90% of the accuracy after 10).
     batch_size: global batch size (split across devices when a mesh is given).
     lr_schedule: learning rates, each held for an equal block of epochs (the original
       repeats each value epochs/len times); a tuple or a comma-separated string.
     momentum: SGD momentum.
-    lambda_koleo: weight λ of the KoLeo regularizer; None (default) cross-validates it over
-      the paper's grid 0.001 ... 0.05 (the original's flag default is 0.05).
+    lambda_koleo: weight λ of the KoLeo regularizer; None (default): ``fit`` screens the
+      paper's grid 0.001 ... 0.05 and keeps the original's default 0.05 unless beaten.
     rank_positive: positives are drawn uniformly among this many exact input-space
       neighbours.
     rank_negative: the negative is the rank_negative-th output-space neighbour.
@@ -85,9 +87,11 @@ class TrainConfig:
       d_out/λ are chosen, the candidates) by that code's recall@10; sign codes fix
       d_out = bits.
     val_every: validate every this many epochs (and after the last one); 0 disables.
-    val_queries: validation queries carved from the training vectors.
-    val_base: validation database size carved from the training vectors (None: up to
-      10,000 and at most a fifth of the training set).
+    val_queries: validation queries held out of the training vectors (they never train).
+    val_base: validation database: None (default) searches the validation queries among
+      every other training vector, as large a database as the data allows (a small one
+      saturates and ranks models differently from the test); an integer uses a seeded
+      sample of that many of them.
     num_train: cap on the number of training vectors (None: all that remain).
     seed: seed of initialization, shuffling, positive draws and the validation split.
     checkpoint_dir: directory for per-epoch checkpoints and history.jsonl; a run finds
@@ -201,5 +205,5 @@ def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:
   """The Zn sphere codec of ``config``: ``r2``, or the largest sphere whose codes fit ``bits``
   (raises if d_out and r2 do not fit the requested bits)."""
   if config.d_out is None:
-    raise ValueError("d_out is not set: it is chosen when training (selection.py)")
+    raise ValueError("d_out is not set: spreading_jax.fit chooses it (selection.py)")
   return lattice.zn_codec(config.d_out, config.bits, config.r2)

@@ -40,6 +40,9 @@ class TrainResult:
   input_scale: float
   history: list[dict] = dataclasses.field(default_factory=list)
   selection: dict | None = None
+  # Per-query hits (bool[nq] per "<quantizer>_R@k") of the best epoch's validation, for
+  # paired comparisons of models on the same queries (selection.py); not saved.
+  validation_hits: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def module(self) -> Catalyzer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import time
@@ -38,8 +39,8 @@ from spreading_jax.losses import spreading_loss
 from spreading_jax.model import TrainResult
 
 __all__ = ["Batch", "Recipe", "TrainConfig", "TrainResult", "TrainState", "make_codec",
-           "make_epoch_fn", "make_optimizer", "make_train_state", "train", "train_step",
-           "validate"]
+           "make_epoch_fn", "make_optimizer", "make_train_state", "split_indices", "train",
+           "train_many", "train_step", "validate"]
 
 logger = logging.getLogger("spreading_jax")
 
@@ -80,25 +81,30 @@ class Recipe:
 
   Attributes:
     module: the catalyzer (its ``axis_name`` is set from ``mesh`` inside the step).
-    lambda_koleo: weight of the KoLeo term.
     bn_mode: "separate" (three train-mode passes) or "joint" (one concatenated pass).
     codec: the Zn codec that quantizes positives and negatives (straight-through) in
       end-to-end training, or None.
     mesh: a 1-D mesh to split the batch over (global-batch BatchNorm and KoLeo), or None.
   """
   module: Catalyzer
-  lambda_koleo: float
   bn_mode: str = "separate"
   codec: lattice.ZnSphereCodec | None = None
   mesh: Mesh | None = None
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Arrays that change during training, plus the static optimizer and recipe."""
+  """Arrays that change during training, the KoLeo weight, and the static optimizer and
+  recipe.
+
+  ``lambda_koleo`` is an f32[] array rather than part of the static recipe so that models
+  differing only in λ are one compiled program (``train_many`` stacks their states on a
+  leading model axis).
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  lambda_koleo: jax.Array
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   schedule: Callable = flax.struct.field(pytree_node=False)
   recipe: Recipe = flax.struct.field(pytree_node=False)
@@ -127,14 +133,15 @@ def make_train_state(config: TrainConfig, d_in: int, steps_per_epoch: int, key: 
   module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden), init_scheme=config.init)
   variables = module.init(key, jnp.zeros((2, d_in)), train=False)
   tx, schedule = make_optimizer(config, steps_per_epoch)
-  recipe = Recipe(module, float(config.lambda_koleo), config.bn_mode,
-                  make_codec(config) if config.end_to_end else None, mesh)
+  recipe = Recipe(module, config.bn_mode, make_codec(config) if config.end_to_end else None,
+                  mesh)
   return TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
-                    tx.init(variables["params"]), tx, schedule, recipe)
+                    tx.init(variables["params"]), jnp.asarray(config.lambda_koleo, jnp.float32),
+                    tx, schedule, recipe)
 
 
-def _catalyze_triplet(recipe: Recipe, axis: str | None, params, batch_stats, anchor, positive,
-                      negative):
+def _catalyze_triplet(recipe: Recipe, axis: str | None, lambda_koleo, params, batch_stats, anchor,
+                      positive, negative):
   """Train-mode forward of the three roles and the spreading loss.
 
   Returns (loss, (new batch_stats, parts)); with ``axis`` the arrays are this device's
@@ -160,18 +167,18 @@ def _catalyze_triplet(recipe: Recipe, axis: str | None, params, batch_stats, anc
     ya, yp, yn = y[:b], y[b:2 * b], y[2 * b:]
   if recipe.codec is not None:
     yp, yn = recipe.codec.quantize_ste(yp), recipe.codec.quantize_ste(yn)
-  loss, parts = spreading_loss(ya, yp, yn, recipe.lambda_koleo, axis_name=axis)
+  loss, parts = spreading_loss(ya, yp, yn, lambda_koleo, axis_name=axis)
   return loss, (stats, parts)
 
 
 def _loss_fn(recipe: Recipe) -> Callable:
-  """f(params, batch_stats, anchor, positive, negative) -> (loss, (batch_stats, parts)),
-  split over the mesh's data axis when the recipe has one."""
+  """f(lambda_koleo, params, batch_stats, anchor, positive, negative) -> (loss, (batch_stats,
+  parts)), split over the mesh's data axis when the recipe has one."""
   if recipe.mesh is None:
     return functools.partial(_catalyze_triplet, recipe, None)
   axis = sharding.axis_name(recipe.mesh)
   return jax.shard_map(functools.partial(_catalyze_triplet, recipe, axis), mesh=recipe.mesh,
-                       in_specs=(P(), P(), P(axis), P(axis), P(axis)),
+                       in_specs=(P(), P(), P(), P(axis), P(axis), P(axis)),
                        out_specs=(P(), (P(), P())))
 
 
@@ -192,7 +199,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
   pick = jax.random.randint(rng, (b,), 0, k)
   positive = jnp.take_along_axis(batch.positives, pick[:, None, None], axis=1)[:, 0]
   (loss, (batch_stats, parts)), grads = jax.value_and_grad(
-      lambda p: _loss_fn(recipe)(p, state.batch_stats, batch.anchor, positive, batch.negative),
+      lambda p: _loss_fn(recipe)(state.lambda_koleo, p, state.batch_stats, batch.anchor,
+                                 positive, batch.negative),
       has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -211,7 +219,8 @@ def _gather(xt, positives, negatives, idx) -> Batch:
 
 
 @functools.lru_cache(maxsize=64)
-def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False) -> Callable:
+def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False,
+                  models: bool = False) -> Callable:
   """Builds the jitted epoch ``epoch(state, xt, positives, negatives, key) -> (state,
   metrics)`` over ``num_train`` training vectors.
 
@@ -220,10 +229,15 @@ def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False)
   ``drop_remainder``) is one more step, unsharded, as the original trains on it too.
   metrics: per-step arrays. The state is donated. Cached: runs with the same shapes and an
   equal recipe reuse one compiled program.
+
+  With ``models=True`` the epoch is vmapped over a leading model axis of ``state``,
+  ``negatives`` and ``key`` (K models of one shape, e.g. a λ grid or several seeds, as one
+  program); ``xt`` and ``positives`` are shared. Each model draws its own permutation and
+  positives from its own key, so a model whose key equals a single run's takes the same
+  batches as that run.
   """
   steps, train_rest = _epoch_split(num_train, batch_size, drop_remainder)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def epoch(state, xt, positives, negatives, key):
     perm_key, step_key = jax.random.split(key)
     perm = jax.random.permutation(perm_key, num_train).astype(jnp.int32)
@@ -245,7 +259,9 @@ def make_epoch_fn(num_train: int, batch_size: int, drop_remainder: bool = False)
       metrics = jax.tree_util.tree_map(lambda m, x: jnp.concatenate([m, x[None]]), metrics, last)
     return state, metrics
 
-  return epoch
+  if models:
+    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, 0))
+  return jax.jit(epoch, donate_argnums=(0,))
 
 
 def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
@@ -275,14 +291,15 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
 
   For learn sets far larger than the recipe needs (Deep1B's learn file has 350M rows for
   500k training vectors), reading this sample first avoids touching the whole file;
-  ``split_train_validation`` then splits the sample.
+  ``split_train_validation`` then splits the sample (the validation database is every row
+  of it but the validation queries).
   """
   if config.num_train is None:
     return None
   need = check_int("num_train", config.num_train, minimum=1)
   if config.val_every > 0:
-    need += config.val_queries + (config.val_base if config.val_base is not None else 10_000)
-    need *= 2  # the validation split may take at most half of the rows it is given
+    need += config.val_queries
+    need *= 2  # the validation queries may take at most half of the rows they are given
   if need >= n:
     return None
   return datasets.sample_indices(n, need, config.seed + 1)
@@ -297,47 +314,74 @@ def validation_split(query, base, mesh: Mesh | None = None) -> ValidationSplit:
   return ValidationSplit(query, base, np.asarray(gt))
 
 
+def split_indices(n: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None,
+                                                         np.ndarray | None]:
+  """Rows of an n-row training set: (train, validation queries, validation database), each
+  sorted; the last two None when validation is off.
+
+  The ``val_queries`` validation queries are a seeded sample that never trains. The
+  validation database is every other row (``val_base=None``, the default), or a seeded
+  sample of ``val_base`` of them: as large as the data allows, so that validation recall
+  ranks models as recall against a large test database does (a small carved-out database
+  saturates and prefers other shapes and λ than the test does). Training uses every row
+  but the queries (the first ``num_train`` of a seeded order when capped).
+  """
+  perm = np.random.default_rng(config.seed).permutation(n)
+  q_idx = b_idx = None
+  if config.val_every > 0:
+    nq = check_int("val_queries", config.val_queries, minimum=1)
+    if nq >= n // 2:
+      raise ValueError(f"val_queries={nq} would leave less than half of the {n} training "
+                       "vectors; lower val_queries or set val_every=0")
+    q_idx, perm = np.sort(perm[:nq]), perm[nq:]
+    b_idx = np.sort(perm)
+    if config.val_base is not None:
+      nb = check_int("val_base", config.val_base, minimum=1, maximum=perm.size)
+      b_idx = np.sort(perm[:nb])
+  if config.num_train is not None:
+    perm = perm[:check_int("num_train", config.num_train, minimum=1)]
+  return np.sort(perm), q_idx, b_idx
+
+
 def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
-  """Carves validation queries and database from the training vectors (seeded, disjoint).
+  """The training rows and the validation split of ``split_indices`` (exact groundtruth).
 
   Returns (train rows f32[nt, d], ValidationSplit or None).
   """
-  n = x.shape[0]
-  rng = np.random.default_rng(config.seed)
-  perm = rng.permutation(n)
-  if config.val_every <= 0:
-    train_idx, val = perm, None
-  else:
-    nq = check_int("val_queries", config.val_queries, minimum=1)
-    nb = config.val_base
-    if nb is None:
-      nb = min(10_000, (n - nq) // 5)
-    nb = check_int("val_base", nb, minimum=1)
-    if nq + nb >= n // 2:
-      raise ValueError(f"validation split (val_queries={nq} + val_base={nb}) would leave less than "
-                       f"half of the {n} training vectors; lower val_queries/val_base or set "
-                       "val_every=0")
-    q_idx, b_idx, train_idx = np.sort(perm[:nq]), np.sort(perm[nq:nq + nb]), perm[nq + nb:]
-    val = validation_split(x[q_idx], x[b_idx], mesh)
-  if config.num_train is not None:
-    train_idx = train_idx[:check_int("num_train", config.num_train, minimum=1)]
-  return np.asarray(x[np.sort(train_idx)], np.float32), val
+  train_idx, q_idx, b_idx = split_indices(x.shape[0], config)
+  val = None if q_idx is None else validation_split(x[q_idx], x[b_idx], mesh)
+  return np.asarray(x[train_idx], np.float32), val
 
 
-def validate(result: TrainResult, val: ValidationSplit, codec, mesh: Mesh | None = None) -> dict:
-  """1-recall@{1,10,100} of catalyzer + Zn lattice (asymmetric) and + sign bits (Hamming)."""
-  return validation_recalls(result.apply(val.query), result.apply(val.base), val, codec, mesh)
+def validate(result: TrainResult, val: ValidationSplit, codec, mesh: Mesh | None = None,
+             hits: dict | None = None) -> dict:
+  """1-recall@{1,10,100} of catalyzer + Zn lattice (asymmetric) and + sign bits (Hamming);
+  ``hits`` as for ``validation_recalls``."""
+  return validation_recalls(result.apply(val.query), result.apply(val.base), val, codec, mesh,
+                            hits)
 
 
-def validation_recalls(yq, yb, val: ValidationSplit, codec, mesh: Mesh | None = None) -> dict:
-  """The recalls of ``validate`` from catalyzed queries yq f32[nq, d_out] and database yb."""
+def validation_recalls(yq, yb, val: ValidationSplit, codec, mesh: Mesh | None = None,
+                       hits: dict | None = None) -> dict:
+  """The recalls of ``validate`` from catalyzed queries yq f32[nq, d_out] and database yb.
+
+  ``hits``, when given, receives bool[nq] per metric: whether each query's true nearest
+  neighbour is in its top k (the recall is their mean; paired comparisons of two models on
+  the same queries use them, see ``selection.paired_gain``).
+  """
   k = val.groundtruth.shape[1]
   ks = tuple(x for x in (1, 10, 100) if x <= k)
   points = l2_normalize(codec.quantize(yb))
-  _, ids = search.knn(yq, points, k, metric="ip", mesh=mesh)
-  out = {f"lattice_R@{r}": v for r, v in search.recall_at(ids, val.groundtruth, ks).items()}
-  _, ids = search.hamming_knn(binary.sign_codes(yq), binary.sign_codes(yb), k, mesh=mesh)
-  out.update({f"sign_R@{r}": v for r, v in search.recall_at(ids, val.groundtruth, ks).items()})
+  out = {}
+  for name, (_, ids) in (
+      ("lattice", search.knn(yq, points, k, metric="ip", mesh=mesh)),
+      ("sign", search.hamming_knn(binary.sign_codes(yq), binary.sign_codes(yb), k, mesh=mesh))):
+    found = np.asarray(ids) == val.groundtruth[:, :1]
+    for r in ks:
+      h = found[:, :r].any(axis=1)
+      out[f"{name}_R@{r}"] = float(h.mean())
+      if hits is not None:
+        hits[f"{name}_R@{r}"] = h
   return out
 
 
@@ -380,6 +424,9 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
           validation: tuple[Any, Any] | None = None) -> TrainResult:
   """Trains a catalyzer on ``dataset.train`` with the paper's recipe.
 
+  ``config`` must give ``d_out`` and ``lambda_koleo``; ``spreading_jax.fit`` (above this
+  module) chooses the ones a config leaves unset and then calls this.
+
   Args:
     config: hyper-parameters (see ``TrainConfig``).
     dataset: a ``datasets.Dataset`` (only ``train`` is used: queries never train), or any
@@ -389,24 +436,101 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
     callback: called with each epoch's history record after its checkpoint is written
       (logging, early stopping by raising).
     validation: optional (query, base) vectors to validate on; then every training
-      vector trains and none is carved out (the vectors must not be queries of the
-      final evaluation).
+      vector trains and none is held out (the vectors must not be queries of the final
+      evaluation).
 
   Returns:
     TrainResult with the best parameters by validation recall@10 of ``config.quantizer``
-    (the last ones when validation is off), the per-epoch history and, when d_out or λ
-    was left unset and chosen (``selection.select_shape``), the screening record.
+    (the last ones when validation is off) and the per-epoch history.
 
-  Example (d_out and λ left unset are chosen by validation first; a resumed run chooses
-  them again, deterministically)::
+  Example::
 
     ds = load_dataset("fashion-mnist-mini")
     result = train(TrainConfig(d_out=24, lambda_koleo=0.05, epochs=10), ds)
     y = result.apply(ds.query)
   """
+  if not config.shape_is_set:
+    raise ValueError(f"train() needs d_out and lambda_koleo (got d_out={config.d_out}, "
+                     f"lambda_koleo={config.lambda_koleo}): set them, or call "
+                     "spreading_jax.fit(config, data), which chooses unset ones by validation")
+  return _train_group([config], dataset, mesh, callback, validation)[0]
+
+
+# Fields that may differ between the models of one program: λ is an array of the state and
+# the seed only sets keys (when the seeds give the same training rows and validation split);
+# a group of several models refuses to checkpoint.
+_MODEL_AXIS_FIELDS = ("lambda_koleo", "seed", "verbose", "checkpoint_dir")
+
+
+def train_many(configs, dataset, mesh: Mesh | None = None,
+               callback: Callable[[dict], Any] | None = None,
+               validation: tuple[Any, Any] | None = None) -> list[TrainResult]:
+  """Trains several catalyzers, those of one shape as one compiled program.
+
+  Configs that differ only in ``lambda_koleo`` and ``seed`` (and whose seeds give the same
+  training rows and validation split: always so with ``validation`` given or validation
+  off and no ``num_train`` cap) train together: their parameters, optimizer states,
+  BatchNorm statistics and λ are stacked on a leading model axis and every epoch is one
+  vmapped program; each model mines its own negatives and validates on its own. The
+  input-space positives are shared. Other configs form groups of their own, trained one
+  after the other.
+
+  Args:
+    configs: TrainConfigs with d_out and lambda_koleo set; none may checkpoint when a group
+      has more than one model (train them one by one to checkpoint).
+    dataset, mesh, validation: as for ``train``.
+    callback: called with each model's epoch record (with a "model" key, its index in
+      ``configs``) after every epoch.
+
+  Returns:
+    one TrainResult per config, in order; each equals ``train(config, ...)`` up to float
+    rounding (the batches, positives and negatives are its own).
+  """
+  configs = list(configs)
+  if not configs or not all(isinstance(c, TrainConfig) for c in configs):
+    raise ValueError("train_many needs a non-empty sequence of TrainConfig")
+  for c in configs:
+    if not c.shape_is_set:
+      raise ValueError(f"train_many needs d_out and lambda_koleo in every config (got "
+                       f"d_out={c.d_out}, lambda_koleo={c.lambda_koleo})")
+  n = int(getattr(dataset, "train", dataset).shape[0])
+  groups: dict[Any, list[int]] = {}
+  for i, c in enumerate(configs):
+    key = {k: v for k, v in c.to_dict().items() if k not in _MODEL_AXIS_FIELDS}
+    rows = c.replace(val_every=0) if validation is not None else c
+    split = fingerprint(*[a for a in split_indices(n, rows) if a is not None])
+    groups.setdefault((json.dumps(key, sort_keys=True), split), []).append(i)
+  results: list[TrainResult | None] = [None] * len(configs)
+  for members in groups.values():
+    if len(members) > 1 and any(configs[i].checkpoint_dir for i in members):
+      raise ValueError("train_many does not checkpoint models trained as one program; "
+                       "train them one by one with train() to checkpoint")
+
+    def each(record, members=members):
+      if callback is not None:
+        callback({**record, "model": members[record.pop("model", 0)]})
+
+    trained = _train_group([configs[i] for i in members], dataset, mesh,
+                           None if callback is None else each, validation)
+    for i, r in zip(members, trained):
+      results[i] = r
+  return results
+
+
+def _model_view(tree, i: int | None):
+  """Model i of a tree stacked on a leading model axis (the tree itself for one model)."""
+  return tree if i is None else jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
+                 ) -> list[TrainResult]:
+  """The training loop for models that share a shape and data (``train_many``'s groups)."""
+  config = configs[0]
+  multi = len(configs) > 1
   x_all = getattr(dataset, "train", dataset)
   ndev = sharding.mesh_size(mesh)
-  _check_inputs(config, x_all, ndev)
+  for c in configs:
+    _check_inputs(c, x_all, ndev)
   d_in = int(x_all.shape[1])
   if validation is None:
     xt, val = split_train_validation(x_all, config, mesh)
@@ -418,26 +542,13 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
                        f"vectors have d={d_in}")
   nt = xt.shape[0]
   _check_train_size(config, nt)
-  selection = None
-  if not config.shape_is_set:
-    # Screened on the training rows only: this run's validation split stays unseen.
-    from spreading_jax.selection import select_shape  # pylint: disable=import-outside-toplevel
-    chosen = select_shape(config, xt, mesh=mesh)
-    selection = chosen.to_dict()
-    config = config.replace(d_out=chosen.d_out, r2=chosen.r2, lambda_koleo=chosen.lambda_koleo)
-    logger.info("chose d_out=%d r2=%s lambda=%g by %s in %.0fs:\n%s", chosen.d_out, chosen.r2,
-                chosen.lambda_koleo, chosen.metric, chosen.cost_s, chosen.format_table())
-    if config.verbose:
-      print(f"shape chosen by validation ({chosen.cost_s:.0f}s, {len(chosen.table)} screening "
-            f"runs of {chosen.screen_epochs} epochs on {chosen.screen_rows} vectors):\n"
-            + chosen.format_table(), flush=True)
   codec = make_codec(config)
   metric = f"{config.quantizer}_R@10"
   scale = 1.0
   if config.input_scaling == "mean_norm":
     scale = float(np.mean(np.linalg.norm(xt, axis=1))) or 1.0
   checkpointer = None
-  if config.checkpoint_dir:
+  if config.checkpoint_dir and not multi:
     arrays = (xt,) if val is None else (xt, val.query, val.base)
     checkpointer = Checkpointer(config.checkpoint_dir, config, d_in, fingerprint(*arrays))
   xt_dev = jnp.asarray(xt / np.float32(scale))
@@ -445,29 +556,37 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
     xt_dev = sharding.replicate(xt_dev, mesh)
 
   method = mining.mining_method(config.mining, nt)
-  miner = mining.NegativeMiner(config.rank_negative, include_self=config.neighbors_include_self,
-                               method=method, recall_target=config.mining_recall,
-                               seed=config.seed, mesh=mesh)
+  miners = [mining.NegativeMiner(c.rank_negative, include_self=c.neighbors_include_self,
+                                 method=method, recall_target=c.mining_recall, seed=c.seed,
+                                 mesh=mesh) for c in configs]
   t0 = time.perf_counter()
   k_input = config.rank_positive + (0 if config.neighbors_include_self else 1)
   if method == "graph":  # the input-space lists also seed the first epoch's mining
-    k_input = max(k_input, miner.width(nt))
+    k_input = max(k_input, miners[0].width(nt))
   neighbors = mining.input_neighbors(xt_dev, k_input, mesh=mesh)
   positives = jnp.asarray(mining.positives_from(neighbors, config.rank_positive,
                                                 include_self=config.neighbors_include_self))
   if method == "graph":
-    miner.start(neighbors[:, :miner.width(nt)])
+    for miner in miners:
+      miner.start(neighbors[:, :miner.width(nt)])
   logger.info("exact positives for %d vectors in %.1fs", nt, time.perf_counter() - t0)
 
-  init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = make_train_state(config, d_in, steps_per_epoch(config, nt), init_key, mesh)
-  epoch_fn = make_epoch_fn(nt, config.batch_size, config.drop_remainder)
+  keys, states = [], []
+  for c in configs:
+    init_key, key = jax.random.split(jax.random.PRNGKey(c.seed))
+    keys.append(key)
+    states.append(make_train_state(c, d_in, steps_per_epoch(c, nt), init_key, mesh))
+  state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states) if multi else states[0]
+  del states
+  epoch_fn = make_epoch_fn(nt, config.batch_size, config.drop_remainder, models=multi)
+  views = list(range(len(configs))) if multi else [None]
 
-  result = TrainResult(state.params, state.batch_stats, config, d_in, scale, [], selection)
-  best = {"metric": -1.0, "params": None, "batch_stats": None}
+  results = [TrainResult(_model_view(state.params, i), _model_view(state.batch_stats, i), c,
+                         d_in, scale, []) for c, i in zip(configs, views)]
+  bests = [{"metric": -1.0, "params": None, "batch_stats": None} for _ in configs]
   start = 0
   if checkpointer is not None:
-    arrays, best, result.history, start = checkpointer.restore(state.arrays(), best)
+    arrays, bests[0], results[0].history, start = checkpointer.restore(state.arrays(), bests[0])
     if mesh is not None and start:  # orbax commits restored arrays to one device
       arrays = sharding.replicate(arrays, mesh)
     state = state.replace(**arrays)
@@ -479,55 +598,72 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
   try:
     for epoch in bar:
       t_epoch = time.perf_counter()
-      result.params, result.batch_stats = state.params, state.batch_stats
-      yt = result.apply_device(xt_dev)
-      t_mine = time.perf_counter()
-      negatives = jnp.asarray(miner(
-          yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt))
-      t_mine = time.perf_counter() - t_mine
-      state, metrics = epoch_fn(state, xt_dev, positives, negatives, jax.random.fold_in(key, epoch))
+      negatives, mining_s = [], []
+      for result, miner, i in zip(results, miners, views):
+        t_mine = time.perf_counter()
+        result.params, result.batch_stats = (_model_view(state.params, i),
+                                             _model_view(state.batch_stats, i))
+        yt = result.apply_device(xt_dev)
+        negatives.append(jnp.asarray(miner(
+            yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt)))
+        mining_s.append(time.perf_counter() - t_mine)
+      epoch_keys = [jax.random.fold_in(key, epoch) for key in keys]
+      state, metrics = epoch_fn(state, xt_dev, positives,
+                                jnp.stack(negatives) if multi else negatives[0],
+                                jnp.stack(epoch_keys) if multi else epoch_keys[0])
       metrics = jax.device_get(metrics)
-      record = {"epoch": epoch + 1, "lr": float(metrics["lr"][-1]),
-                "loss": float(np.mean(metrics["loss"])),
-                "triplet": float(np.mean(metrics["triplet"])),
-                "koleo": float(np.mean(metrics["koleo"])),
-                "violations": int(np.sum(metrics["violations"])),
-                "mining_s": round(t_mine, 3)}
-      if method == "graph":
-        record.update(mining_recall=miner.last["recall"], mining_exact=miner.last["exact"],
-                      mining_column=miner.last["column"])
-      if not np.isfinite(record["loss"]):
-        raise FloatingPointError(f"loss became {record['loss']} at epoch {epoch + 1}; lower the "
-                                 "learning rate or check the data")
-      result.params, result.batch_stats = state.params, state.batch_stats
-      if val is not None and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
-        record.update(validate(result, val, codec, mesh))
-        if record.get(metric, -1.0) > best["metric"]:
-          # A copy: the next epoch donates (and may overwrite) the state's buffers.
-          params, stats = jax.tree_util.tree_map(jnp.copy, (state.params, state.batch_stats))
-          best = {"metric": record[metric], "params": params, "batch_stats": stats,
-                  "epoch": epoch + 1}
-      record["time_s"] = round(time.perf_counter() - t_epoch, 3)
-      result.history.append(record)
-      _log_epoch(record, config, bar)
+      records = []
+      for c, result, miner, best, i, t_mine in zip(configs, results, miners, bests, views,
+                                                   mining_s):
+        m = _model_view(metrics, i)
+        record = {"epoch": epoch + 1, "lr": float(m["lr"][-1]), "loss": float(np.mean(m["loss"])),
+                  "triplet": float(np.mean(m["triplet"])), "koleo": float(np.mean(m["koleo"])),
+                  "violations": int(np.sum(m["violations"])), "mining_s": round(t_mine, 3)}
+        if method == "graph":
+          record.update(mining_recall=miner.last["recall"], mining_exact=miner.last["exact"],
+                        mining_column=miner.last["column"])
+        if not np.isfinite(record["loss"]):
+          which = f" (lambda_koleo={c.lambda_koleo}, seed={c.seed})" if multi else ""
+          raise FloatingPointError(f"loss became {record['loss']} at epoch {epoch + 1}{which}; "
+                                   "lower the learning rate or check the data")
+        result.params, result.batch_stats = (_model_view(state.params, i),
+                                             _model_view(state.batch_stats, i))
+        if val is not None and ((epoch + 1) % config.val_every == 0
+                                or epoch + 1 == config.epochs):
+          hits: dict = {}
+          record.update(validate(result, val, codec, mesh, hits=hits))
+          if record.get(metric, -1.0) > best["metric"]:
+            # A copy: the next epoch donates (and may overwrite) the state's buffers.
+            params, stats = jax.tree_util.tree_map(jnp.copy, (result.params, result.batch_stats))
+            best.update(metric=record[metric], params=params, batch_stats=stats,
+                        epoch=epoch + 1, hits=hits)
+        records.append(record)
+      for c, result, record, i in zip(configs, results, records, views):
+        record["time_s"] = round(time.perf_counter() - t_epoch, 3)
+        result.history.append(record)
+        _log_epoch(record, c, bar, i)
       if checkpointer is not None:
-        checkpointer.save(epoch + 1, state.arrays(), best, result.history)
+        checkpointer.save(epoch + 1, state.arrays(), bests[0], results[0].history)
       if callback is not None:
-        callback(record)
+        for record, i in zip(records, views):
+          callback(record if i is None else {**record, "model": i})
   finally:
     bar.close()
     if checkpointer is not None:
       checkpointer.close()
-  if best["params"] is not None:
-    result.params, result.batch_stats = best["params"], best["batch_stats"]
-  return result
+  for result, best in zip(results, bests):
+    if best["params"] is not None:
+      result.params, result.batch_stats = best["params"], best["batch_stats"]
+      result.validation_hits = best.get("hits")
+  return results
 
 
-def _log_epoch(record: dict, config: TrainConfig, bar) -> None:
-  line = (f"epoch {record['epoch']}/{config.epochs} lr {record['lr']:.3g} loss {record['loss']:.4f}"
-          f" = triplet {record['triplet']:.4f} + {config.lambda_koleo:g}*koleo "
-          f"{record['koleo']:.4f} | violating triplets {record['violations']} | "
-          f"{record['time_s']:.1f}s")
+def _log_epoch(record: dict, config: TrainConfig, bar, model: int | None = None) -> None:
+  line = "" if model is None else f"model {model} (lambda {config.lambda_koleo:g}) "
+  line += (f"epoch {record['epoch']}/{config.epochs} lr {record['lr']:.3g} "
+           f"loss {record['loss']:.4f} = triplet {record['triplet']:.4f} + "
+           f"{config.lambda_koleo:g}*koleo {record['koleo']:.4f} | violating triplets "
+           f"{record['violations']} | {record['time_s']:.1f}s")
   if "mining_recall" in record:
     how = "exact" if record["mining_exact"] else f"graph, recall {record['mining_recall']:.2f}"
     line += f" (mining {record['mining_s']:.1f}s, {how})"

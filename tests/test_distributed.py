@@ -93,7 +93,12 @@ def test_two_process_train_and_encode(tmp_path):
   remote = TrainResult.load(tmp_path / "model")
   assert len(local.history) == len(remote.history) == CONFIG["epochs"]
   for a, b in zip(local.history, remote.history):
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+    # Two programs that round differently (gloo's reductions against one process's): a
+    # negative whose 50th-neighbour distance ties within rounding can be mined differently
+    # and move an epoch's mean loss by ~1e-3 (seen: 3.5e-3 of -0.13 on 951 rows); a
+    # per-device instead of global BatchNorm or KoLeo moves it by ~10%.
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-2, atol=1e-6)
+    np.testing.assert_allclose(a["koleo"], b["koleo"], rtol=2e-2)
     assert a.get("lattice_R@10") == b.get("lattice_R@10")
   np.testing.assert_allclose(local.apply(x[:100]), remote.apply(x[:100]), atol=1e-4)
 

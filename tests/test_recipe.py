@@ -168,8 +168,8 @@ def test_negatives_are_mined_every_epoch_from_current_outputs(small_train, monke
     calls.append((np.asarray(yq), np.asarray(yb), rank, kw))
     return real(yq, yb, rank, **kw)
 
-  def snapshotting_epoch_fn(*args):
-    epoch = real_epoch_fn(*args)
+  def snapshotting_epoch_fn(*args, **kw):
+    epoch = real_epoch_fn(*args, **kw)
 
     def run(state, *rest):
       state, metrics = epoch(state, *rest)
@@ -205,8 +205,8 @@ def test_validation_keeps_the_best_epoch(small_train, monkeypatch):
   probe = small_train[:20]
   seen = {}
 
-  def biased(result, val, codec, mesh=None):
-    out = real(result, val, codec, mesh)
+  def biased(result, val, codec, mesh=None, **kw):
+    out = real(result, val, codec, mesh, **kw)
     epoch = len(seen) + 1
     seen[epoch] = result.apply(probe)
     if epoch == 2:  # make epoch 2 of 3 the best by far

@@ -81,8 +81,8 @@ def test_resume_equals_uninterrupted(small_train, tmp_path, monkeypatch):
   # from best.json, ends with epoch 3's parameters instead of epoch 2's.
   real_validate = T.validate
 
-  def epoch2_best(result, val, codec, mesh=None):
-    out = real_validate(result, val, codec, mesh)
+  def epoch2_best(result, val, codec, mesh=None, **kw):
+    out = real_validate(result, val, codec, mesh, **kw)
     if len(result.history) == 1:  # validating epoch 2 (history: the epochs before it)
       out["lattice_R@10"] += 10.0
     return out

@@ -1,0 +1,26 @@
+"""The library's default shape (``spreading_jax.fit`` on ``TrainConfig()`` with d_out and λ
+unset: the paper's shape unless a screened candidate beats it by more than the validation
+noise) beside the paper's shape (d_out=24, r²=79, λ=0.05) and faiss, at 64 bits, 10 epochs:
+catalyzer + Zn lattice vs OPQ8_64,PQ8 and LSQ; catalyzer + sign bits vs LSH and ITQ. Each
+default row records the selection's reason and cost.
+
+Command (one per dataset):
+  python experiments/run.py experiments/configs/auto_shape.py:fashion-mnist-mini
+  python experiments/run.py experiments/configs/auto_shape.py:siftsmall
+  python experiments/run.py experiments/configs/auto_shape.py:wordllama-256
+  python experiments/run.py experiments/configs/auto_shape.py:fashion-mnist
+
+The real datasets are found through --set root=DIR or $SPREADING_DATA; fashion-mnist trains
+on its first 20k images (as crossval_lambda does).
+
+Recorded runs: see experiments/results/<dataset>/auto_shape.{json,md} and the README
+section "Fitting the shape to the data".
+"""
+
+SETTINGS = {"fashion-mnist": {"nt": 20000}}
+
+
+def get_config(arg=None):
+  dataset = arg or "fashion-mnist-mini"
+  return {"experiment": "auto_shape", "dataset": dataset, "epochs": 10, "bits": 64,
+          "d_out": None, "lambda_koleo": None, **SETTINGS.get(dataset, {})}
