@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from spreading_jax import encode, sharding
+from spreading_jax import encode, quantizers, sharding
 from spreading_jax.train import TrainConfig, TrainResult, train
+
+from _rounding import assert_codes_equal_up_to_ties
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +96,10 @@ def test_two_process_train_and_encode(tmp_path):
   assert len(local.history) == len(remote.history) == CONFIG["epochs"]
   for a, b in zip(local.history, remote.history):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
-    assert a.get("lattice_R@10") == b.get("lattice_R@10")
+    # Two trainings that round differently (gloo's reductions against one process's):
+    # their outputs agree to ~1e-4 (below), and a recall over the 50 validation queries may
+    # differ by the one or two queries whose 10th neighbour is within that of the 11th.
+    assert abs(a["lattice_R@10"] - b["lattice_R@10"]) <= 2 / CONFIG["val_queries"] + 1e-9
   np.testing.assert_allclose(local.apply(x[:100]), remote.apply(x[:100]), atol=1e-4)
 
   # Distributed encoding: each process writes the codes of its own slice.
@@ -102,8 +107,9 @@ def test_two_process_train_and_encode(tmp_path):
         tmp_path, "encode")
   parts = [np.load(tmp_path / f"codes.part{i:05d}-of-00002.npy") for i in range(2)]
   assert [len(p) for p in parts] == [500, 501]
-  np.testing.assert_array_equal(np.concatenate(parts),
-                                np.asarray(encode.make_encoder(remote)(x)))
+  # Two processes' programs against this one's: equal up to rounding ties.
+  assert_codes_equal_up_to_ties(np.concatenate(parts), encode.make_encoder(remote)(x),
+                                remote.apply(x), quantizers.ZnQuantizer(remote.codec()))
 
 
 def test_rows_to_read_samples_only_what_training_uses():
