@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from spreading_jax import encode, sharding
+from spreading_jax import encode, quantizers, sharding
 from spreading_jax.train import TrainConfig, TrainResult, train
+
+from _rounding import assert_codes_equal_up_to_ties
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,20 +97,23 @@ def test_two_process_train_and_encode(tmp_path):
   for a, b in zip(local.history, remote.history):
     # Two programs that round differently (gloo's reductions against one process's): a
     # negative whose 50th-neighbour distance ties within rounding can be mined differently
-    # and move an epoch's mean loss by ~1e-3 (seen: 3.5e-3 of -0.13 on 951 rows); a
-    # per-device instead of global BatchNorm or KoLeo moves it by ~10%.
+    # and move an epoch's mean loss by ~1e-3 (seen: 3.5e-3 of -0.13 on 951 rows) and the
+    # outputs by ~1e-3; a per-device instead of global BatchNorm or KoLeo moves the loss by
+    # ~10% and the outputs by ~0.1. A recall over the 50 validation queries may then differ
+    # by the few queries whose 10th neighbour is within that of the 11th.
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-2, atol=1e-6)
     np.testing.assert_allclose(a["koleo"], b["koleo"], rtol=2e-2)
-    assert a.get("lattice_R@10") == b.get("lattice_R@10")
-  np.testing.assert_allclose(local.apply(x[:100]), remote.apply(x[:100]), atol=1e-4)
+    assert abs(a["lattice_R@10"] - b["lattice_R@10"]) <= 4 / CONFIG["val_queries"] + 1e-9
+  np.testing.assert_allclose(local.apply(x[:100]), remote.apply(x[:100]), atol=2e-2)
 
   # Distributed encoding: each process writes the codes of its own slice.
   _wait(_start_two_processes(["encode", "model", "xt.npy", "codes.npy"], tmp_path, "encode"),
         tmp_path, "encode")
   parts = [np.load(tmp_path / f"codes.part{i:05d}-of-00002.npy") for i in range(2)]
   assert [len(p) for p in parts] == [500, 501]
-  np.testing.assert_array_equal(np.concatenate(parts),
-                                np.asarray(encode.make_encoder(remote)(x)))
+  # Two processes' programs against this one's: equal up to rounding ties.
+  assert_codes_equal_up_to_ties(np.concatenate(parts), encode.make_encoder(remote)(x),
+                                remote.apply(x), quantizers.ZnQuantizer(remote.codec()))
 
 
 def test_rows_to_read_samples_only_what_training_uses():

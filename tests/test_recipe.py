@@ -133,7 +133,9 @@ def test_lr_schedule_drives_the_optimizer(small_train):
   init = T.make_train_state(TINY, x.shape[1], 1, jax.random.split(jax.random.PRNGKey(0))[0])
   leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
   for a, b in zip(leaves(one.params), leaves(two.params)):
-    np.testing.assert_array_equal(a, b)
+    # Two compiled programs (their schedules differ) may round epoch 1 differently in the
+    # last bits; a shifted schedule moves the parameters by a whole epoch at lr 0.05.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert any(not np.array_equal(a, b) for a, b in zip(leaves(one.params), leaves(init.params)))
 
 

@@ -428,7 +428,6 @@ def test_distributed_without_peers_times_out_in_one_line(work, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  t0 = time.monotonic()
   proc = subprocess.run(
       [sys.executable, "-m", "spreading_jax", "train", str(work / "xq.npy"), "--out",
        str(tmp_path / "m"), "--distributed", "--coordinator", f"127.0.0.1:{port}",
@@ -436,8 +435,9 @@ def test_distributed_without_peers_times_out_in_one_line(work, tmp_path):
       env=_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
+  # Its own 2 s timeout ended it (the message says so); how long the whole run took depends
+  # on the machine (starting Python and JAX), so only a hang is bounded, by timeout=120.
   assert len(lines) == 1 and "not all 2 processes joined within 2 s" in lines[0], lines
-  assert time.monotonic() - t0 < 60
   assert os.listdir(tmp_path) == []
 
 

@@ -70,7 +70,10 @@ def test_one_and_four_devices_give_the_same_losses(small_train):
   assert metrics["one"]["loss"].shape == (21,)
   for key in ("loss", "triplet", "koleo"):
     np.testing.assert_allclose(metrics["four"][key], metrics["one"][key], rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(metrics["four"]["violations"], metrics["one"]["violations"])
+  # Violating triplets are counted over the global batch (a per-shard count would be ~1/4):
+  # the two programs round differently, so a triplet within rounding of a tie may flip.
+  diff = np.abs(metrics["four"]["violations"] - metrics["one"]["violations"])
+  assert np.all(diff <= 1), (metrics["four"]["violations"], metrics["one"]["violations"])
   # The full training loop on a mesh: test_distributed compares it with a two-process job,
   # and every CLI `train` in the tests runs on the 4-device mesh.
 
