@@ -28,7 +28,9 @@ shapes only):
   device-resident blocks: forward, NaN/Inf check, lattice encode), "stream"
   (``EncodeStream`` from the memory-mapped file, codes into host memory), "encode_file"
   (the same plus the .npy output, progress records and rename) and "before" (the previous
-  round's loop), and each rate's ratio to "forward only".
+  round's loop), and each rate's ratio to "forward only"; also each case's process CPU
+  seconds (all threads) per 1M vectors and the ratio of "forward only"'s to them, which a
+  busy shared machine distorts less than the wall clock.
 
 Writes experiments/results/bench_encode_pipeline.json.
 
@@ -69,6 +71,8 @@ def main(argv=None):
   p.add_argument("--files", action="store_true", help="the 10M-row files mode (see above)")
   p.add_argument("--dims", type=int, nargs="+", default=[96, 128], help="--pipeline d_in")
   p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024])
+  p.add_argument("--d-out", type=int, default=24, help="catalyzer output (--pipeline/--files)")
+  p.add_argument("--r2", type=int, default=79, help="lattice r2 (--pipeline/--files)")
   p.add_argument("--chunk", type=int, default=65536, help="rows per chunk (--pipeline)")
   p.add_argument("--n-files", type=int, default=10_000_000, help="rows per file (--files)")
   p.add_argument("--tmp", default=None, help="directory for the vector files (default: the "
@@ -206,6 +210,23 @@ def host_costs(x, chunk: int, repeats: int) -> dict:
   return out
 
 
+def _interleaved_wall_cpu(cases: dict, repeats: int):
+  """Like ``_common.interleaved`` (one warm-up round, then ``repeats`` rounds of every
+  case in turn), also recording the process CPU seconds of each run (all threads): on a
+  shared machine the wall clock counts other jobs' time, the CPU seconds only this
+  process's work."""
+  for fn in cases.values():
+    fn()
+  wall, cpu = ({name: [] for name in cases} for _ in range(2))
+  for _ in range(repeats):
+    for name, fn in cases.items():
+      t, c = time.perf_counter(), time.process_time()
+      fn()
+      wall[name].append(time.perf_counter() - t)
+      cpu[name].append(time.process_time() - c)
+  return wall, cpu
+
+
 def pipeline_main(args):
   from spreading_jax.model import _forward_fn
   n = args.n or 131072
@@ -213,7 +234,7 @@ def pipeline_main(args):
   block = encode.block_rows()
   results, rows = [], []
   for d in args.dims:
-    model = random_model(d, args.hidden)
+    model = random_model(d, args.hidden, args.d_out, args.r2)
     codec = make_codec(model.config)
     program = encode._block_program(model.module, codec.encode_core)
     fwd = _forward_fn(model.module)
@@ -247,14 +268,18 @@ def pipeline_main(args):
           "encode_file": to_file,
           "before": lambda: _old_encode(model, x, args.chunk, codes),
       }
-      times = interleaved(cases, args.repeats)
+      times, cpu = _interleaved_wall_cpu(cases, args.repeats)
       ref = n / median(times["forward only"])
+      cpu_ref = median(cpu["forward only"])
       case_rows = []
       for name, ts in times.items():
         rate = n / median(ts)
         case_rows.append({"d_in": d, "input": f"{kind} ({x.dtype})", "case": name,
                           "vectors_per_s": rate, "ratio_to_forward_only": rate / ref,
-                          "median_s": median(ts), "times_s": ts})
+                          "median_s": median(ts), "times_s": ts,
+                          "cpu_s_per_1M": median(cpu[name]) * 1e6 / n,
+                          "cpu_ratio_to_forward_only": cpu_ref / median(cpu[name]),
+                          "cpu_s": cpu[name]})
       rows += case_rows
       results.append({"d_in": d, "input": kind, "dtype": str(x.dtype),
                       "host_s_per_1M": costs, "rates": case_rows})
@@ -262,10 +287,11 @@ def pipeline_main(args):
       print(table([{"step": k, "s_per_1M": v} for k, v in costs.items()],
                   ["step", "s_per_1M"]))
       print(table(case_rows, ["d_in", "input", "case", "vectors_per_s",
-                              "ratio_to_forward_only"]))
+                              "ratio_to_forward_only", "cpu_s_per_1M",
+                              "cpu_ratio_to_forward_only"]))
   path = write_result(args.name or "bench_encode_pipeline", {
-      "n": n, "chunk": args.chunk, "block_rows": block, "hidden": args.hidden, "d_out": 24,
-      "r2": 79, "repeats": args.repeats, "devices": jax.device_count(),
+      "n": n, "chunk": args.chunk, "block_rows": block, "hidden": args.hidden,
+      "d_out": args.d_out, "r2": args.r2, "repeats": args.repeats, "devices": jax.device_count(),
       "load_average": os.getloadavg(), "results": results, "command": _command(args.argv)})
   print(f"wrote {path}")
   return results
@@ -279,7 +305,7 @@ def files_main(args):
   mesh = sharding.make_mesh() if jax.local_device_count() > 1 else None
   rows = []
   for d, kind in ((96, "fvecs"), (128, "bvecs")):
-    model = random_model(d, args.hidden)
+    model = random_model(d, args.hidden, args.d_out, args.r2)
     t = time.perf_counter()
     path = _write_file(tmp, n, d, kind)
     print(f"{path}: written and page-cached in {time.perf_counter() - t:.1f} s")
@@ -294,7 +320,7 @@ def files_main(args):
     rows.append({"case": f"encode_file {n} x {d} .{kind}", "vectors_per_s": n / median(times),
                  "times_s": times})
     print(rows[-1])
-  model = random_model(96, args.hidden)
+  model = random_model(96, args.hidden, args.d_out, args.r2)
   x = deep_like(min(n, 1 << 20), 96, seed=3)
   x = np.concatenate([x] * (-(-n // x.shape[0])))[:n]
   times = []
@@ -309,7 +335,8 @@ def files_main(args):
   print(table(rows, ["case", "vectors_per_s"]))
   path = write_result(args.name or f"bench_encode_files_{dev.platform}", {
       "n": n, "chunk": args.chunk, "block_rows": encode.block_rows(), "hidden": args.hidden,
-      "device": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(),
+      "d_out": args.d_out, "r2": args.r2, "device": dev.device_kind, "platform": dev.platform,
+      "devices": jax.device_count(),
       "rows": rows, "command": _command(args.argv)})
   print(f"wrote {path}")
   return rows

@@ -104,8 +104,10 @@ def test_bench_encode_pipeline_and_files_modes_run_at_smoke_size(tmp_path, monke
   common = _bench_module("_common")
   monkeypatch.setattr(common, "RESULTS", tmp_path)
   bench = _bench_module("bench_encode")
-  results = bench.main(["--pipeline", "--n", "5000", "--dims", "24", "--hidden", "16",
-                        "--chunk", "3000", "--repeats", "1", "--tmp", str(tmp_path)])
+  small = ["--hidden", "16", "--d-out", "8", "--r2", "10", "--repeats", "1", "--tmp",
+           str(tmp_path)]
+  # --chunk of one block: the "before" loop reuses the block program (one compile fewer).
+  results = bench.main(["--pipeline", "--n", "5000", "--dims", "24", "--chunk", "2048", *small])
   assert [r["input"] for r in results] == ["fvecs", "bvecs"]
   for r in results:
     assert {c["case"] for c in r["rates"]} == {"forward only", "compute only", "stream",
@@ -114,8 +116,7 @@ def test_bench_encode_pipeline_and_files_modes_run_at_smoke_size(tmp_path, monke
     assert r["host_s_per_1M"]["after: NaN/Inf check"] == 0.0
   saved = json.loads((tmp_path / "bench_encode_pipeline.json").read_text())
   assert "DIR" in saved["command"] and str(tmp_path) not in saved["command"]
-  rows = bench.main(["--files", "--n-files", "3000", "--hidden", "16", "--repeats", "1",
-                     "--tmp", str(tmp_path), "--name", "files"])
+  rows = bench.main(["--files", "--n-files", "3000", "--name", "files", *small])
   assert len(rows) == 3 and all(r["vectors_per_s"] > 0 for r in rows)
   assert json.loads((tmp_path / "files.json").read_text())["device"] == \
       jax.devices()[0].device_kind
