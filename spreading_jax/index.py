@@ -138,8 +138,9 @@ class SpreadingIndex:
     and "sign" the catalyzer and the encoder are one compiled program (only codes come
     back); faiss quantizers encode the catalyzed chunks on the host. Every row goes
     through the catalyzer in a block of ``encode.block_rows()`` rows per device, so a
-    vector's code does not depend on ``chunk``, ``mesh`` or the batch it is added in, and
-    equals ``encode_file``'s byte for byte.
+    vector's "zn"/"sign" code does not depend on ``chunk``, ``mesh`` or the batch it is
+    added in, and equals ``encode_file``'s byte for byte (faiss quantizers get the same
+    catalyzed floats). Raises ValueError naming the first row with NaN/Inf.
     """
     return self._encode(x, chunk, mesh, None)
 
