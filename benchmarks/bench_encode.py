@@ -21,8 +21,9 @@ shapes only):
 
 * host-side cost per 1M vectors of each step, chunk by chunk (65536 rows), before (the
   unpipelined encoder of the previous round: read, convert to float32, NaN/Inf check,
-  copy float32 to the device, one after the other) and after (``EncodeStream``: read
-  only; no host conversion or check; uint8 copied as uint8);
+  copy float32 to the device, one after the other) and after (``EncodeStream``:
+  ``encode.travel``, a view of the file's row bytes; no host conversion or check; the
+  bytes copied as they are);
 * rates, medians of --repeats interleaved runs: "forward only" (catalyzer forward of
   device-resident float32 blocks), "compute only" (the whole block program on
   device-resident blocks: forward, NaN/Inf check, lattice encode), "stream"
@@ -186,15 +187,16 @@ def host_costs(x, chunk: int, repeats: int) -> dict:
 
   rows = read()
   as_f32 = [np.asarray(r, np.float32) for r in rows]
+  sent = [encode.travel(x[a:b])[0] for a, b in spans]
   steps = {
       "before: read": read,
       "before: convert to float32": lambda: [np.asarray(r, np.float32) for r in rows],
       "before: NaN/Inf check": lambda: [bool(np.isfinite(r).all()) for r in as_f32],
       "before: copy float32 to device": lambda: jax.block_until_ready(
           [jnp.asarray(sharding.pad_rows(r, chunk)) for r in as_f32]),
-      "after: read (travel_rows)": lambda: [encode.travel_rows(x[a:b]) for a, b in spans],
+      "after: read (encode.travel)": lambda: [encode.travel(x[a:b]) for a, b in spans],
       "after: copy to device (as it travels)": lambda: jax.block_until_ready(
-          [jax.device_put(r[i:i + block]) for r in rows for i in range(0, len(r), block)]),
+          [jax.device_put(r[i:i + block]) for r in sent for i in range(0, len(r), block)]),
   }
   out = {}
   for name, fn in steps.items():
@@ -244,9 +246,12 @@ def pipeline_main(args):
       path = _write_file(tmp, n, d, kind)
       x = read_vectors(path)
       costs = host_costs(x, args.chunk, args.repeats)
-      blocks = [jax.device_put(sharding.pad_rows(encode.travel_rows(x[s:s + block]), block))
-                for s in range(0, n, block)]
-      fblocks = [jnp.asarray(b, jnp.float32) for b in blocks]
+      blocks = []
+      for s in range(0, n, block):
+        raw, layout = encode.travel(x[s:s + block])
+        blocks.append((jax.device_put(sharding.pad_rows(raw, block)), layout))
+      fblocks = [jnp.asarray(sharding.pad_rows(np.asarray(x[s:s + block], np.float32), block))
+                 for s in range(0, n, block)]
       codes = np.empty((n, codec.code_words), np.uint32)
       out = os.path.join(tmp, f"bench_codes_{d}_{kind}.npy")
 
@@ -263,7 +268,7 @@ def pipeline_main(args):
           "forward only": lambda: jax.block_until_ready(
               [fwd(model.variables, b, scale) for b in fblocks]),
           "compute only": lambda: jax.block_until_ready(
-              [program(model.variables, b, scale) for b in blocks]),
+              [program(model.variables, b, scale, layout=lay) for b, lay in blocks]),
           "stream": stream,
           "encode_file": to_file,
           "before": lambda: _old_encode(model, x, args.chunk, codes),

@@ -7,6 +7,7 @@ and resume point); and the resumable job that encodes a vectors file into a .npy
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -97,28 +98,68 @@ _TRAVEL_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.uint8, np.int8, np.u
 _PREFETCH = 2
 
 
-def travel_rows(rows) -> np.ndarray:
-  """Rows [m, d] as the contiguous host array that is sent to the device: float32 and
-  8/16-bit inputs as they are (a memory map's contiguous rows are not copied), any other
-  dtype converted to float32 (values beyond its range become Inf and are refused by the
-  device-side check)."""
+def travel(rows) -> tuple[np.ndarray, tuple | None]:
+  """Rows [m, d] as the contiguous host array that is sent to the device, and its layout.
+
+  Rows of a memory-mapped .fvecs/.bvecs (each row's values follow a 4-byte header) go as
+  the file's bytes, headers included (uint8 [m, 4 + d * itemsize], no host copy: the
+  header is dropped and the bytes reinterpreted on the device); layout is then
+  ``(gap, dtype, d)``. Otherwise float32 and 8/16-bit inputs go as they are (a contiguous
+  memory map is not copied) and any other dtype is converted to float32 (values beyond
+  its range become Inf, refused by the device-side check); layout is None.
+  """
   rows = np.asarray(rows)
+  raw = _row_bytes(rows)
+  if raw is not None:
+    return raw[0], (raw[1], rows.dtype.str, rows.shape[1])
   if rows.dtype in _TRAVEL_DTYPES:
-    return np.ascontiguousarray(rows)
+    return np.ascontiguousarray(rows), None
   with np.errstate(over="ignore", invalid="ignore"):
-    return np.ascontiguousarray(rows, np.float32)
+    return np.ascontiguousarray(rows, np.float32), None
+
+
+def _row_bytes(rows: np.ndarray) -> tuple[np.ndarray, int] | None:
+  """(uint8 [m, stride] view, gap) of rows whose values sit ``gap`` bytes into each
+  ``stride``-byte row of one contiguous buffer (a vecs memory map), or None."""
+  if rows.ndim != 2 or rows.shape[0] == 0 or rows.dtype not in _TRAVEL_DTYPES \
+      or not rows.dtype.isnative:
+    return None
+  stride, step = rows.strides
+  width = rows.shape[1] * rows.dtype.itemsize
+  if step != rows.dtype.itemsize or stride <= width:
+    return None
+  root = rows
+  while isinstance(root.base, np.ndarray):
+    root = root.base
+  if not root.flags.c_contiguous:
+    return None
+  lo = root.__array_interface__["data"][0]
+  hi = lo + root.nbytes
+  start = rows.__array_interface__["data"][0] - (stride - width)
+  if start < lo or start + rows.shape[0] * stride > hi:
+    return None
+  flat = root.reshape(-1).view(np.uint8)
+  return flat[start - lo:start - lo + rows.shape[0] * stride].reshape(-1, stride), \
+      stride - width
 
 
 _PROGRAMS: dict = {}
 
 
 def _block_program(module: Catalyzer, then: Callable | None) -> Callable:
-  """The cached jitted block program (variables, x [B, d_in] any travel dtype, scale) ->
-  (then(catalyzer(x / scale)), first row of x holding NaN/Inf, or B when none)."""
+  """The cached jitted block program (variables, x [B, d_in] any travel dtype, scale,
+  layout=None) -> (then(catalyzer(x / scale)), first row of x holding NaN/Inf, or B when
+  none). With a layout (``travel``), x holds whole file rows as bytes."""
   key = (module.d_out, tuple(module.hidden), then)
   if key not in _PROGRAMS:
-    @jax.jit
-    def run(variables, x, scale):
+    @functools.partial(jax.jit, static_argnames="layout")
+    def run(variables, x, scale, layout=None):
+      if layout is not None:
+        gap, dtype, d = layout
+        dtype = jnp.dtype(dtype)
+        x = x[:, gap:gap + d * dtype.itemsize]
+        x = jax.lax.bitcast_convert_type(
+            x.reshape(x.shape[0], d, dtype.itemsize) if dtype.itemsize > 1 else x, dtype)
       xf = x.astype(jnp.float32)
       y = module.apply(variables, xf / scale, train=False)
       out = y if then is None else then(y)
@@ -144,12 +185,13 @@ class EncodeStream:
   blocks, yielding ``(lo, hi, host results [hi - lo, ...])`` chunk by chunk, in order.
 
   A background thread reads chunk i+1 (a slice of a memory map: only those rows are
-  read), converts it only when its dtype does not travel as it is (``travel_rows``) and
-  transfers it, while chunk i computes (asynchronous dispatch) and chunk i-1's results
-  come back; at most ``_PREFETCH`` chunks wait ahead, so memory stays bounded by a few
-  chunks for any n. The NaN/Inf check runs inside the compiled program; a bad row
-  raises ``NonFiniteRowError`` (naming its first bad row and column) when its chunk comes
-  back, before that chunk is yielded.
+  read; .fvecs/.bvecs rows are sent as the file's bytes without a host copy), converts it
+  only when its dtype does not travel as it is (``travel``) and transfers it, while
+  chunk i computes (asynchronous dispatch) and chunk i-1's results come back; at most
+  ``_PREFETCH`` chunks wait ahead, so memory stays bounded by a few chunks for any n.
+  The NaN/Inf check runs inside the compiled program; a bad row raises
+  ``NonFiniteRowError`` (naming its first bad row and column) when its chunk comes back,
+  before that chunk is yielded.
 
   Each block holds ``block_rows()`` rows per device (``mesh``: split over its data axis),
   so results are byte-identical whatever ``chunk``, ``mesh``, ``start`` (see
@@ -215,13 +257,13 @@ class EncodeStream:
     try:
       for lo in range(self.start, self.stop, self.chunk):
         hi = min(self.stop, lo + self.chunk)
-        rows = travel_rows(self.x[lo:hi])
+        rows, layout = travel(self.x[lo:hi])
         blocks = []
         for b in range(0, hi - lo, self.step):
           part = rows[b:b + self.step]
           if part.shape[0] < self.step:
             part = sharding.pad_rows(part, self.step)
-          blocks.append(jax.device_put(part, self.sharding))
+          blocks.append((jax.device_put(part, self.sharding), layout))
         if not self._put((lo, hi, blocks)):
           return
       self._put(None)
@@ -245,7 +287,8 @@ class EncodeStream:
       if item is not None:
         lo, hi, blocks = item
         # Dispatched before the previous chunk is read back: the device never waits.
-        item = (lo, hi, [self.program(self.variables, b, self.scale) for b in blocks])
+        item = (lo, hi, [self.program(self.variables, b, self.scale, layout=layout)
+                         for b, layout in blocks])
       if pending is not None:
         yield self._finish(*pending)
       if item is None:

@@ -122,19 +122,23 @@ def test_rows_of_a_block_do_not_depend_on_position_or_neighbours(model, ties):
 
 
 def test_uint8_inputs_travel_as_uint8(model, tmp_path, monkeypatch):
-  """A bvecs file is sent to the device as uint8 (1 byte per value, not 4) and gets the
-  codes of the same values as float32. Red when rows are converted on the host."""
+  """A bvecs file is sent to the device as its uint8 row bytes (1 byte per value, not 4;
+  the 4-byte headers dropped on the device), a fvecs file as its row bytes too (no host
+  copy), and both get the codes of the same values as float32 arrays. Red when rows are
+  converted or copied on the host, or when the header offset is wrong."""
   x = np.random.default_rng(2).integers(0, 256, (3000, D_IN), dtype=np.uint8)
   write_bvecs(tmp_path / "x.bvecs", x)
   write_fvecs(tmp_path / "x.fvecs", x.astype(np.float32))
   sent = []
   put = jax.device_put
   monkeypatch.setattr(encode.jax, "device_put",
-                      lambda v, *a, **k: (sent.append(getattr(v, "dtype", None)),
+                      lambda v, *a, **k: (sent.append((v.dtype, v.shape)),
                                           put(v, *a, **k))[1])
   assert encode.encode_file(model, tmp_path / "x.bvecs", tmp_path / "b.npy", chunk=1000)
-  assert len(sent) == 2 and all(dt == np.uint8 for dt in sent), sent  # 2 blocks
+  assert sent == [(np.uint8, (2048, 4 + D_IN))] * 2, sent  # 2 blocks of file rows
+  sent.clear()
   assert encode.encode_file(model, tmp_path / "x.fvecs", tmp_path / "f.npy", chunk=1000)
+  assert sent == [(np.uint8, (2048, 4 + 4 * D_IN))] * 2, sent  # the bytes, headers too
   np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.load(tmp_path / "f.npy"))
   np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), _block_codes(model, x))
 
