@@ -1,15 +1,21 @@
-"""Batch encoding: raw vectors -> Zn lattice codes in one compiled program, and a resumable
-streaming job that encodes a vectors file chunk by chunk into a .npy file of codes.
+"""Batch encoding: raw vectors -> Zn lattice codes in one compiled program; the streaming
+pipeline behind every batch path (``EncodeStream``: ``encode_file``, ``SpreadingIndex.add``
+and ``encode``, the CLI), which overlaps reading, transfer, compute and write-back and
+encodes every row in a fixed-shape block (codes independent of chunk, batch, device count
+and resume point); and the resumable job that encodes a vectors file into a .npy of codes.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import socket
+import threading
 from typing import Callable
 
 import jax
@@ -28,9 +34,14 @@ from spreading_jax.model import TrainResult
 def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,
                  input_scale: float = 1.0, hidden: tuple[int, ...] = (1024, 1024),
                  d_out: int = 24) -> Callable[[jax.Array], jax.Array]:
-  """A jitted encoder: raw vectors f32[n, d_in] -> codes u32[n, codec.code_words].
+  """A jitted encoder: raw vectors f32[n, d_in] (or any real dtype) -> codes
+  u32[n, codec.code_words].
 
-  Catalyzer forward, lattice quantization and ranking are one compiled program.
+  Catalyzer forward, lattice quantization and ranking are one compiled program: the
+  program of ``EncodeStream`` (``encode_file``, ``SpreadingIndex.add``). Applied to blocks
+  of ``block_rows()`` rows it gives their codes byte for byte; on other shapes the float
+  rounding of the forward pass may differ (a near-tie row can then get a neighbouring
+  code), which is why batch jobs go through ``EncodeStream``.
 
   Args:
     params: catalyzer parameters, or a ``TrainResult`` (then the other arguments default
@@ -50,16 +61,254 @@ def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None =
     raise ValueError("make_encoder needs batch_stats and codec (or a TrainResult)")
   if codec.d != d_out:
     raise ValueError(f"codec has d={codec.d} but d_out={d_out}")
-  module = Catalyzer(d_out=d_out, hidden=tuple(hidden))
+  program = _block_program(Catalyzer(d_out=d_out, hidden=tuple(hidden)), codec.encode_core)
   variables = {"params": params, "batch_stats": batch_stats}
-  scale = float(input_scale)
+  scale = np.float32(input_scale)
 
-  @jax.jit
   def encode(x):
-    y = module.apply(variables, x.astype(jnp.float32) / scale, train=False)
-    return codec.encode_core(y)
+    return program(variables, x, scale)[0]
 
   return encode
+
+
+# ---------------------------------------------------------------------------------------
+# The streaming encoder: fixed-shape blocks, input check on the device, overlapped I/O.
+
+def block_rows() -> int:
+  """Rows per device of every compiled batch-encode program: 2048 on a CPU, 65536 on a
+  GPU/TPU.
+
+  Every vector is catalyzed and quantized in a block of exactly this many rows per device
+  (the last block of an input is zero-padded), so its floats go through the same compiled
+  program whatever the chunk, the batch, the number of devices or the resume point. XLA
+  computes each row of a fixed-shape block bitwise the same at any position and with any
+  neighbours (checked by tests/test_encode_stream.py); across shapes it does not (XLA:CPU
+  rounded 1000-row and 20000-row batches differently in about a third of the rows, which
+  moved near-tie rows to a neighbouring code). Codes do still depend on the backend, the
+  jax/XLA version and XLA flags: the resume record of ``encode_file`` keys on them.
+  """
+  return 2048 if jax.default_backend() == "cpu" else 65536
+
+
+# Dtypes sent to the device as they are (every value exact in float32, converted there);
+# other inputs are converted to float32 on the host.
+_TRAVEL_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.uint8, np.int8, np.uint16,
+                                                np.int16, np.float16))
+# Chunks read and transferred ahead of the one being computed.
+_PREFETCH = 2
+
+
+def travel(rows) -> tuple[np.ndarray, tuple | None]:
+  """Rows [m, d] as the contiguous host array that is sent to the device, and its layout.
+
+  Rows of a memory-mapped .fvecs/.bvecs (each row's values follow a 4-byte header) go as
+  the file's bytes, headers included (uint8 [m, 4 + d * itemsize], no host copy: the
+  header is dropped and the bytes reinterpreted on the device); layout is then
+  ``(gap, dtype, d)``. Otherwise float32 and 8/16-bit inputs go as they are (a contiguous
+  memory map is not copied) and any other dtype is converted to float32 (values beyond
+  its range become Inf, refused by the device-side check); layout is None.
+  """
+  rows = np.asarray(rows)
+  raw = _row_bytes(rows)
+  if raw is not None:
+    return raw[0], (raw[1], rows.dtype.str, rows.shape[1])
+  if rows.dtype in _TRAVEL_DTYPES:
+    return np.ascontiguousarray(rows), None
+  with np.errstate(over="ignore", invalid="ignore"):
+    return np.ascontiguousarray(rows, np.float32), None
+
+
+def _row_bytes(rows: np.ndarray) -> tuple[np.ndarray, int] | None:
+  """(uint8 [m, stride] view, gap) of rows whose values sit ``gap`` bytes into each
+  ``stride``-byte row of one contiguous buffer (a vecs memory map), or None."""
+  if rows.ndim != 2 or rows.shape[0] == 0 or rows.dtype not in _TRAVEL_DTYPES \
+      or not rows.dtype.isnative:
+    return None
+  stride, step = rows.strides
+  width = rows.shape[1] * rows.dtype.itemsize
+  if step != rows.dtype.itemsize or stride <= width:
+    return None
+  root = rows
+  while isinstance(root.base, np.ndarray):
+    root = root.base
+  if not root.flags.c_contiguous:
+    return None
+  lo = root.__array_interface__["data"][0]
+  hi = lo + root.nbytes
+  start = rows.__array_interface__["data"][0] - (stride - width)
+  if start < lo or start + rows.shape[0] * stride > hi:
+    return None
+  flat = root.reshape(-1).view(np.uint8)
+  return flat[start - lo:start - lo + rows.shape[0] * stride].reshape(-1, stride), \
+      stride - width
+
+
+_PROGRAMS: dict = {}
+
+
+def _block_program(module: Catalyzer, then: Callable | None) -> Callable:
+  """The cached jitted block program (variables, x [B, d_in] any travel dtype, scale,
+  layout=None) -> (then(catalyzer(x / scale)), first row of x holding NaN/Inf, or B when
+  none). With a layout (``travel``), x holds whole file rows as bytes."""
+  key = (module.d_out, tuple(module.hidden), then)
+  if key not in _PROGRAMS:
+    @functools.partial(jax.jit, static_argnames="layout")
+    def run(variables, x, scale, layout=None):
+      if layout is not None:
+        gap, dtype, d = layout
+        dtype = jnp.dtype(dtype)
+        x = x[:, gap:gap + d * dtype.itemsize]
+        x = jax.lax.bitcast_convert_type(
+            x.reshape(x.shape[0], d, dtype.itemsize) if dtype.itemsize > 1 else x, dtype)
+      xf = x.astype(jnp.float32)
+      y = module.apply(variables, xf / scale, train=False)
+      out = y if then is None else then(y)
+      n = x.shape[0]
+      if jnp.issubdtype(x.dtype, jnp.integer):
+        return out, jnp.int32(n)
+      ok = jnp.all(jnp.isfinite(xf), axis=1)
+      return out, jnp.min(jnp.where(ok, n, jnp.arange(n, dtype=jnp.int32)))
+    _PROGRAMS[key] = run
+  return _PROGRAMS[key]
+
+
+class NonFiniteRowError(ValueError):
+  """An input row holds NaN or Inf (or a value beyond float32); ``row`` is its index."""
+
+  def __init__(self, message: str, row: int):
+    super().__init__(message)
+    self.row = row
+
+
+class EncodeStream:
+  """Streams rows [start, stop) of x through the catalyzer (and ``then``) in fixed-shape
+  blocks, yielding ``(lo, hi, host results [hi - lo, ...])`` chunk by chunk, in order.
+
+  A background thread reads chunk i+1 (a slice of a memory map: only those rows are
+  read; .fvecs/.bvecs rows are sent as the file's bytes without a host copy), converts it
+  only when its dtype does not travel as it is (``travel``) and transfers it, while
+  chunk i computes (asynchronous dispatch) and chunk i-1's results come back; at most
+  ``_PREFETCH`` chunks wait ahead, so memory stays bounded by a few chunks for any n.
+  The NaN/Inf check runs inside the compiled program; a bad row raises
+  ``NonFiniteRowError`` (naming its first bad row and column) when its chunk comes back,
+  before that chunk is yielded.
+
+  Each block holds ``block_rows()`` rows per device (``mesh``: split over its data axis),
+  so results are byte-identical whatever ``chunk``, ``mesh``, ``start`` (see
+  ``block_rows``). Use as a context manager, which stops the thread on any exit::
+
+    with EncodeStream(model, x, then=codec.encode_core) as stream:
+      for lo, hi, codes in stream:
+        out[lo:hi] = codes
+
+  Args:
+    model: the trained catalyzer.
+    x: [n, d_in] rows, numpy (or a memory map) of any real dtype.
+    then: hashable traceable function of the catalyzed block compiled into the program
+      (e.g. ``codec.encode_core``), or None for the catalyzed floats f32[., d_out].
+    chunk: rows read, transferred and yielded at a time (rounded up to a whole number of
+      blocks).
+    mesh: optional 1-D mesh; each block is split over its data axis.
+    start, stop: the rows to encode (default all).
+    name: what error messages call x.
+    row_offset: added to row numbers in error messages (x is a slice of a larger input).
+  """
+
+  def __init__(self, model: TrainResult, x, then: Callable | None = None,
+               chunk: int = 65536, mesh: Mesh | None = None, start: int = 0,
+               stop: int | None = None, name: str = "x", row_offset: int = 0):
+    self.x, self.name, self.row_offset = x, name, row_offset
+    self.start, self.stop = start, x.shape[0] if stop is None else stop
+    self.step = block_rows() * sharding.mesh_size(mesh)
+    self.chunk = sharding.round_up(check_int("chunk", chunk, minimum=1), self.step)
+    self.program = _block_program(model.module, then)
+    self.scale = np.float32(model.input_scale)
+    if mesh is None:
+      self.sharding, self.variables = None, model.variables
+    else:
+      self.sharding = NamedSharding(mesh, P(sharding.axis_name(mesh)))
+      self.variables = jax.device_put(model.variables, NamedSharding(mesh, P()))
+    self._queue: queue.Queue = queue.Queue(maxsize=_PREFETCH)
+    self._stop = threading.Event()
+    self._thread = None
+
+  def __enter__(self):
+    self._thread = threading.Thread(target=self._read, name="encode-reader", daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    with contextlib.suppress(queue.Empty):
+      while True:  # unblock a reader waiting on a full queue
+        self._queue.get_nowait()
+    self._thread.join()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _read(self) -> None:
+    try:
+      for lo in range(self.start, self.stop, self.chunk):
+        hi = min(self.stop, lo + self.chunk)
+        rows, layout = travel(self.x[lo:hi])
+        blocks = []
+        for b in range(0, hi - lo, self.step):
+          part = rows[b:b + self.step]
+          if part.shape[0] < self.step:
+            part = sharding.pad_rows(part, self.step)
+          blocks.append((jax.device_put(part, self.sharding), layout))
+        if not self._put((lo, hi, blocks)):
+          return
+      self._put(None)
+    except BaseException as e:  # noqa: BLE001 (re-raised in the consumer's thread)
+      self._put(e)
+
+  def _get(self):
+    while True:
+      try:
+        return self._queue.get(timeout=0.1)
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          raise RuntimeError("the encode reader thread stopped without a result") from None
+
+  def __iter__(self):
+    pending = None
+    while True:
+      item = self._get()
+      if isinstance(item, BaseException):
+        raise item
+      if item is not None:
+        lo, hi, blocks = item
+        # Dispatched before the previous chunk is read back: the device never waits.
+        item = (lo, hi, [self.program(self.variables, b, self.scale, layout=layout)
+                         for b, layout in blocks])
+      if pending is not None:
+        yield self._finish(*pending)
+      if item is None:
+        return
+      pending = item
+
+  def _finish(self, lo: int, hi: int, results) -> tuple[int, int, np.ndarray]:
+    """Results of rows [lo, hi) on the host, after their NaN/Inf check."""
+    for k, (_, bad) in enumerate(results):
+      bad = int(bad)
+      if bad < min(self.step, hi - lo - k * self.step):
+        row = lo + k * self.step + bad
+        values = np.asarray(self.x[row], np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+          col = int(np.flatnonzero(~np.isfinite(values.astype(np.float32)))[0])
+        raise NonFiniteRowError(
+            f"{self.name} row {row + self.row_offset} contains NaN or Inf (or a value beyond "
+            f"float32), first at column {col}", row)
+    parts = [np.asarray(out)[:hi - lo - k * self.step] for k, (out, _) in enumerate(results)]
+    return lo, hi, parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _progress_path(output_path: str) -> str:
@@ -80,6 +329,20 @@ def model_fingerprint(model: TrainResult) -> str:
   h.update(json.dumps([model.d_in, float(model.input_scale), list(model.config.hidden),
                        model.config.d_out, make_codec(model.config).r2]).encode())
   return h.hexdigest()
+
+
+def encoder_fingerprint(mesh: Mesh | None = None) -> dict:
+  """What codes depend on besides the model and the input: the block rows, the platform
+  and device kind, the jax/jaxlib versions and XLA_FLAGS (the forced host device count
+  left out). Not the chunk size, the number of devices or the resume point (see
+  ``block_rows``)."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  flags = sorted(f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count"))
+  return {"block_rows": block_rows(), "platform": device.platform,
+          "device_kind": device.device_kind, "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "xla_flags": flags}
 
 
 def input_fingerprint(path: str, x, key: str | None) -> dict:
@@ -221,18 +484,26 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   records the rows done, so an interrupted run resumes where it stopped. When all rows are
   done the partial file is renamed to ``output_path``.
 
+  Rows stream through ``EncodeStream``: read, transfer, compute and write-back overlap,
+  the NaN/Inf check runs on the device, integer inputs (bvecs, uint8 npy) travel as
+  they are, and every row is encoded in a fixed-shape block, so the codes are byte for
+  byte the same whatever ``chunk``, ``mesh``, ``max_rows`` or resume point (and equal to
+  ``SpreadingIndex.add``'s).
+
   A resume continues only the same job: the progress file records a fingerprint of the
-  model (its variables' sha256) and of the input (size, shape, dtype and a content
-  sha256); any difference raises ValueError instead of mixing two jobs' codes, and so
-  does a corrupt progress file or a partial file that does not hold the rows it claims.
-  ``output_path + ".lock"`` keeps a second concurrent encode to the same output out.
+  model (its variables' sha256), of the input (size, shape, dtype and a content sha256)
+  and of the encoder configuration (``encoder_fingerprint``); any difference raises
+  ValueError instead of mixing two jobs' codes, and so does a corrupt progress file or a
+  partial file that does not hold the rows it claims. ``output_path + ".lock"`` keeps a
+  second concurrent encode to the same output out.
 
   Args:
     model: the trained catalyzer.
     input_path: vectors file (``vecs_io.read_vectors``).
     output_path: destination .npy file (never one of the inputs).
-    chunk: rows per compiled batch.
-    mesh: optional 1-D mesh; each batch is split over its data axis.
+    chunk: rows read, transferred and written (and recorded as done) at a time, rounded
+      up to whole blocks (``block_rows()`` per device); it does not change the codes.
+    mesh: optional 1-D mesh; each block is split over its data axis.
     key: HDF5 dataset name.
     max_rows: stop after this many rows in this call (time-boxed jobs); run again to resume.
     row_range: encode only rows [start, stop) of the input (one process's slice of a
@@ -264,13 +535,12 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   check_vectors(input_path, x[:0], d=model.d_in, d_name="d")
   codec = make_codec(model.config)
   n, width = int(x.shape[0]), codec.code_words
-  ndev = sharding.mesh_size(mesh)
-  chunk = sharding.round_up(chunk, ndev)
   progress = _progress_path(output_path)
   out_dir = os.path.dirname(os.path.abspath(output_path))
   job = {"version": _PROGRESS_VERSION, "model": model_fingerprint(model),
          "input": fingerprint,
-         "row_range": list(row_range or (0, n)), "n": n, "code_words": width}
+         "row_range": list(row_range or (0, n)), "n": n, "code_words": width,
+         "encoder": encoder_fingerprint(mesh)}
 
   def save_progress(partial_name: str, done: int, hash_from: int, out) -> None:
     state = dict(job, partial=partial_name, rows_done=done, hash_from=hash_from,
@@ -286,7 +556,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       state = _read_progress(progress)
       differs = [k for k in job if state.get(k) != job[k]]
       if differs:
-        what = {"model": "another model", "input": "another input (content, shape or key)"}
+        what = {"model": "another model", "input": "another input (content, shape or key)",
+                "encoder": "another encoder configuration (block rows, platform, jax/jaxlib "
+                           "version or XLA flags: codes may round differently)"}
         raise ValueError(f"{progress} records an interrupted encode of "
                          f"{' and '.join(what.get(k, k) for k in differs)}; refusing to mix "
                          f"them: delete it and {state['partial']} to restart")
@@ -310,31 +582,26 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint32, shape=(n, width))
       save_progress(os.path.basename(partial), 0, 0, out)
     _remove_leftovers(output_path, keep=partial)
-    encoder = make_encoder(model)
     stop = n if max_rows is None else min(n, done + max_rows)
-    data_sharding = NamedSharding(mesh, P(sharding.axis_name(mesh))) if mesh is not None else None
     bar = tqdm(total=n, initial=done, desc="encode", unit="vec")
-    while done < stop:
-      xb = np.asarray(x[done:min(stop, done + chunk)], np.float32)
-      m = xb.shape[0]
-      if not np.isfinite(xb).all():
-        # This input can never complete: drop the job's files rather than leave a resume
-        # point that would stop at the same row.
-        row = done + int(np.argwhere(~np.isfinite(xb))[0][0])
-        del out
-        os.remove(progress)
-        os.remove(partial)
-        raise ValueError(f"{input_path} row {row + (row_range[0] if row_range else 0)} "
-                         "contains NaN or Inf (or a value beyond float32); nothing was "
-                         "written to the output")
-      xb = jnp.asarray(sharding.pad_rows(xb, chunk))
-      if data_sharding is not None:
-        xb = jax.device_put(xb, data_sharding)
-      out[done:done + m] = np.asarray(encoder(xb))[:m]
-      out.flush()
-      save_progress(os.path.basename(partial), done + m, done, out)
-      done += m
-      bar.update(m)
+    try:
+      with EncodeStream(model, x, then=codec.encode_core, chunk=chunk, mesh=mesh,
+                        start=done, stop=stop, name=input_path,
+                        row_offset=row_range[0] if row_range else 0) as stream:
+        for lo, hi, codes in stream:
+          out[lo:hi] = codes
+          out.flush()
+          save_progress(os.path.basename(partial), hi, lo, out)
+          done = hi
+          bar.update(hi - lo)
+    except NonFiniteRowError as e:
+      # This input can never complete: drop the job's files rather than leave a resume
+      # point that would stop at the same row.
+      bar.close()
+      del out
+      os.remove(progress)
+      os.remove(partial)
+      raise ValueError(f"{e}; nothing was written to the output") from None
     bar.close()
     del out
     if done < n:

@@ -128,36 +128,52 @@ class SpreadingIndex:
     self.quantizer.train(self.model.apply(xt))
 
   # -------------------------------------------------------------------------------------
-  def encode(self, x) -> np.ndarray:
-    """Raw vectors f32[n, d_in] -> codes [n, code_width] (see ``codes``).
+  def encode(self, x, chunk: int = 65536, mesh: Mesh | None = None) -> np.ndarray:
+    """Raw vectors [n, d_in] (numpy or memory map, any real dtype) -> codes
+    [n, code_width] (see ``codes``).
 
-    For "zn" and "sign" the catalyzer and the encoder are one compiled program per chunk
-    (``Quantizer.encode_core``): only codes come back from the device. On a CPU the codes
-    equal ``quantizer.encode(model.apply(x))``; on a GPU the two programs' default (TF32)
-    matmuls may round differently, which moved 1 code in 10^4 across a quantization
-    boundary on an H200 (either code is the nearest point of a catalyzed vector within
-    rounding)."""
-    core = self.quantizer.encode_core
-    if core is None:
-      return self.quantizer.encode(self.model.apply(x))
-    return self.model.apply(x, then=core)
+    Rows stream through ``encode.EncodeStream`` (the pipeline of ``encode_file`` and the
+    CLI): read and transferred ``chunk`` rows at a time while the previous chunk computes,
+    checked for NaN/Inf on the device, 8/16-bit integer inputs sent as they are. For "zn"
+    and "sign" the catalyzer and the encoder are one compiled program (only codes come
+    back); faiss quantizers encode the catalyzed chunks on the host. Every row goes
+    through the catalyzer in a block of ``encode.block_rows()`` rows per device, so a
+    vector's "zn"/"sign" code does not depend on ``chunk``, ``mesh`` or the batch it is
+    added in, and equals ``encode_file``'s byte for byte (faiss quantizers get the same
+    catalyzed floats). Raises ValueError naming the first row with NaN/Inf.
+    """
+    return self._encode(x, chunk, mesh, None)
 
-  def add(self, x, chunk: int = 65536) -> None:
-    """Encodes and appends x: [n, d_in] (numpy or memory map), ``chunk`` rows at a time."""
-    check_vectors("x", x, d=self.d, d_name="d_in")
+  def _encode(self, x, chunk: int, mesh: Mesh | None, bar) -> np.ndarray:
+    from spreading_jax.encode import EncodeStream  # pylint: disable=import-outside-toplevel
+    check_vectors("x", x, d=self.d, d_name="d_in", finite=False)  # finite: on the device
     chunk = check_int("chunk", chunk, minimum=1)
+    core = self.quantizer.encode_core
+    out = self.quantizer.empty_codes()
+    with EncodeStream(self.model, x, then=core, chunk=chunk, mesh=mesh) as stream:
+      for lo, hi, y in stream:
+        codes = y if core is not None else self.quantizer.encode(y)
+        if lo == 0:
+          out = np.empty((x.shape[0],) + codes.shape[1:], codes.dtype)
+        out[lo:hi] = codes
+        if bar is not None:
+          bar.update(hi - lo)
+    return out
+
+  def add(self, x, chunk: int = 65536, mesh: Mesh | None = None) -> None:
+    """Encodes and appends x: [n, d_in] (numpy or memory map), ``chunk`` rows at a time
+    (see ``encode``: the codes do not depend on ``chunk`` or on how x is split over calls).
+    A row with NaN/Inf raises ValueError naming it, and nothing is appended."""
+    check_vectors("x", x, d=self.d, d_name="d_in", finite=False)
     if not self.is_trained:
       raise ValueError(f"quantizer {self.quantizer.name!r} is not trained: call "
                        "index.train(training_vectors) before add")
     n = x.shape[0]
     bar = tqdm(total=n, desc="add", unit="vec", disable=n <= chunk)
-
-    def encode(xb):
-      bar.update(xb.shape[0])
-      return self.encode(np.asarray(xb, np.float32))
-
-    codes = quantizers.encode_in_chunks(encode, x, chunk)
-    bar.close()
+    try:
+      codes = self._encode(x, chunk, mesh, bar)
+    finally:
+      bar.close()
     self._chunks.append(codes)
 
   def reconstruct(self, ids) -> np.ndarray:

@@ -97,3 +97,26 @@ def test_search_does_not_retrace_across_database_sizes(which, monkeypatch):
     else:
       xb = rng.standard_normal((nb, 12)).astype(np.float32)
       search.knn(xb[:16] + 0.5, xb, 10, metric=which)
+
+
+def test_bench_encode_pipeline_and_files_modes_run_at_smoke_size(tmp_path, monkeypatch):
+  # The modes behind the README's pipeline numbers and the accelerator files run (issue 28).
+  common = _bench_module("_common")
+  monkeypatch.setattr(common, "RESULTS", tmp_path)
+  bench = _bench_module("bench_encode")
+  small = ["--hidden", "16", "--d-out", "8", "--r2", "10", "--repeats", "1", "--tmp",
+           str(tmp_path)]
+  # --chunk of one block: the "before" loop reuses the block program (one compile fewer).
+  results = bench.main(["--pipeline", "--n", "5000", "--dims", "24", "--chunk", "2048", *small])
+  assert [r["input"] for r in results] == ["fvecs", "bvecs"]
+  for r in results:
+    assert {c["case"] for c in r["rates"]} == {"forward only", "compute only", "stream",
+                                               "encode_file", "before"}
+    assert all(c["vectors_per_s"] > 0 for c in r["rates"])
+    assert r["host_s_per_1M"]["after: NaN/Inf check"] == 0.0
+  saved = json.loads((tmp_path / "bench_encode_pipeline.json").read_text())
+  assert "DIR" in saved["command"] and str(tmp_path) not in saved["command"]
+  rows = bench.main(["--files", "--n-files", "3000", "--name", "files", *small])
+  assert len(rows) == 3 and all(r["vectors_per_s"] > 0 for r in rows)
+  assert json.loads((tmp_path / "files.json").read_text())["device"] == \
+      jax.devices()[0].device_kind

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from spreading_jax import encode, quantizers, sharding
+from spreading_jax import sharding
+from spreading_jax.index import SpreadingIndex
 from spreading_jax.train import TrainConfig, TrainResult, train
 
-from _rounding import assert_codes_equal_up_to_ties
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,9 +111,9 @@ def test_two_process_train_and_encode(tmp_path):
         tmp_path, "encode")
   parts = [np.load(tmp_path / f"codes.part{i:05d}-of-00002.npy") for i in range(2)]
   assert [len(p) for p in parts] == [500, 501]
-  # Two processes' programs against this one's: equal up to rounding ties.
-  assert_codes_equal_up_to_ties(np.concatenate(parts), encode.make_encoder(remote)(x),
-                                remote.apply(x), quantizers.ZnQuantizer(remote.codec()))
+  # The single-process pipeline: same fixed-shape blocks, so the same bytes (a jitted
+  # encoder on all 1001 rows at once may round near-tie rows differently).
+  np.testing.assert_array_equal(np.concatenate(parts), SpreadingIndex(remote, "zn").encode(x))
 
 
 def test_rows_to_read_samples_only_what_training_uses():

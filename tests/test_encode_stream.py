@@ -1,0 +1,225 @@
+"""The streaming encoder (issue 28) and batch-invariant codes (issue 26, item 5).
+
+Every vector is encoded in a fixed-shape block (``encode.block_rows()`` rows per device),
+so its code is the same whatever the chunk size, the batch it is added in, the number of
+devices or where a resume starts; reads and transfers overlap the compute, the NaN/Inf
+check runs on the device, and uint8 inputs travel as uint8.
+
+The data are rows on lattice decision boundaries (bisected between two vectors with
+different codes until their codes differ by one float step), where any difference in the
+float rounding of the catalyzer flips codes: on XLA:CPU a 20000-row program gave ~100 of
+these 1958 rows another code than the 2048-row block program.
+"""
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spreading_jax import encode, sharding
+from spreading_jax.catalyzer import Catalyzer
+from spreading_jax.cli import main
+from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.index import SpreadingIndex
+from spreading_jax.model import TrainResult
+from spreading_jax.vecs_io import write_bvecs, write_fvecs
+
+D_IN = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+  """An untrained catalyzer 96 -> 64 -> 64 -> 8 (r2=10): real shapes, fixed weights."""
+  module = Catalyzer(d_out=8, hidden=(64, 64))
+  v = module.init(jax.random.PRNGKey(0), jnp.zeros((1, D_IN)), train=False)
+  config = TrainConfig(d_out=8, r2=10, bits=32, hidden=[64, 64])
+  return TrainResult(v["params"], v["batch_stats"], config, D_IN, 2.0)
+
+
+def _block_codes(model, x):
+  """The unpipelined reference: make_encoder on zero-padded blocks of block_rows() rows,
+  one after the other."""
+  enc, b = encode.make_encoder(model), encode.block_rows()
+  parts = [np.asarray(enc(sharding.pad_rows(x[s:s + b], b)))[:len(x[s:s + b])]
+           for s in range(0, len(x), b)]
+  return np.concatenate(parts)
+
+
+@pytest.fixture(scope="module")
+def ties(model):
+  """f32[~2000, 96] rows on both sides of lattice decision boundaries (see the module
+  docstring)."""
+  rng = np.random.default_rng(0)
+  x0, x1 = (rng.standard_normal((1024, D_IN)).astype(np.float32) for _ in range(2))
+  c0 = _block_codes(model, x0)
+  keep = (c0 != _block_codes(model, x1)).any(1)
+  x0, x1, c0 = x0[keep], x1[keep], c0[keep]
+  lo, hi = np.zeros(len(x0)), np.ones(len(x0))
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    same = (_block_codes(model, (x0 + mid[:, None] * (x1 - x0)).astype(np.float32))
+            == c0).all(1)
+    lo, hi = np.where(same, mid, lo), np.where(same, hi, mid)
+  return np.concatenate([(x0 + t[:, None] * (x1 - x0)).astype(np.float32) for t in (lo, hi)])
+
+
+def test_codes_do_not_depend_on_chunk_devices_batches_or_resume(model, ties, tmp_path):
+  """encode_file with chunks 1000/4096/20000 on 1 and 4 devices, an interrupted run
+  resumed with another chunk on another device count, SpreadingIndex.add (whole and in
+  uneven pieces), SpreadingIndex.encode and the CLI: all byte-identical to the block
+  reference. Catches any path that compiles another row count than block_rows() per
+  device (red with blocks sized by the chunk, the old encode_file, and with power-of-two
+  padded batches, the old add)."""
+  src = tmp_path / "ties.fvecs"
+  write_fvecs(src, ties)
+  ref = _block_codes(model, ties)
+  mesh = sharding.make_mesh()
+  runs = {}
+  for chunk, m in ((1000, None), (4096, mesh), (20000, None), (1000, mesh)):
+    out = tmp_path / f"c{chunk}_{'mesh' if m else 'one'}.npy"
+    assert encode.encode_file(model, src, out, chunk=chunk, mesh=m)
+    runs[out.name] = np.load(out)
+  resumed = tmp_path / "resumed.npy"
+  assert not encode.encode_file(model, src, resumed, chunk=1000, max_rows=333)
+  assert encode.encode_file(model, src, resumed, chunk=20000, mesh=mesh)
+  runs["resumed"] = np.load(resumed)
+  index = SpreadingIndex(model, "zn")
+  index.add(ties, chunk=700)
+  runs["add"] = index.codes
+  pieces = SpreadingIndex(model, "zn")
+  for start in range(0, 777, 37):  # small batches (a power-of-two bucket would be 64 rows)
+    pieces.add(ties[start:min(start + 37, 777)], chunk=20000)
+  pieces.add(ties[777:], chunk=100, mesh=mesh)
+  runs["add in pieces"] = pieces.codes
+  runs["index.encode"] = index.encode(ties)
+  model.save(tmp_path / "model")
+  assert main(["encode", str(tmp_path / "model"), str(src), str(tmp_path / "cli.npy"),
+               "--chunk", "3000"]) == 0
+  runs["cli"] = np.load(tmp_path / "cli.npy")
+  for name, codes in runs.items():
+    assert codes.dtype == np.uint32 and codes.shape == ref.shape, name
+    assert codes.tobytes() == ref.tobytes(), (name, int((codes != ref).any(1).sum()))
+
+
+def test_rows_of_a_block_do_not_depend_on_position_or_neighbours(model, ties):
+  """The rule batch invariance rests on: in the block program (block_rows() rows) a row's
+  catalyzed floats are bitwise the same at any position and with any other rows. Red when
+  a block of another row count is compared (XLA:CPU rounds other shapes differently)."""
+  b = encode.block_rows()
+  rng = np.random.default_rng(1)
+  x = np.concatenate([ties, rng.standard_normal((b, D_IN)).astype(np.float32)])[:b]
+  program = encode._block_program(model.module, None)
+  scale = np.float32(model.input_scale)
+  y = np.asarray(program(model.variables, x, scale)[0])
+  for shift in (1, 7, 8, 513):
+    rolled = np.asarray(program(model.variables, np.roll(x, shift, axis=0), scale)[0])
+    assert np.array_equal(np.roll(y, shift, axis=0), rolled), shift
+  other = x.copy()
+  other[1::2] = rng.standard_normal((b // 2, D_IN))
+  assert np.array_equal(np.asarray(program(model.variables, other, scale)[0])[0::2], y[0::2])
+
+
+def test_uint8_inputs_travel_as_uint8(model, tmp_path, monkeypatch):
+  """A bvecs file is sent to the device as its uint8 row bytes (1 byte per value, not 4;
+  the 4-byte headers dropped on the device), a fvecs file as its row bytes too (no host
+  copy), and both get the codes of the same values as float32 arrays. Red when rows are
+  converted or copied on the host, or when the header offset is wrong."""
+  x = np.random.default_rng(2).integers(0, 256, (3000, D_IN), dtype=np.uint8)
+  write_bvecs(tmp_path / "x.bvecs", x)
+  write_fvecs(tmp_path / "x.fvecs", x.astype(np.float32))
+  sent = []
+  put = jax.device_put
+  monkeypatch.setattr(encode.jax, "device_put",
+                      lambda v, *a, **k: (sent.append((v.dtype, v.shape)),
+                                          put(v, *a, **k))[1])
+  assert encode.encode_file(model, tmp_path / "x.bvecs", tmp_path / "b.npy", chunk=1000)
+  assert sent == [(np.uint8, (2048, 4 + D_IN))] * 2, sent  # 2 blocks of file rows
+  sent.clear()
+  assert encode.encode_file(model, tmp_path / "x.fvecs", tmp_path / "f.npy", chunk=1000)
+  assert sent == [(np.uint8, (2048, 4 + 4 * D_IN))] * 2, sent  # the bytes, headers too
+  np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.load(tmp_path / "f.npy"))
+  np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), _block_codes(model, x))
+
+
+def _readers() -> list:
+  return [t for t in threading.enumerate() if t.name == "encode-reader"]
+
+
+def test_bad_rows_are_found_on_the_device_and_nothing_is_added(model, tmp_path):
+  """A NaN, an Inf or a float64 beyond float32 in a later chunk: ValueError naming the
+  row and column, no codes appended, the reader thread gone. Red without the in-program
+  check (the codes of a NaN row come back without an error)."""
+  x = np.random.default_rng(3).standard_normal((5000, D_IN))
+  for value, row, col in ((np.nan, 4321, 5), (np.inf, 2048, 0), (1e39, 4999, 95)):
+    bad = x.copy()
+    bad[row, col] = value
+    index = SpreadingIndex(model, "zn")
+    with pytest.raises(ValueError, match=rf"x row {row} contains NaN or Inf .*column {col}"):
+      index.add(bad, chunk=1000)
+    assert index.ntotal == 0
+  assert not _readers()
+  # encode_file: the job's partial and progress files are gone, no output.
+  bad = x.astype(np.float32)
+  bad[3000, 7] = np.nan
+  np.save(tmp_path / "nan.npy", bad)
+  with pytest.raises(ValueError, match="nan.npy row 3000 contains NaN.*nothing was written"):
+    encode.encode_file(model, tmp_path / "nan.npy", tmp_path / "codes.npy", chunk=1000)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
+
+
+class _LoggedRows:
+  """An [n, d] array whose row reads are logged (a stand-in for a memory map)."""
+
+  def __init__(self, x, log):
+    self.x, self.log, self.shape, self.dtype = x, log, x.shape, x.dtype
+
+  def __getitem__(self, rows):
+    if isinstance(rows, slice):
+      self.log.append(("read", rows.start))
+    return self.x[rows]
+
+
+def test_reads_run_ahead_of_the_compute_but_boundedly(model):
+  """Chunk i+1 is read (and dispatched) before chunk i is handed back, and a slow
+  consumer never has more than 4 chunks read ahead of it (one dispatched, _PREFETCH
+  queued, one waiting to be queued). Red with an unbounded queue or without prefetch."""
+  b = encode.block_rows()
+  x = np.random.default_rng(4).standard_normal((12 * b, D_IN)).astype(np.float32)
+  log = []
+  with encode.EncodeStream(model, _LoggedRows(x, log), chunk=b) as stream:
+    for lo, hi, y in stream:
+      log.append(("yield", lo))
+      time.sleep(0.05)
+      assert y.shape == (hi - lo, 8)
+  reads = [lo for kind, lo in log if kind == "read"]
+  assert reads == list(range(0, 12 * b, b))
+  for i, (kind, lo) in enumerate(log):
+    if kind == "yield":
+      read_before = sum(1 for k, _ in log[:i] if k == "read")
+      assert min(lo // b + 2, 12) <= read_before <= lo // b + 1 + 1 + encode._PREFETCH + 1, log
+  assert not _readers()
+
+
+def test_resume_is_keyed_to_the_encoder_configuration(model, tmp_path, monkeypatch):
+  """An interrupted encode is not resumed by an encoder whose codes may round
+  differently (another block size here; also platform, jax version, XLA flags), but is
+  resumed with another chunk and device count. Red without "encoder" in the job key."""
+  x = np.random.default_rng(5).standard_normal((3000, D_IN)).astype(np.float32)
+  np.save(tmp_path / "x.npy", x)
+  out = tmp_path / "codes.npy"
+  assert not encode.encode_file(model, tmp_path / "x.npy", out, chunk=1000, max_rows=1000)
+  rows = encode.block_rows()
+  monkeypatch.setattr(encode, "block_rows", lambda: rows // 2)
+  with pytest.raises(ValueError, match="another encoder configuration"):
+    encode.encode_file(model, tmp_path / "x.npy", out, chunk=1000)
+  monkeypatch.setattr(encode, "block_rows", lambda: rows)
+  assert encode.encode_file(model, tmp_path / "x.npy", out, chunk=5000,
+                            mesh=sharding.make_mesh())
+  np.testing.assert_array_equal(np.load(out), _block_codes(model, x))
+  fp = encode.encoder_fingerprint()
+  assert fp["block_rows"] == rows and fp["platform"] == jax.devices()[0].platform
+  assert encode.encoder_fingerprint(sharding.make_mesh()) == fp  # device count: no part
+  codec = make_codec(model.config)
+  assert np.load(out).shape == (3000, codec.code_words)
