@@ -223,3 +223,168 @@ def sha256_files(paths: Iterable[PathLike]) -> str:
     h.update(Path(p).name.encode() + b"\0")
     sha256_file(p, h)
   return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Consistent reads of a saved directory.
+
+def check_format_version(path: str, what: str, have, want: int) -> None:
+  """ValueError unless the metadata's format_version ``have`` is the integer ``want``."""
+  if type(have) is not int or have != want:  # pylint: disable=unidiomatic-typecheck
+    kind = "" if type(have) is int else f" (a {type(have).__name__}, not an integer)"
+    raise ValueError(f"{path} has {what} format version {have!r}{kind}; this library reads "
+                     f"version {want}")
+
+
+class ChangedWhileReading(ValueError):
+  """A saved directory was replaced (by a concurrent save) while it was being read."""
+
+
+# Reads relative to an open directory descriptor where the OS supports it (Linux, macOS).
+_DIR_FD = (os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd
+           and hasattr(os, "O_DIRECTORY"))
+
+
+class SavedDir:
+  """Reads the files of one saved directory, each once, all from the same save.
+
+  Saves never change a directory in place: ``atomic_output_dir`` writes a new one and
+  renames it over ``path``. The directory is opened once and every file is opened relative
+  to that open directory, so all of them come from the copy that ``path`` named when the
+  read began, even when a concurrent save renames a new copy in meanwhile. If that save
+  deletes the old copy before a file of it is opened, ``read`` raises
+  ``ChangedWhileReading`` (one line: load again) instead of reading the new copy's file.
+  Where the OS has no ``dir_fd`` the files are read by path; the checksums in the
+  metadata file (read first) then catch a file of another save.
+
+  Args:
+    path: the saved directory.
+    what: "index" or "model", for messages.
+
+  Raises:
+    ValueError: ``path`` is not a directory.
+  """
+
+  def __init__(self, path: PathLike, what: str):
+    self.path, self.what = os.fspath(path), what
+    self._fd = None
+    if not os.path.isdir(self.path):
+      raise ValueError(f"{self.path} is not a saved {what} (not a directory)")
+    if _DIR_FD:
+      try:
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+      except OSError as e:
+        raise ValueError(f"{self.path}: cannot open the saved {what} ({e.strerror})") from e
+
+  def __enter__(self) -> "SavedDir":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def full(self, rel: str) -> str:
+    """The path of ``rel`` (a "/"-separated name inside the directory), for messages."""
+    return os.path.join(self.path, *rel.split("/"))
+
+  def replaced(self) -> bool:
+    """True when ``path`` no longer names the directory this reader opened."""
+    if self._fd is None:
+      return False
+    try:
+      now = os.stat(self.path)
+    except OSError:
+      return True
+    mine = os.fstat(self._fd)
+    return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+
+  def changed(self) -> ChangedWhileReading:
+    return ChangedWhileReading(f"{self.path} changed while it was being read (another "
+                               f"process saved over it); load the {self.what} again")
+
+  def _open(self, rel: str) -> int:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if self._fd is not None:
+      return os.open(rel, flags, dir_fd=self._fd)
+    return os.open(self.full(rel), flags)
+
+  def is_file(self, rel: str) -> bool:
+    """True when ``rel`` is a regular file (not through a symbolic link)."""
+    try:
+      if self._fd is not None:
+        st = os.stat(rel, dir_fd=self._fd, follow_symlinks=False)
+      else:
+        st = os.lstat(self.full(rel))
+    except OSError:
+      return False
+    return stat.S_ISREG(st.st_mode)
+
+  def files_under(self, rel: str) -> list[str]:
+    """The "/"-separated names of every file under the subdirectory ``rel`` (sorted)."""
+    out = []
+    if self._fd is not None:
+      try:
+        sub = os.open(rel, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0),
+                      dir_fd=self._fd)
+      except OSError:
+        return []
+      try:
+        for dirpath, _, names, _ in os.fwalk(".", dir_fd=sub):
+          out += [os.path.normpath(os.path.join(rel, dirpath, n)).replace(os.sep, "/")
+                  for n in names]
+      finally:
+        os.close(sub)
+    else:
+      for dirpath, _, names in os.walk(self.full(rel)):
+        out += [os.path.relpath(os.path.join(dirpath, n), self.path).replace(os.sep, "/")
+                for n in names]
+    return sorted(out)
+
+  def read(self, rel: str, size: int | None = None, max_size: int | None = None,
+           why: str = "", sha256: str | None = None) -> bytearray:
+    """The whole content of the file ``rel``, read once.
+
+    Its size is checked before anything is allocated: ``size`` exactly, or at most
+    ``max_size`` bytes (``why`` says where the bound comes from, for the message). With
+    ``sha256`` the bytes read (the ones the caller deserializes) must have that digest.
+
+    Raises:
+      ChangedWhileReading: the file vanished because a concurrent save replaced the
+        directory.
+      ValueError: the file is missing, not a regular file, or of the wrong size.
+    """
+    full = self.full(rel)
+    try:
+      fd = self._open(rel)
+    except FileNotFoundError as e:
+      if self.replaced():
+        raise self.changed() from e
+      raise ValueError(f"{full} is missing from the saved {self.what}") from e
+    except OSError as e:
+      raise ValueError(f"{full} cannot be read as a regular file of the saved {self.what} "
+                       f"({e.strerror})") from e
+    with os.fdopen(fd, "rb") as f:
+      st = os.fstat(f.fileno())
+      if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{full} is not a regular file")
+      if size is not None and st.st_size != size:
+        raise ValueError(f"{full} has {st.st_size} bytes but {size} were expected{why}: "
+                         "it is truncated, corrupt or was edited")
+      if max_size is not None and st.st_size > max_size:
+        raise ValueError(f"{full} has {st.st_size} bytes, more than the {max_size} "
+                         f"possible{why}: it is corrupt or was edited")
+      buf = bytearray(st.st_size)
+      got = f.readinto(buf)
+      if got != st.st_size or f.read(1):
+        if self.replaced():
+          raise self.changed()
+        raise ValueError(f"{full} changed size while it was being read")
+    if sha256 is not None and sha256_bytes(buf) != sha256:
+      if self.replaced():
+        raise self.changed()
+      raise ValueError(f"{full} is truncated or corrupt (checksum mismatch)")
+    return buf

@@ -127,18 +127,32 @@ class TrainResult:
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TrainResult":
     """Reads a model written by ``save``; raises ValueError if it is incomplete, corrupt or
-    its metadata was edited into something this library did not write."""
+    its metadata was edited into something this library did not write. Every file is
+    read once, from one save (``_files.SavedDir``): a concurrent save over ``path`` makes
+    the load return the old or the new model, or raise ``ChangedWhileReading``."""
     path = os.fspath(path)
-    meta_path = os.path.join(path, "model.json")
-    var_path = os.path.join(path, "variables.msgpack")
-    if not os.path.isfile(meta_path) or not os.path.isfile(var_path):
+    if not (os.path.isfile(os.path.join(path, _META_FILE))
+            and os.path.isfile(os.path.join(path, _VARIABLES))):
       raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack missing)")
-    meta = _read_json(meta_path)
+    with _files.SavedDir(path, "model") as saved:
+      return cls._from_saved(saved)
+
+  @classmethod
+  def _from_saved(cls, saved: _files.SavedDir, prefix: str = "",
+                  sums: dict | None = None) -> "TrainResult":
+    """The model in the files ``prefix + name`` of ``saved`` (``sums``: sha256 digests
+    the files' bytes must have, from an index's index.json)."""
+    sums = sums or {}
+    meta_path, var_path = saved.full(prefix + _META_FILE), saved.full(prefix + _VARIABLES)
+
+    def read(name: str, **kwargs) -> bytearray:
+      return saved.read(prefix + name, sha256=sums.get(prefix + name), **kwargs)
+
+    meta = _parse_json(meta_path, read(_META_FILE, max_size=_MAX_JSON_BYTES))
     if not isinstance(meta, dict) or meta.get("kind") != "spreading_jax.catalyzer":
       raise ValueError(f"{meta_path} does not describe a catalyzer")
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path} has format version {meta.get('format_version')!r}, "
-                       f"this library reads version {FORMAT_VERSION}")
+    _files.check_format_version(saved.full(prefix) if prefix else saved.path, "model",
+                                meta.get("format_version"), FORMAT_VERSION)
     d_in, scale = meta.get("d_in"), meta.get("input_scale")
     if not isinstance(d_in, int) or isinstance(d_in, bool) or d_in < 1:
       raise ValueError(f"{meta_path}: d_in={d_in!r} must be a positive integer")
@@ -149,44 +163,53 @@ class TrainResult:
     if selection is not None and not isinstance(selection, dict):
       raise ValueError(f"{meta_path}: selection must be an object or null")
     size, digest = meta.get("variables_bytes"), meta.get("variables_sha256")
-    if not isinstance(size, int) or isinstance(size, bool) or not isinstance(digest, str):
+    if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+        or not isinstance(digest, str)):
       raise ValueError(f"{meta_path}: malformed model metadata (variables_bytes={size!r}, "
                        f"variables_sha256={digest!r})")
-    with open(var_path, "rb") as f:
-      blob = f.read()
-    if (len(blob) != meta.get("variables_bytes")
-        or _files.sha256_bytes(blob) != meta.get("variables_sha256")):
-      raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     try:
       config = TrainConfig.from_dict(meta.get("config"))
     except TypeError as e:
       raise ValueError(f"{meta_path}: config is not a TrainConfig ({e})") from e
     if config.d_out is None:
       raise ValueError(f"{meta_path}: config.d_out is missing")
+    # The size model.json declares is compared with the file's before anything is read.
+    blob = saved.read(prefix + _VARIABLES, size=size, why=f" (variables_bytes in {meta_path})")
+    if _files.sha256_bytes(blob) != digest or sums.get(prefix + _VARIABLES, digest) != digest:
+      if saved.replaced():
+        raise saved.changed()
+      raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
     template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False)
     try:
-      variables = flax.serialization.from_bytes(template, blob)
+      variables = flax.serialization.from_bytes(template, bytes(blob))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{var_path} does not match the architecture in {meta_path} "
                        f"(d_in={d_in}, hidden={list(config.hidden)}, d_out={config.d_out})"
                        ) from e
     history = []
-    hist_path = os.path.join(path, "history.json")
-    if os.path.isfile(hist_path):
-      history = _read_json(hist_path)
+    if saved.is_file(prefix + _HISTORY):
+      history = _parse_json(saved.full(prefix + _HISTORY),
+                            read(_HISTORY, max_size=_MAX_JSON_BYTES))
       if not isinstance(history, list):
-        raise ValueError(f"{hist_path} must hold a list of epoch records")
+        raise ValueError(f"{saved.full(prefix + _HISTORY)} must hold a list of epoch records")
     return cls(variables["params"], variables["batch_stats"], config, d_in, float(scale),
                history, selection)
 
 
-def _read_json(path: str):
+_META_FILE, _VARIABLES, _HISTORY = "model.json", "variables.msgpack", "history.json"
+# model.json, history.json (and an index's index.json) larger than this are not ours.
+_MAX_JSON_BYTES = 64 << 20
+
+
+def _parse_json(path: str, blob):
+  """The JSON value of ``blob`` (the bytes of ``path``); ValueError when it is not JSON."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(bytes(blob).decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is corrupt: {e}") from e
+  except RecursionError as e:
+    raise ValueError(f"{path} is corrupt: its JSON is nested too deeply") from e
 
 
 # Chunks dispatched ahead of the one being read back by ``TrainResult.apply``.
