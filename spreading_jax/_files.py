@@ -75,7 +75,8 @@ def atomic_output(path: PathLike) -> Iterator[str]:
     (e.g. ``h5py.File(tmp, "w")``).
 
   Raises:
-    ValueError: ``path`` is an existing directory, or the block deleted the temporary file.
+    ValueError: ``path`` is an existing directory, a device, FIFO or socket (only regular
+      files are replaced), or the block deleted the temporary file.
 
   Example:
     >>> import tempfile
@@ -88,6 +89,7 @@ def atomic_output(path: PathLike) -> Iterator[str]:
   path = Path(path)
   if path.is_dir():
     raise ValueError(f"{path}: is a directory; use atomic_output_dir to replace a directory")
+  _outputs.check_regular_or_absent(path)  # never a device, a FIFO or a socket
   path.parent.mkdir(parents=True, exist_ok=True)
   while True:
     tmp = _temp_name(path.parent, path.name, ".tmp" + path.suffix)

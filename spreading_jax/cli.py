@@ -266,6 +266,8 @@ def train_cmd(args):
   _outputs.check_output_dir(args.out, "model",
                             inputs=[args.dataset, args.config, config.checkpoint_dir])
   if config.checkpoint_dir is not None:
+    # Also when neither exists yet: the model would be written over the checkpoints.
+    _outputs.check_apart(config.checkpoint_dir, "--checkpoint-dir", args.out, "--out")
     _outputs.check_checkpoint_dir(config.checkpoint_dir, inputs=[args.dataset, args.out])
   _init_distributed(args)
   import jax
@@ -419,15 +421,24 @@ def search_cmd(args):
   xq = read_vectors(args.queries, key=args.key)
   if xq.shape[0] == 0:  # the library answers (0, k); on the command line it is a mistake
     raise UserError(f"{args.queries} has no rows: there is nothing to search")
+  gt = None
+  if args.groundtruth:  # read and checked before anything is written
+    gt = read_vectors(args.groundtruth)
+    if gt.shape[0] != xq.shape[0] or not np.issubdtype(gt.dtype, np.integer):
+      raise UserError(f"--groundtruth {args.groundtruth} has shape {gt.shape} dtype "
+                      f"{gt.dtype}; expected integer ids, one row per query "
+                      f"({xq.shape[0]} rows)")
   D, I = index.search(xq, args.k)
+  recall = None
+  if gt is not None:
+    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
+    recall = " ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items())
   for suffix, arr in (("I", I), ("D", D)):
     with atomic_output(f"{args.out}_{suffix}.npy") as tmp:
       with open(tmp, "wb") as f:
         np.save(f, arr)
-  if args.groundtruth:
-    gt = read_vectors(args.groundtruth)
-    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
-    print(" ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items()))
+  if recall is not None:
+    print(recall)
   print(f"wrote {args.out}_I.npy and {args.out}_D.npy")
 
 

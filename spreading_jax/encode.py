@@ -339,6 +339,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     del out
     if done < n:
       return False
+    _outputs.check_regular_or_absent(output_path)  # not made a FIFO/device meanwhile
     os.replace(partial, output_path)
     os.remove(progress)
   return True

@@ -106,3 +106,78 @@ def test_loads_during_concurrent_saves_are_never_mixed(two_indexes, tmp_path):
   print(f"loads={loads} changed={changed} saves={saves}")
   # Both saves were seen and the writer kept saving while the reader read.
   assert loads >= 20 and seen == {0, 1} and saves >= 20, (loads, changed, seen, saves)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Outputs: only regular files or new paths; never inside a saved model or index;
+# every input checked before anything is written.
+
+@pytest.fixture(scope="module")
+def saved(two_indexes, tmp_path_factory):
+  """A model, an index and vectors files on disk."""
+  d = tmp_path_factory.mktemp("saved")
+  _random_model(1).save(d / "model")
+  rng = np.random.default_rng(1)
+  np.save(d / "xb.npy", rng.standard_normal((200, D_IN)).astype(np.float32))
+  np.save(d / "xq.npy", rng.standard_normal((5, D_IN)).astype(np.float32))
+  return {"model": d / "model", "index": two_indexes / "i1", "xb": d / "xb.npy",
+          "xq": d / "xq.npy"}
+
+
+def _refused(argv, capsys, match: str) -> None:
+  from spreading_jax.cli import main
+  capsys.readouterr()
+  assert main([str(a) for a in argv]) == 2, argv
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and match in err[0], err
+
+
+def _snapshot(root) -> dict:
+  return {str(p.relative_to(root)): (p.is_symlink(), p.lstat().st_mode, p.lstat().st_size,
+                                     p.lstat().st_mtime_ns)
+          for p in sorted(Path(root).rglob("*"))}
+
+
+def test_outputs_are_regular_files_outside_saved_directories(saved, tmp_path, capsys):
+  """Bugs caught: `encode` onto a FIFO (or through a link to /dev/null) exited 0 and
+  replaced it with a regular file; `encode ... INDEX/codes.npy` and `search --out
+  INDEX/model/res` wrote inside a saved index, which then no longer loaded. Red without
+  ``check_regular_or_absent`` / ``_check_not_inside_saved`` in ``check_output_file``."""
+  fifo, null = tmp_path / "fifo.npy", tmp_path / "null.npy"
+  os.mkfifo(fifo)
+  null.symlink_to(os.devnull)  # the check refuses it; nothing would ever open the device
+  os.mkfifo(tmp_path / "res_I.npy")
+  index = tmp_path / "index"
+  SpreadingIndex.load(saved["index"]).save(index)
+  before = _snapshot(tmp_path)
+  for out, match in ((fifo, "is a FIFO"), (null, "is a character device"),
+                     (index / "codes.npy", "lies inside the saved index"),
+                     (index / "model" / "c.npy", "lies inside the saved model")):
+    _refused(["encode", saved["model"], saved["xb"], out], capsys, match)
+  for prefix, match in ((tmp_path / "res", "is a FIFO"),
+                        (index / "model" / "res", "lies inside the saved model")):
+    _refused(["search", saved["index"], saved["xq"], "--out", prefix], capsys, match)
+  assert _snapshot(tmp_path) == before
+  SpreadingIndex.load(index)
+  with pytest.raises(ValueError, match="is a FIFO"):  # the library's atomic writer too
+    with _files.atomic_output(fifo) as tmp:
+      Path(tmp).write_bytes(b"x")
+  assert _snapshot(tmp_path) == before
+
+
+def test_inputs_and_paired_outputs_are_checked_before_writing(saved, tmp_path, capsys):
+  """Bugs caught: `train --checkpoint-dir X --out X` (X new) trained to the end, then
+  failed and left checkpoints in X; `search --groundtruth missing.ivecs` (or one of the
+  wrong shape) wrote its result files, then failed. Red without ``check_apart`` in train
+  or with the ground truth read after the results are written."""
+  x = tmp_path / "x"
+  for ck, out in ((x, x), (x, x / "m"), (x / "ck", x)):
+    _refused(["train", saved["xb"], "--epochs", "1", "--checkpoint-dir", ck, "--out", out],
+             capsys, "one lies inside the other")
+  assert not x.exists()
+  np.save(tmp_path / "gt_bad.npy", np.zeros((4, 3), np.int32))  # 4 rows for 5 queries
+  for gt, match in ((tmp_path / "missing.ivecs", "missing.ivecs"),
+                    (tmp_path / "gt_bad.npy", "one row per query")):
+    _refused(["search", saved["index"], saved["xq"], "--out", tmp_path / "r", "--groundtruth",
+              gt], capsys, match)
+  assert sorted(os.listdir(tmp_path)) == ["gt_bad.npy"]
