@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -242,6 +243,23 @@ class ChangedWhileReading(ValueError):
   """A saved directory was replaced (by a concurrent save) while it was being read."""
 
 
+def check_saved_dir(path: PathLike, meta_name: str, missing: str) -> None:
+  """Raises unless ``path``/``meta_name`` is a file: ``ChangedWhileReading`` while a save
+  swaps a new copy in (``path`` is briefly absent and its old copy lies beside it as
+  ``.NAME.<random>.old``), else ValueError(``missing``)."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, meta_name)):
+    return
+  parent, name = os.path.split(os.path.abspath(path))
+  pattern = re.compile(r"\." + re.escape(name) + r"\.[0-9a-f]{8}\.old")
+  with contextlib.suppress(OSError):
+    aside = [e for e in os.listdir(parent) if pattern.fullmatch(e)]
+    if aside:
+      raise ChangedWhileReading(f"{path} is being replaced by a save (or a save was "
+                                f"interrupted, leaving its old copy {aside[0]}); load again")
+  raise ValueError(missing)
+
+
 # Reads relative to an open directory descriptor where the OS supports it (Linux, macOS).
 _DIR_FD = (os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd
            and hasattr(os, "O_DIRECTORY"))
@@ -374,11 +392,11 @@ class SavedDir:
       if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{full} is not a regular file")
       if size is not None and st.st_size != size:
-        raise ValueError(f"{full} has {st.st_size} bytes but {size} were expected{why}: "
-                         "it is truncated, corrupt or was edited")
+        raise ValueError(f"{full} is truncated or corrupt: it has {st.st_size} bytes but "
+                         f"{size} were expected{why}")
       if max_size is not None and st.st_size > max_size:
-        raise ValueError(f"{full} has {st.st_size} bytes, more than the {max_size} "
-                         f"possible{why}: it is corrupt or was edited")
+        raise ValueError(f"{full} is corrupt: it has {st.st_size} bytes, more than the "
+                         f"{max_size} possible{why}")
       buf = bytearray(st.st_size)
       got = f.readinto(buf)
       if got != st.st_size or f.read(1):

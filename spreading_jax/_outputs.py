@@ -42,7 +42,7 @@ def dir_kind(path: PathLike) -> str | None:
     meta = os.path.join(path, meta_name)
     if not os.path.isfile(meta):
       continue
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, RecursionError):
       with open(meta, encoding="utf-8") as f:
         if (json.load(f) or {}).get("kind") == tag:
           return kind

@@ -460,10 +460,15 @@ def info_cmd(args):
           f"quantizer={m.config.quantizer} epochs_trained={len(m.history)}")
     if m.selection:
       from spreading_jax.selection import Selection
-      sel = Selection(**m.selection)
-      print(f"shape chosen by validation in {sel.cost_s:.0f}s ({len(sel.table)} runs of "
-            f"{sel.screen_epochs} epochs on {sel.screen_rows} training vectors):\n"
-            + sel.format_table())
+      try:  # a hand-edited record is reported in one line, the model itself is fine
+        sel = Selection(**m.selection)
+        text = (f"shape chosen by validation in {sel.cost_s:.0f}s ({len(sel.table)} runs of "
+                f"{sel.screen_epochs} epochs on {sel.screen_rows} training vectors):\n"
+                + sel.format_table())
+      except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"{args.path}/model.json: the selection record is malformed "
+                        f"({type(e).__name__}: {e})") from e
+      print(text)
 
 
 info_cmd.configure = _configure_info

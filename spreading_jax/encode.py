@@ -265,7 +265,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   codec = make_codec(model.config)
   n, width = int(x.shape[0]), codec.code_words
   ndev = sharding.mesh_size(mesh)
-  chunk = sharding.round_up(chunk, ndev)
+  # A chunk is padded to its full size: never more rows than the input has (a huge
+  # --chunk would otherwise allocate its padding).
+  chunk = sharding.round_up(min(chunk, max(n, 1)), ndev)
   progress = _progress_path(output_path)
   out_dir = os.path.dirname(os.path.abspath(output_path))
   job = {"version": _PROGRESS_VERSION, "model": model_fingerprint(model),

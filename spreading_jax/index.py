@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import time
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from spreading_jax import quantizers, sharding
 from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_dir,
-                                  check_format_version, sha256_file)
+                                  check_format_version, check_saved_dir, sha256_file)
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
 
@@ -230,15 +231,15 @@ class SpreadingIndex:
     ``_files.ChangedWhileReading`` (a ValueError) after ``_LOAD_TRIES`` attempts.
     """
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, _META)):
-      raise ValueError(f"{path} is not a saved index ({_META} missing)")
     for attempt in range(_LOAD_TRIES):
       try:
+        check_saved_dir(path, _META, f"{path} is not a saved index ({_META} missing)")
         with SavedDir(path, "index") as saved:
           return cls._from_saved(saved)
       except ChangedWhileReading:
         if attempt + 1 == _LOAD_TRIES:
           raise
+        time.sleep(0.01 * (attempt + 1))
     raise AssertionError("unreachable")
 
   @classmethod
@@ -260,24 +261,37 @@ class SpreadingIndex:
 
 
 # Loads retried when a concurrent save replaced the index while it was being read.
-_LOAD_TRIES = 3
+_LOAD_TRIES = 5
 
 
 def _read_codes(saved: SavedDir, q: quantizers.Quantizer, ntotal: int, digest: str
                 ) -> np.ndarray:
-  """codes.npy of ``saved``: read once, checksummed, parsed from the same bytes."""
+  """codes.npy of ``saved``: read once, checksummed, parsed from the same bytes. The
+  header's shape is compared with index.json and the file's real size before the array
+  is made (a small file declaring (10^12, 2) allocates nothing)."""
   codes_path = saved.full(_CODES)
-  blob = saved.read(_CODES, sha256=digest)
+  width, dtype = q.code_width, np.dtype(q.code_dtype)
+  data = ntotal * width * dtype.itemsize
+  blob = saved.read(_CODES, max_size=data + _NPY_MAX_HEADER,
+                    why=f" for ntotal={ntotal} codes of {width} x {dtype}", sha256=digest)
+  f = io.BytesIO(blob)
   try:
-    f = io.BytesIO(blob)
-    codes = np.load(f, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+    shape, fortran, stored = read_header(f, max_header_size=_NPY_MAX_HEADER)
+  except (ValueError, OSError, EOFError, SyntaxError, KeyError) as e:
     raise ValueError(f"{codes_path} is not a readable .npy file: {e}") from e
-  q.check_codes(codes_path, codes)
-  if codes.shape[0] != ntotal:
-    raise ValueError(f"{codes_path} has {codes.shape[0]} codes, index.json says "
-                     f"ntotal={ntotal}")
-  return codes
+  if tuple(shape) != (ntotal, width) or np.dtype(stored) != dtype or fortran \
+      or len(blob) - f.tell() != data:
+    raise ValueError(f"{codes_path} declares shape {tuple(shape)} {np.dtype(stored)} in "
+                     f"{len(blob)} bytes; index.json says ntotal={ntotal} codes of "
+                     f"{width} x {dtype} ({q.name})")
+  return np.frombuffer(blob, dtype, count=ntotal * width, offset=f.tell()).reshape(
+      ntotal, width)
+
+
+# The largest .npy header read (numpy's own default limit is 10000 bytes).
+_NPY_MAX_HEADER = 1 << 16
 
 
 def _safe_relative(rel: str) -> bool:
@@ -355,7 +369,7 @@ def _is_our_index(directory: str) -> bool:
   try:
     with open(os.path.join(directory, _META)) as f:
       return json.load(f).get("kind") == _KIND
-  except (OSError, ValueError, AttributeError):
+  except (OSError, ValueError, AttributeError, RecursionError):
     return False
 
 

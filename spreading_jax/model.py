@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable
 
 import flax.serialization
@@ -131,11 +132,22 @@ class TrainResult:
     read once, from one save (``_files.SavedDir``): a concurrent save over ``path`` makes
     the load return the old or the new model, or raise ``ChangedWhileReading``."""
     path = os.fspath(path)
-    if not (os.path.isfile(os.path.join(path, _META_FILE))
-            and os.path.isfile(os.path.join(path, _VARIABLES))):
-      raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack missing)")
-    with _files.SavedDir(path, "model") as saved:
-      return cls._from_saved(saved)
+    for attempt in range(_LOAD_TRIES):
+      try:
+        _files.check_saved_dir(path, _META_FILE, f"{path} is not a saved catalyzer "
+                               "(model.json/variables.msgpack missing)")
+        with _files.SavedDir(path, "model") as saved:
+          if not saved.is_file(_VARIABLES):
+            if saved.replaced():
+              raise saved.changed()
+            raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack "
+                             "missing)")
+          return cls._from_saved(saved)
+      except _files.ChangedWhileReading:
+        if attempt + 1 == _LOAD_TRIES:
+          raise
+        time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
 
   @classmethod
   def _from_saved(cls, saved: _files.SavedDir, prefix: str = "",
@@ -171,24 +183,47 @@ class TrainResult:
       config = TrainConfig.from_dict(meta.get("config"))
     except TypeError as e:
       raise ValueError(f"{meta_path}: config is not a TrainConfig ({e})") from e
-    if config.d_out is None:
-      raise ValueError(f"{meta_path}: config.d_out is missing")
-    # The size model.json declares is compared with the file's before anything is read.
+    if not isinstance(config.d_out, int) or config.d_out < 1:
+      raise ValueError(f"{meta_path}: config.d_out={config.d_out!r} must be a positive "
+                       "integer")
+    with np.errstate(over="ignore", under="ignore"):
+      scale32 = np.float32(scale)
+    if not _F32.tiny <= scale32 <= _F32.max:  # the forward pass divides in float32
+      raise ValueError(f"{meta_path}: input_scale={scale!r} is {float(scale32):g} in float32 "
+                       f"(outside [{_F32.tiny:.3g}, {_F32.max:.3g}]); it was edited")
+    arch = (f"the architecture in {meta_path} (d_in={d_in}, hidden={list(config.hidden)}, "
+            f"d_out={config.d_out})")
+    # Sizes are compared before anything is allocated: model.json's variables_bytes with
+    # what its architecture takes, then the file's real size with variables_bytes.
+    if len(config.hidden) > _MAX_LAYERS:
+      raise ValueError(f"{meta_path}: {len(config.hidden)} hidden layers; at most "
+                       f"{_MAX_LAYERS} are supported")
+    need, leaves = _variables_size(d_in, tuple(config.hidden), config.d_out)
+    if not need <= size <= need + _MSGPACK_OVERHEAD * (leaves + 8):
+      raise ValueError(f"{meta_path}: variables_bytes={size} does not fit {arch}, whose "
+                       f"variables take {need} bytes")
     blob = saved.read(prefix + _VARIABLES, size=size, why=f" (variables_bytes in {meta_path})")
     if _files.sha256_bytes(blob) != digest or sums.get(prefix + _VARIABLES, digest) != digest:
       if saved.replaced():
         raise saved.changed()
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
-    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False)
+    template = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False))
     try:
-      variables = flax.serialization.from_bytes(template, bytes(blob))
+      state = flax.serialization.msgpack_restore(bytes(blob))
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{var_path} does not match the architecture in {meta_path} "
-                       f"(d_in={d_in}, hidden={list(config.hidden)}, d_out={config.d_out})"
-                       ) from e
+      raise ValueError(f"{var_path} is not a msgpack of variables ({e})") from e
+    want = jax.tree_util.tree_map(lambda t: (tuple(t.shape), np.dtype(t.dtype).str), template)
+    have = jax.tree_util.tree_map(
+        lambda a: (tuple(np.shape(a)), np.dtype(getattr(a, "dtype", object)).str), state)
+    if have != want:  # model.json edited (d_in, hidden, d_out) or the weights replaced
+      raise ValueError(f"{var_path} does not match {arch}")
+    variables = flax.serialization.from_state_dict(template, state)
     history = []
-    if saved.is_file(prefix + _HISTORY):
+    if not saved.is_file(prefix + _HISTORY) and saved.replaced():
+      raise saved.changed()  # deleted by the save that replaced the directory
+    if saved.is_file(prefix + _HISTORY) or prefix + _HISTORY in sums:
       history = _parse_json(saved.full(prefix + _HISTORY),
                             read(_HISTORY, max_size=_MAX_JSON_BYTES))
       if not isinstance(history, list):
@@ -198,6 +233,25 @@ class TrainResult:
 
 
 _META_FILE, _VARIABLES, _HISTORY = "model.json", "variables.msgpack", "history.json"
+# Loads retried when a concurrent save replaced the model while it was being read.
+_LOAD_TRIES = 5
+# Hidden layers a saved model may declare, and msgpack bytes per array beyond its data
+# (about 30 measured; the bound leaves room for longer names).
+_MAX_LAYERS = 64
+_F32 = np.finfo(np.float32)
+_MSGPACK_OVERHEAD = 128
+
+
+def _variables_size(d_in: int, hidden: tuple[int, ...], d_out: int) -> tuple[int, int]:
+  """(bytes of float32 data, number of arrays) of a ``Catalyzer``'s variables, computed
+  from the widths alone (nothing is allocated): per hidden layer a Dense kernel and bias
+  and BatchNorm's scale, bias, mean and variance; then the output Dense."""
+  floats, fan_in = 0, d_in
+  for width in hidden:
+    floats += fan_in * width + width + 4 * width
+    fan_in = width
+  floats += fan_in * d_out + d_out
+  return 4 * floats, 6 * len(hidden) + 2
 # model.json, history.json (and an index's index.json) larger than this are not ours.
 _MAX_JSON_BYTES = 64 << 20
 
