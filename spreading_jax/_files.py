@@ -8,6 +8,7 @@ are the one checksum helper that saved indexes, models and downloads share.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -101,7 +102,12 @@ def atomic_output(path: PathLike) -> Iterator[str]:
     except FileExistsError:
       continue
   try:
-    yield str(tmp)
+    try:
+      yield str(tmp)
+    except OSError as e:  # a full disk names the file being written
+      if e.filename is not None:
+        raise
+      raise _named_oserror(e, path) from e
     if not tmp.is_file():
       raise ValueError(f"{path}: the temporary file {tmp} was removed inside the "
                        "atomic_output block; nothing was written")
@@ -114,6 +120,48 @@ def atomic_output(path: PathLike) -> Iterator[str]:
       os.unlink(tmp)
     raise
   fsync_path(path.parent)
+
+
+def _named_oserror(e: OSError, path: PathLike) -> OSError:
+  """``e`` with ``path`` as its file name; numpy's short writes ("40000 requested and
+  13280 written", no errno) become ENOSPC when the disk is full."""
+  code, text = e.errno, e.strerror or str(e)
+  if code is None:
+    with contextlib.suppress(OSError):
+      if shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free < (1 << 20):
+        code, text = errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({text})"
+  return OSError(code, text, os.fspath(path))
+
+
+def preallocate(path: PathLike, start: int = 0, report_as: PathLike | None = None) -> None:
+  """Reserves the disk blocks of the file ``path`` from byte ``start`` to its end.
+
+  A memory map written onto a full disk dies of SIGBUS; with its blocks reserved first,
+  a full disk is an ``OSError(ENOSPC)`` here, naming ``report_as`` (default ``path``).
+  Uses ``posix_fallocate``, or writes zeros where the filesystem has no fallocate.
+  """
+  name = os.fspath(report_as if report_as is not None else path)
+  fd = os.open(path, os.O_RDWR)
+  try:
+    size = os.fstat(fd).st_size
+    try:
+      os.posix_fallocate(fd, start, max(size - start, 0))
+      return
+    except AttributeError:
+      pass  # no posix_fallocate (macOS)
+    except OSError as e:
+      if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        raise OSError(e.errno, f"{e.strerror} (reserving {size} bytes)", name) from e
+    zeros = bytes(_HASH_BLOCK)
+    os.lseek(fd, start, os.SEEK_SET)
+    pos = start
+    while pos < size:
+      try:
+        pos += os.write(fd, zeros[:min(len(zeros), size - pos)])
+      except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (reserving {size} bytes)", name) from e
+  finally:
+    os.close(fd)
 
 
 @contextlib.contextmanager
@@ -165,7 +213,12 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
     except FileExistsError:
       continue
   try:
-    yield str(tmp)
+    try:
+      yield str(tmp)
+    except OSError as e:  # a full disk names the directory being written
+      if e.filename is not None:
+        raise
+      raise _named_oserror(e, path) from e
     _fsync_tree(tmp)
     _outputs.check_replace(path, tmp)  # a model is replaced by a model, an index by an index
     if path.exists():

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -553,11 +554,15 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
   fn, _ = COMMANDS[args.command]
+  from spreading_jax import _signals
   try:
-    fn(args)
-  except KeyboardInterrupt:
-    print(f"spreading-jax {args.command}: interrupted", file=sys.stderr)
-    return 130
+    with _signals.handling():  # SIGINT/SIGTERM: finally blocks run, then one line
+      fn(args)
+  except KeyboardInterrupt as e:
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    print(f"spreading-jax {args.command}: {what}", file=sys.stderr, flush=True)
+    return 128 + signum
   except Exception as e:  # pylint: disable=broad-except
     message = user_error_message(e)
     if message is None or args.verbose:

@@ -247,7 +247,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       a progress file of another model/input or a corrupt one.
   """
   from spreading_jax import _outputs
-  from spreading_jax._files import atomic_output
+  from spreading_jax._files import atomic_output, preallocate
   from spreading_jax.vecs_io import read_vectors
   output_path, input_path = os.fspath(output_path), os.fspath(input_path)
   chunk = check_int("chunk", chunk, minimum=1)
@@ -310,6 +310,12 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     if partial is None:
       partial = _outputs.temp_name(output_path, ".partial")
       out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint32, shape=(n, width))
+      try:  # disk blocks reserved now: a full disk is ENOSPC here, not SIGBUS in a write
+        preallocate(partial, report_as=output_path)
+      except OSError:
+        del out
+        os.remove(partial)
+        raise
       save_progress(os.path.basename(partial), 0, 0, out)
     _remove_leftovers(output_path, keep=partial)
     encoder = make_encoder(model)

@@ -311,3 +311,132 @@ def test_info_on_edited_model_metadata_is_one_line(saved, tmp_path, capsys):
   m = _copy(saved["model"], tmp_path / "nested")
   (m / "model.json").write_text('{"kind": ' + "[" * 100_000 + "]" * 100_000 + "}")
   _refused(["info", m], capsys, "nested too deeply")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Interrupts and a full disk.
+
+def _train_files(d: Path) -> list:
+  rng = np.random.default_rng(2)
+  np.save(d / "xt.npy", rng.standard_normal((960, D_IN)).astype(np.float32))
+  (d / "cfg.json").write_text(json.dumps(
+      {"d_out": 8, "r2": 10, "bits": 32, "hidden": [16, 16], "epochs": 30, "val_every": 0,
+       "lambda_koleo": 0.05, "verbose": False, "batch_size": 64}))
+  return ["train", str(d / "xt.npy"), "--config", str(d / "cfg.json"),
+          "--checkpoint-dir", str(d / "ck"), "--out", str(d / "m")]
+
+
+def _signal_when(proc, ready, signum: int, delay: float, timeout: float = 180) -> bool:
+  """Sends signum `delay` s after ready() holds; False when proc finished first."""
+  t0 = time.monotonic()
+  while not ready():
+    if proc.poll() is not None:
+      return False
+    assert time.monotonic() - t0 < timeout, "signal point never reached"
+    time.sleep(0.001)
+  time.sleep(delay)
+  if proc.poll() is not None:
+    return False
+  proc.send_signal(signum)
+  return True
+
+
+def _writing_checkpoint(ck: Path) -> bool:
+  """True while orbax writes a checkpoint (its temporary directory exists)."""
+  try:
+    return any("tmp" in p for p in os.listdir(ck / "checkpoints"))
+  except OSError:
+    return False
+
+
+def test_sigint_and_sigterm_end_train_and_encode_with_one_line(saved, tmp_path):
+  """Bugs caught: Ctrl-C while `train` wrote an orbax checkpoint gave dozens of
+  tracebacks (and once a segmentation fault after "interrupted"); SIGTERM killed every
+  command without a word and without closing the checkpoint manager. Seeded points:
+  while orbax writes a checkpoint, and at random delays in later epochs. Red without
+  ``_signals.handling`` in cli.main (SIGTERM: no line, status -15) or without the deferral
+  around the orbax save (tracebacks on stderr)."""
+  rng = np.random.default_rng(26)
+  argv = _train_files(tmp_path)
+  ck, history = tmp_path / "ck", tmp_path / "ck" / "history.jsonl"
+  lines = lambda: history.read_text().count("\n") if history.exists() else 0
+  # (signal, ready(lines before the run)): each point lies in the run that is signalled.
+  points = [(2, lambda before: _writing_checkpoint(ck)),
+            (15, lambda before: lines() > before),
+            (2, lambda before: lines() > before + 1)]
+  signalled = 0
+  for signum, point in points:
+    ready = lambda point=point, before=lines(): point(before)
+    proc = subprocess.Popen([sys.executable, "-m", "spreading_jax", *argv], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    sent = _signal_when(proc, ready, signum, delay=float(rng.uniform(0, 0.2)))
+    err = proc.communicate(timeout=180)[1]
+    if not sent or proc.returncode == 0 or (tmp_path / "m").exists():
+      continue  # finished first (a signal while the process exits is the default one)
+    signalled += 1
+    word = "interrupted" if signum == 2 else "terminated (SIGTERM)"
+    assert proc.returncode == 128 + signum, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines() == [f"spreading-jax train: {word}"], err[-3000:]
+    assert not (tmp_path / "m").exists()
+  assert signalled >= 2
+  proc = subprocess.run([sys.executable, "-m", "spreading_jax", *argv], cwd=tmp_path,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]  # resumes from the last checkpoint
+  assert len(TrainResult.load(tmp_path / "m").history) == 30
+  # encode: SIGTERM at a seeded point, one line, then the resume completes.
+  xb = tmp_path / "xb.npy"
+  np.save(xb, np.random.default_rng(3).standard_normal((20000, D_IN)).astype(np.float32))
+  out, progress = tmp_path / "codes.npy", tmp_path / "codes.npy.progress.json"
+  enc = ["encode", str(saved["model"]), str(xb), str(out), "--chunk", "64"]
+  proc = subprocess.Popen([sys.executable, "-m", "spreading_jax", *enc], cwd=tmp_path,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  sent = _signal_when(proc, progress.exists, 15, delay=float(rng.uniform(0, 0.1)))
+  err = proc.communicate(timeout=180)[1]
+  if sent and proc.returncode != 0:
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines() == ["spreading-jax encode: terminated (SIGTERM)"], err
+  from spreading_jax.cli import main
+  assert main(enc) == 0 and np.load(out).shape == (20000, 1)
+
+
+def test_full_disk_is_enospc_naming_the_file(saved, tmp_path, capsys, monkeypatch):
+  """Bugs caught: `encode` onto a full disk died of SIGBUS (exit 135, no message): its
+  memory-mapped output was a sparse file; and a short write said "40000 requested and
+  13280 written" with no file name. The full disk is simulated (posix_fallocate, os.write
+  and the free space report ENOSPC). Red without ``preallocate`` in encode (exit 0, and
+  the partial file is sparse) or without ``_named_oserror`` in atomic_output."""
+  import errno
+  import shutil
+  from spreading_jax.encode import encode_file
+  # A partial output's blocks are reserved when it is made: no sparse memory map.
+  out, big = tmp_path / "codes.npy", tmp_path.parent / "big_xb.npy"
+  np.save(big, np.zeros((100_000, D_IN), np.float32))
+  assert encode_file(TrainResult.load(saved["model"]), big, out, chunk=64,
+                     max_rows=64) is False
+  (partial,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+  assert partial.stat().st_blocks * 512 >= partial.stat().st_size > 0
+  for p in tmp_path.iterdir():
+    p.unlink()
+
+  def full(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  def unsupported(*args):
+    raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+  for fallocate, write in ((full, os.write), (unsupported, full)):
+    with monkeypatch.context() as m:
+      m.setattr(os, "posix_fallocate", fallocate)
+      m.setattr(os, "write", write)
+      _refused(["encode", saved["model"], saved["xb"], out], capsys,
+               f"{out}: No space left on device")
+    assert os.listdir(tmp_path) == []
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=0))
+  with pytest.raises(OSError) as e:
+    with _files.atomic_output(tmp_path / "x.npy"):
+      raise OSError("40000 requested and 13280 written")
+  assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "x.npy"))
+  assert os.listdir(tmp_path) == []
