@@ -71,15 +71,25 @@ class TrainResult:
     # A few chunks in flight: the next chunks' transfers and compute overlap this one's
     # read-back (reading each chunk back before dispatching the next left an accelerator
     # idle), and device memory stays bounded for any n.
-    pending = collections.deque()
-    for start, y in self._forward_chunks(x, self.input_scale, batch_size, then):
+    pending, finite = collections.deque(), []
+    for start, (y, ok) in self._forward_chunks(x, self.input_scale, batch_size, then,
+                                               check=True):
       if out is None:
         out = np.empty((x.shape[0],) + y.shape[1:], y.dtype)
       pending.append((start, y))
+      finite.append(ok)
       if len(pending) > _IN_FLIGHT:
         _copy_rows(out, *pending.popleft())
     while pending:
       _copy_rows(out, *pending.popleft())
+    if finite:
+      ok = np.concatenate([np.asarray(f) for f in finite])
+      if not ok.all():  # finite inputs (checked) whose catalyzed rows overflowed float32
+        row = int(np.argmin(ok))
+        top = float(np.max(np.abs(np.asarray(x[row], np.float64))))
+        raise ValueError(f"x row {row} (values up to {top:.3g}) overflows the catalyzer's "
+                         f"float32 forward pass (input_scale={self.input_scale:g}): its "
+                         "output is not a finite unit vector; such inputs cannot be encoded")
     if out is None:  # no rows
       shape = jax.eval_shape(lambda v, x: _forward_fn(self.module, then)(v, x, 1.0),
                              self.variables, jax.ShapeDtypeStruct((1, self.d_in), jnp.float32))
@@ -91,19 +101,22 @@ class TrainResult:
     batch_size = default_batch_size() if batch_size is None else batch_size
     return jnp.concatenate([y for _, y in self._forward_chunks(x_scaled, 1.0, batch_size)])
 
-  def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None):
+  def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None,
+                      check: bool = False):
     """Yields (start row, device array [m, ...]) over fixed-size chunks of x (one compiled
     shape; the last chunk is padded and its padding dropped). Fewer rows than a batch are
     padded to a power of two (at least 8), so that calls with varying row counts (query
-    batches) share a few compiled shapes instead of compiling one per size."""
-    fwd = _forward_fn(self.module, then)
+    batches) share a few compiled shapes instead of compiling one per size. With
+    ``check`` the array is a pair (output, bool[m]: the catalyzed row is finite)."""
+    fwd = _forward_fn(self.module, then, check)
     n = x.shape[0]
     chunk = min(batch_size, sharding.round_up_pow2(n, 8))
     for start in range(0, n, chunk):
       xb = x[start:start + chunk]
       m = xb.shape[0]
       xb = sharding.pad_rows(jnp.asarray(xb, jnp.float32), chunk)
-      yield start, fwd(self.variables, xb, scale)[:m]
+      y = fwd(self.variables, xb, scale)
+      yield start, ((y[0][:m], y[1][:m]) if check else y[:m])
 
   def codec(self) -> lattice.ZnSphereCodec:
     """The Zn lattice codec the model was trained and validated with."""
@@ -283,13 +296,18 @@ def _copy_rows(out: np.ndarray, start: int, y: jax.Array) -> None:
 _FORWARD_CACHE: dict = {}
 
 
-def _forward_fn(module: Catalyzer, then: Callable | None = None) -> Callable:
-  """A cached jitted eval-mode forward pass for ``module``, followed by ``then``."""
-  key = (module.d_out, tuple(module.hidden), then)
+def _forward_fn(module: Catalyzer, then: Callable | None = None, check: bool = False
+                ) -> Callable:
+  """A cached jitted eval-mode forward pass for ``module``, followed by ``then``; with
+  ``check`` it also returns bool[n]: each catalyzed row is a (finite) unit vector."""
+  key = (module.d_out, tuple(module.hidden), then, check)
   if key not in _FORWARD_CACHE:
     @jax.jit
     def fwd(variables, x, scale):
       y = module.apply(variables, x / scale, train=False)
-      return y if then is None else then(y)
+      out = y if then is None else then(y)
+      # Rows are unit vectors; an overflow inside gives NaN or, through the normalisation
+      # of an infinite norm, a zero row.
+      return (out, jnp.sum(y * y, axis=1) > 0.5) if check else out
     _FORWARD_CACHE[key] = fwd
   return _FORWARD_CACHE[key]

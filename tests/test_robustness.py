@@ -440,3 +440,60 @@ def test_full_disk_is_enospc_naming_the_file(saved, tmp_path, capsys, monkeypatc
       raise OSError("40000 requested and 13280 written")
   assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "x.npy"))
   assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Extreme values, and the cosmetic messages of the issue.
+
+def _brute_l2(xq, xb):
+  d = ((xq.astype(np.float64)[:, None, :] - xb.astype(np.float64)[None]) ** 2).sum(-1)
+  return d.min(1), d.argmin(1)
+
+
+def test_knn_l2_is_exact_or_refuses_at_extreme_scales():
+  """Bug caught: knn(metric="l2") on data scaled by 5e17 returned a farther neighbour for
+  39 of 40 queries (squares overflowed inside the search although the distances fit
+  float32), and at 1e20 `inf` distances and wrong ids without an error. Red with the
+  power-of-two rescaling off (``_L2_RANGE`` unbounded)."""
+  from spreading_jax import search
+  rng = np.random.default_rng(6)
+  xb, xq = rng.standard_normal((2000, 32)), rng.standard_normal((40, 32))
+  for scale in (5e17, 1e15, 1e-15, 1e-25):
+    b, q = (xb * scale).astype(np.float32), (xq * scale).astype(np.float32)
+    want_d, want_i = _brute_l2(q, b)
+    D, I = search.knn(q, b, 1)
+    np.testing.assert_array_equal(np.asarray(I)[:, 0], want_i, err_msg=str(scale))
+    if scale > 1e-20:  # squared distances of 1e-50 are below float32's range
+      np.testing.assert_allclose(np.asarray(D)[:, 0], want_d, rtol=1e-5, err_msg=str(scale))
+  with pytest.raises(ValueError, match="exceed float32's range"):
+    search.knn((xq * 1e20).astype(np.float32), (xb * 1e20).astype(np.float32), 1)
+  # A row the centre's sample does not read (every 2nd row of 140k) and far larger.
+  b = rng.standard_normal((140_000, 4)).astype(np.float32)
+  b[1] = 1e25
+  q = np.concatenate([b[1:2], rng.standard_normal((3, 4))]).astype(np.float32)
+  want_d, want_i = _brute_l2(q, b)
+  D, I = search.knn(q, b, 1)
+  np.testing.assert_array_equal(np.asarray(I)[:, 0], want_i)
+  np.testing.assert_allclose(np.asarray(D)[:, 0], want_d, rtol=1e-5)
+
+
+def test_messages_of_extreme_inputs(tmp_path):
+  """Bugs caught: a bfloat16 query array was "not a real float dtype"; a finite query of
+  3e38 gave zero rows out of the catalyzer and searched silently (or was reported as NaN
+  or Inf); "has index format version '2', this library reads version 2". Red with numpy's
+  issubdtype (no bfloat16), without the unit-row flag of the forward pass, or with the
+  old version message."""
+  import ml_dtypes
+  from spreading_jax._validation import check_vectors
+  check_vectors("xq", np.ones((2, 3), ml_dtypes.bfloat16))
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    check_vectors("xq", np.array([[1, np.nan]], ml_dtypes.bfloat16))
+  index = SpreadingIndex(_random_model(1), "zn")
+  index.add(np.random.default_rng(0).standard_normal((50, D_IN)).astype(np.float32))
+  index.search(np.ones((2, D_IN), ml_dtypes.bfloat16), 3)
+  with pytest.raises(ValueError, match=r"row 1 \(values up to 3e\+38\) overflows"):
+    index.search(np.stack([np.ones(D_IN), np.full(D_IN, 3e38)]).astype(np.float32), 3)
+  index.save(tmp_path / "i")
+  _edit(tmp_path / "i" / "index.json", format_version="2")
+  with pytest.raises(ValueError, match=r"version '2' \(a str, not an integer\)"):
+    SpreadingIndex.load(tmp_path / "i")
