@@ -3,7 +3,8 @@
 User mistakes (missing file, bad dimension, incompatible model, unwritable output, corrupt
 saved file) print one line on stderr and exit with status 2, without a traceback; outputs
 are checked before any training or encoding starts. Anything else is a bug and keeps its
-traceback.
+traceback. SIGINT and SIGTERM end a command with one line and exit status 130 / 143, after
+its cleanup ran (a checkpoint being written is finished first).
 """
 from __future__ import annotations
 
