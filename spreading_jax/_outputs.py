@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 
 PathLike = str | os.PathLike
 
@@ -41,7 +42,7 @@ def dir_kind(path: PathLike) -> str | None:
     meta = os.path.join(path, meta_name)
     if not os.path.isfile(meta):
       continue
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, RecursionError):
       with open(meta, encoding="utf-8") as f:
         if (json.load(f) or {}).get("kind") == tag:
           return kind
@@ -118,10 +119,12 @@ def _check_not_inside_saved(path: PathLike) -> None:
   while True:
     for kind, (meta, _) in KINDS.items():
       if os.path.isfile(os.path.join(parent, meta)):
+        have = None
         with contextlib.suppress(ValueError):
-          if dir_kind(parent) == kind:
-            raise ValueError(f"{os.fspath(path)} lies inside the saved {kind} {parent}; "
-                             "choose a directory outside it")
+          have = dir_kind(parent)
+        if have == kind:
+          raise ValueError(f"{os.fspath(path)} lies inside the saved {kind} {parent}; "
+                           "choose a path outside it")
     up = os.path.dirname(parent)
     if up == parent:
       return
@@ -171,20 +174,50 @@ def check_replace(path: PathLike, new_dir: PathLike) -> None:
                      f"{_a(new) if new else 'a directory of another kind'}")
 
 
+def check_regular_or_absent(path: PathLike) -> None:
+  """Raises ValueError unless ``path`` is absent or a regular file (also through a
+  symbolic link): a character device (/dev/null), a FIFO, a socket or a block device is
+  never replaced by a file."""
+  name = os.fspath(path)
+  try:
+    st = os.stat(name)
+  except (FileNotFoundError, NotADirectoryError):
+    return  # absent, or a dangling symbolic link (replaced by the file)
+  if stat.S_ISDIR(st.st_mode):
+    raise ValueError(f"output {name} is a directory, a file was expected")
+  if not stat.S_ISREG(st.st_mode):
+    what = ("a character device" if stat.S_ISCHR(st.st_mode) else
+            "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+            "a socket" if stat.S_ISSOCK(st.st_mode) else
+            "a block device" if stat.S_ISBLK(st.st_mode) else "not a regular file")
+    raise ValueError(f"output {name} is {what}; only a regular file or a new path is "
+                     "written")
+
+
 def check_output_file(path: PathLike, inputs=()) -> None:
   """Checks that the file ``path`` may be (re)written, before any work starts.
 
   Raises:
-    ValueError: ``path`` is a directory, one of ``inputs`` (also through a symlink, a
-      hard link or a relative path), or its directory cannot be created or written.
+    ValueError: ``path`` is a directory, a device, FIFO or socket, one of ``inputs`` (also
+      through a symlink, a hard link or a relative path), lies inside a saved model or
+      index, or its directory cannot be created or written.
   """
   name = os.fspath(path)
   if not name or name.endswith(os.sep):
     raise ValueError(f"output file name {name!r} is empty or ends with {os.sep!r}")
-  if os.path.isdir(name):
-    raise ValueError(f"output {name} is a directory, a file was expected")
+  check_regular_or_absent(name)
   _check_inputs_apart(path, inputs)
+  _check_not_inside_saved(path)
   check_parent_writable(path)
+
+
+def check_apart(a: PathLike, a_name: str, b: PathLike, b_name: str) -> None:
+  """Raises ValueError when the outputs ``a`` and ``b`` are one path or one lies inside
+  the other, whether or not they exist yet (e.g. --checkpoint-dir and --out)."""
+  ra, rb = _real(a), _real(b)
+  if ra == rb or _contains(ra, rb) or _contains(rb, ra):
+    raise ValueError(f"{a_name} {os.fspath(a)} and {b_name} {os.fspath(b)} are the same "
+                     "directory or one lies inside the other; choose separate directories")
 
 
 def check_checkpoint_dir(path: PathLike, inputs=()) -> None:

@@ -40,7 +40,9 @@ def check_vectors(name: str, x, *, d: int | None = None, d_name: str = "d",
   if len(shape) != 2:
     raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(shape)}")
   dtype = np.dtype(dtype)
-  numeric = np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+  # jax's issubdtype also knows bfloat16 and the other ml_dtypes floats.
+  floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
+  numeric = floating or np.issubdtype(dtype, np.integer)
   if dtype == np.bool_ or not numeric:
     raise ValueError(f"{name} has dtype {dtype}; expected a real float or integer dtype")
   if d is not None and shape[1] != d:
@@ -49,7 +51,7 @@ def check_vectors(name: str, x, *, d: int | None = None, d_name: str = "d",
     raise ValueError(f"{name} has shape {tuple(shape)}: vectors of dimension 0")
   if shape[0] < min_rows:
     raise ValueError(f"{name} has {shape[0]} rows; at least {min_rows} are needed")
-  if finite and np.issubdtype(dtype, np.floating) and is_concrete(x):
+  if finite and floating and is_concrete(x):
     if not _all_finite(x):
       bad = np.argwhere(~np.isfinite(np.asarray(x)))[0]
       raise ValueError(f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")

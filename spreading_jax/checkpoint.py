@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from spreading_jax import _files
+from spreading_jax import _files, _signals
 from spreading_jax.config import TrainConfig
 
 # Config fields that do not change what is computed, so a resumed run may differ in them.
@@ -110,12 +110,15 @@ class Checkpointer:
     # The history goes first: a crash before the checkpoint commits leaves a history one
     # epoch ahead, which resuming trims to the checkpoint's epoch. The best-so-far record
     # lives inside the checkpoint; best.json is a human-readable copy, never read back.
-    _write_json_atomic(os.path.join(self.directory, "history.jsonl"), history, jsonl=True)
-    self._manager.save(epochs_done - 1, args=ocp.args.StandardSave(tree))
-    self._manager.wait_until_finished()
-    _write_json_atomic(os.path.join(self.directory, "best.json"),
-                       {"metric": best["metric"], "epoch": best.get("epoch"),
-                        "has_best": has_best, "checkpoint_epoch": epochs_done})
+    # A SIGINT/SIGTERM (cli) waits until the checkpoint is committed: interrupting orbax's
+    # save threads halfway gave dozens of tracebacks and once a segmentation fault.
+    with _signals.deferred():
+      _write_json_atomic(os.path.join(self.directory, "history.jsonl"), history, jsonl=True)
+      self._manager.save(epochs_done - 1, args=ocp.args.StandardSave(tree))
+      self._manager.wait_until_finished()
+      _write_json_atomic(os.path.join(self.directory, "best.json"),
+                         {"metric": best["metric"], "epoch": best.get("epoch"),
+                          "has_best": has_best, "checkpoint_epoch": epochs_done})
 
   def restore(self, state: dict, best: dict) -> tuple[dict, dict, list, int]:
     """The latest checkpoint: (state, best, history, epochs done); ``state`` and ``best``
@@ -140,5 +143,7 @@ class Checkpointer:
     return tree["state"], best, history, step + 1
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a pending save and closes the manager (a signal waits until it is closed)."""
+    with _signals.deferred():
+      self._manager.wait_until_finished()
+      self._manager.close()

@@ -3,7 +3,8 @@
 User mistakes (missing file, bad dimension, incompatible model, unwritable output, corrupt
 saved file) print one line on stderr and exit with status 2, without a traceback; outputs
 are checked before any training or encoding starts. Anything else is a bug and keeps its
-traceback.
+traceback. SIGINT and SIGTERM end a command with one line and exit status 130 / 143, after
+its cleanup ran (a checkpoint being written is finished first).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -269,6 +271,8 @@ def train_cmd(args):
   _outputs.check_output_dir(args.out, "model",
                             inputs=[args.dataset, args.config, config.checkpoint_dir])
   if config.checkpoint_dir is not None:
+    # Also when neither exists yet: the model would be written over the checkpoints.
+    _outputs.check_apart(config.checkpoint_dir, "--checkpoint-dir", args.out, "--out")
     _outputs.check_checkpoint_dir(config.checkpoint_dir, inputs=[args.dataset, args.out])
   _init_distributed(args)
   import jax
@@ -422,15 +426,24 @@ def search_cmd(args):
   xq = read_vectors(args.queries, key=args.key)
   if xq.shape[0] == 0:  # the library answers (0, k); on the command line it is a mistake
     raise UserError(f"{args.queries} has no rows: there is nothing to search")
+  gt = None
+  if args.groundtruth:  # read and checked before anything is written
+    gt = read_vectors(args.groundtruth)
+    if gt.shape[0] != xq.shape[0] or not np.issubdtype(gt.dtype, np.integer):
+      raise UserError(f"--groundtruth {args.groundtruth} has shape {gt.shape} dtype "
+                      f"{gt.dtype}; expected integer ids, one row per query "
+                      f"({xq.shape[0]} rows)")
   D, I = index.search(xq, args.k)
+  recall = None
+  if gt is not None:
+    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
+    recall = " ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items())
   for suffix, arr in (("I", I), ("D", D)):
     with atomic_output(f"{args.out}_{suffix}.npy") as tmp:
       with open(tmp, "wb") as f:
         np.save(f, arr)
-  if args.groundtruth:
-    gt = read_vectors(args.groundtruth)
-    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
-    print(" ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items()))
+  if recall is not None:
+    print(recall)
   print(f"wrote {args.out}_I.npy and {args.out}_D.npy")
 
 
@@ -452,11 +465,12 @@ def info_cmd(args):
           f"quantizer={m.config.quantizer} epochs_trained={len(m.history)}")
     if m.selection:
       from spreading_jax.selection import Selection
-      try:
+      try:  # a hand-edited record is reported in one line, the model itself is fine
         sel = Selection.from_dict(m.selection)
         text = sel.format_table()
-      except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"{args.path}: the model's selection record is malformed ({e})") from e
+      except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"{args.path}/model.json: the selection record is malformed "
+                        f"({type(e).__name__}: {e})") from e
       how = (f"{len(sel.table)} runs of {sel.screen_epochs} epochs on {sel.screen_rows} "
              f"training vectors, {sel.val_queries} validation queries against {sel.val_base}"
              if sel.table else "nothing screened")
@@ -545,11 +559,15 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
   fn, _ = COMMANDS[args.command]
+  from spreading_jax import _signals
   try:
-    fn(args)
-  except KeyboardInterrupt:
-    print(f"spreading-jax {args.command}: interrupted", file=sys.stderr)
-    return 130
+    with _signals.handling():  # SIGINT/SIGTERM: finally blocks run, then one line
+      fn(args)
+  except KeyboardInterrupt as e:
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    print(f"spreading-jax {args.command}: {what}", file=sys.stderr, flush=True)
+    return 128 + signum
   except Exception as e:  # pylint: disable=broad-except
     message = user_error_message(e)
     if message is None or args.verbose:

@@ -518,7 +518,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       a progress file of another model/input or a corrupt one.
   """
   from spreading_jax import _outputs
-  from spreading_jax._files import atomic_output
+  from spreading_jax._files import atomic_output, preallocate
   from spreading_jax.vecs_io import read_vectors
   output_path, input_path = os.fspath(output_path), os.fspath(input_path)
   chunk = check_int("chunk", chunk, minimum=1)
@@ -535,6 +535,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   check_vectors(input_path, x[:0], d=model.d_in, d_name="d")
   codec = make_codec(model.config)
   n, width = int(x.shape[0]), codec.code_words
+  # Never more rows a chunk than the input has (a huge --chunk would otherwise size its
+  # buffers and padding by the request).
+  chunk = min(chunk, max(n, 1))
   progress = _progress_path(output_path)
   out_dir = os.path.dirname(os.path.abspath(output_path))
   job = {"version": _PROGRESS_VERSION, "model": model_fingerprint(model),
@@ -580,6 +583,12 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     if partial is None:
       partial = _outputs.temp_name(output_path, ".partial")
       out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint32, shape=(n, width))
+      try:  # disk blocks reserved now: a full disk is ENOSPC here, not SIGBUS in a write
+        preallocate(partial, report_as=output_path)
+      except OSError:
+        del out
+        os.remove(partial)
+        raise
       save_progress(os.path.basename(partial), 0, 0, out)
     _remove_leftovers(output_path, keep=partial)
     stop = n if max_rows is None else min(n, done + max_rows)
@@ -606,6 +615,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     del out
     if done < n:
       return False
+    _outputs.check_regular_or_absent(output_path)  # not made a FIFO/device meanwhile
     os.replace(partial, output_path)
     os.remove(progress)
   return True

@@ -6,11 +6,13 @@ Everything specific to a kind of quantizer (Zn lattice, sign bits, faiss) lives 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import time
 
 import jax
 import numpy as np
@@ -18,9 +20,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from spreading_jax import quantizers, sharding
-from spreading_jax._files import atomic_output_dir, sha256_file
+from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_dir,
+                                  check_format_version, check_saved_dir, sha256_file)
 from spreading_jax._validation import check_int, check_vectors
-from spreading_jax.model import TrainResult
+from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
 
 FORMAT_VERSION = 2
 _KIND = "spreading_jax.index"
@@ -236,27 +239,75 @@ class SpreadingIndex:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "SpreadingIndex":
-    """Reads an index written by ``save``; ValueError names what is missing or corrupt."""
+    """Reads an index written by ``save``; ValueError names what is missing or corrupt.
+
+    Every file is read once, checksummed on the bytes that are deserialized, and all come
+    from the same save (``_files.SavedDir``): while another process saves over ``path``
+    the load returns the old or the new index, never a mixture, or raises
+    ``_files.ChangedWhileReading`` (a ValueError) after ``_LOAD_TRIES`` attempts.
+    """
     path = os.fspath(path)
-    meta = _read_meta(path)
-    q = quantizers.from_meta(meta["quantizer"], path)
-    model = TrainResult.load(os.path.join(path, _MODEL))
+    for attempt in range(_LOAD_TRIES):
+      try:
+        check_saved_dir(path, _META, f"{path} is not a saved index ({_META} missing)")
+        with SavedDir(path, "index") as saved:
+          return cls._from_saved(saved)
+      except ChangedWhileReading:
+        if attempt + 1 == _LOAD_TRIES:
+          raise
+        time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+  @classmethod
+  def _from_saved(cls, saved: SavedDir) -> "SpreadingIndex":
+    path = saved.path
+    meta = _read_meta(saved)
+    sums = meta["sha256"]
+    q = quantizers.from_meta(meta["quantizer"],
+                             lambda rel: saved.read(rel, sha256=sums[rel]), path)
+    model = TrainResult._from_saved(saved, _MODEL + "/", sums)  # pylint: disable=protected-access
     if (model.d_in, model.config.d_out, q.d) != (meta["d_in"], meta["d_out"], meta["d_out"]):
       raise ValueError(f"{path}/{_META} says d_in={meta['d_in']} d_out={meta['d_out']} but "
                        f"the model has d_in={model.d_in} d_out={model.config.d_out} and "
                        f"the quantizer d={q.d}")
-    codes_path = os.path.join(path, _CODES)
-    try:
-      codes = np.load(codes_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-      raise ValueError(f"{codes_path} is not a readable .npy file: {e}") from e
-    q.check_codes(codes_path, codes)
-    if codes.shape[0] != meta["ntotal"]:
-      raise ValueError(f"{codes_path} has {codes.shape[0]} codes, index.json says "
-                       f"ntotal={meta['ntotal']}")
+    codes = _read_codes(saved, q, meta["ntotal"], sums[_CODES])
     index = cls(model, q)
     index._codes = codes
     return index
+
+
+# Loads retried when a concurrent save replaced the index while it was being read.
+_LOAD_TRIES = 5
+
+
+def _read_codes(saved: SavedDir, q: quantizers.Quantizer, ntotal: int, digest: str
+                ) -> np.ndarray:
+  """codes.npy of ``saved``: read once, checksummed, parsed from the same bytes. The
+  header's shape is compared with index.json and the file's real size before the array
+  is made (a small file declaring (10^12, 2) allocates nothing)."""
+  codes_path = saved.full(_CODES)
+  width, dtype = q.code_width, np.dtype(q.code_dtype)
+  data = ntotal * width * dtype.itemsize
+  blob = saved.read(_CODES, max_size=data + _NPY_MAX_HEADER,
+                    why=f" for ntotal={ntotal} codes of {width} x {dtype}", sha256=digest)
+  f = io.BytesIO(blob)
+  try:
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+    shape, fortran, stored = read_header(f, max_header_size=_NPY_MAX_HEADER)
+  except (ValueError, OSError, EOFError, SyntaxError, KeyError) as e:
+    raise ValueError(f"{codes_path} is not a readable .npy file: {e}") from e
+  if tuple(shape) != (ntotal, width) or np.dtype(stored) != dtype or fortran \
+      or len(blob) - f.tell() != data:
+    raise ValueError(f"{codes_path} declares shape {tuple(shape)} {np.dtype(stored)} in "
+                     f"{len(blob)} bytes; index.json says ntotal={ntotal} codes of "
+                     f"{width} x {dtype} ({q.name})")
+  return np.frombuffer(blob, dtype, count=ntotal * width, offset=f.tell()).reshape(
+      ntotal, width)
+
+
+# The largest .npy header read (numpy's own default limit is 10000 bytes).
+_NPY_MAX_HEADER = 1 << 16
 
 
 def _safe_relative(rel: str) -> bool:
@@ -268,22 +319,15 @@ def _safe_relative(rel: str) -> bool:
   return not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
-def _read_meta(path: str) -> dict:
-  """index.json of ``path``, validated, with every file it lists checked against its
-  sha256; every file the loader reads must be listed."""
-  meta_path = os.path.join(path, _META)
-  if not os.path.isfile(meta_path):
-    raise ValueError(f"{path} is not a saved index ({_META} missing)")
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{meta_path} is corrupt: {e}") from e
+def _read_meta(saved: SavedDir) -> dict:
+  """index.json of ``saved``, validated; every file the loader reads must be listed with
+  a sha256 (each file is checked when it is read)."""
+  path = saved.path
+  meta_path = saved.full(_META)
+  meta = _parse_json(meta_path, saved.read(_META, max_size=_MAX_JSON_BYTES))
   if not isinstance(meta, dict) or meta.get("kind") != _KIND:
     raise ValueError(f"{meta_path} does not describe a spreading_jax index")
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path} has index format version {meta.get('format_version')!r}, "
-                     f"this library reads version {FORMAT_VERSION}")
+  check_format_version(path, "index", meta.get("format_version"), FORMAT_VERSION)
   for key in ("d_in", "d_out", "ntotal"):
     value = meta.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -300,20 +344,18 @@ def _read_meta(path: str) -> dict:
     if not _safe_relative(rel) or os.path.commonpath([root, full]) != root:
       raise ValueError(f"{meta_path} lists {rel!r}, which is not a file inside the index")
   # Every file the loader reads: the codes, the quantizer's files, all of model/.
-  required = {_CODES, *quantizers.from_meta(meta["quantizer"]).state_files}
-  for dirpath, _, names in os.walk(os.path.join(path, _MODEL)):
-    for name in names:
-      required.add(os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/"))
+  required = {_CODES, *quantizers.from_meta(meta["quantizer"]).state_files,
+              *saved.files_under(_MODEL)}
   missing = sorted(required - set(sums))
   if missing:
     raise ValueError(f"{meta_path} lists no checksum for {', '.join(missing)}: the index "
                      "is incomplete or was edited")
-  for rel, digest in sums.items():
-    full = os.path.join(path, rel)
-    if not os.path.isfile(full):
-      raise ValueError(f"{full} is missing from the index")
-    if sha256_file(full) != digest:
-      raise ValueError(f"{full} is truncated or corrupt (checksum mismatch)")
+  for rel in sums:
+    if not saved.is_file(rel):
+      if saved.replaced():
+        raise saved.changed()
+      raise ValueError(f"{saved.full(rel)} is missing from the index (or is not a regular "
+                       "file)")
   return meta
 
 
@@ -343,7 +385,7 @@ def _is_our_index(directory: str) -> bool:
   try:
     with open(os.path.join(directory, _META)) as f:
       return json.load(f).get("kind") == _KIND
-  except (OSError, ValueError, AttributeError):
+  except (OSError, ValueError, AttributeError, RecursionError):
     return False
 
 

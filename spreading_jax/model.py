@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable
 
 import flax.serialization
@@ -73,15 +74,25 @@ class TrainResult:
     # A few chunks in flight: the next chunks' transfers and compute overlap this one's
     # read-back (reading each chunk back before dispatching the next left an accelerator
     # idle), and device memory stays bounded for any n.
-    pending = collections.deque()
-    for start, y in self._forward_chunks(x, self.input_scale, batch_size, then):
+    pending, finite = collections.deque(), []
+    for start, (y, ok) in self._forward_chunks(x, self.input_scale, batch_size, then,
+                                               check=True):
       if out is None:
         out = np.empty((x.shape[0],) + y.shape[1:], y.dtype)
       pending.append((start, y))
+      finite.append(ok)
       if len(pending) > _IN_FLIGHT:
         _copy_rows(out, *pending.popleft())
     while pending:
       _copy_rows(out, *pending.popleft())
+    if finite:
+      ok = np.concatenate([np.asarray(f) for f in finite])
+      if not ok.all():  # finite inputs (checked) whose catalyzed rows overflowed float32
+        row = int(np.argmin(ok))
+        top = float(np.max(np.abs(np.asarray(x[row], np.float64))))
+        raise ValueError(f"x row {row} (values up to {top:.3g}) overflows the catalyzer's "
+                         f"float32 forward pass (input_scale={self.input_scale:g}): its "
+                         "output is not a finite unit vector; such inputs cannot be encoded")
     if out is None:  # no rows
       shape = jax.eval_shape(lambda v, x: _forward_fn(self.module, then)(v, x, 1.0),
                              self.variables, jax.ShapeDtypeStruct((1, self.d_in), jnp.float32))
@@ -93,19 +104,22 @@ class TrainResult:
     batch_size = default_batch_size() if batch_size is None else batch_size
     return jnp.concatenate([y for _, y in self._forward_chunks(x_scaled, 1.0, batch_size)])
 
-  def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None):
+  def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None,
+                      check: bool = False):
     """Yields (start row, device array [m, ...]) over fixed-size chunks of x (one compiled
     shape; the last chunk is padded and its padding dropped). Fewer rows than a batch are
     padded to a power of two (at least 8), so that calls with varying row counts (query
-    batches) share a few compiled shapes instead of compiling one per size."""
-    fwd = _forward_fn(self.module, then)
+    batches) share a few compiled shapes instead of compiling one per size. With
+    ``check`` the array is a pair (output, bool[m]: the catalyzed row is finite)."""
+    fwd = _forward_fn(self.module, then, check)
     n = x.shape[0]
     chunk = min(batch_size, sharding.round_up_pow2(n, 8))
     for start in range(0, n, chunk):
       xb = x[start:start + chunk]
       m = xb.shape[0]
       xb = sharding.pad_rows(jnp.asarray(xb, jnp.float32), chunk)
-      yield start, fwd(self.variables, xb, scale)[:m]
+      y = fwd(self.variables, xb, scale)
+      yield start, ((y[0][:m], y[1][:m]) if check else y[:m])
 
   def codec(self) -> lattice.ZnSphereCodec:
     """The Zn lattice codec the model was trained and validated with."""
@@ -130,18 +144,43 @@ class TrainResult:
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TrainResult":
     """Reads a model written by ``save``; raises ValueError if it is incomplete, corrupt or
-    its metadata was edited into something this library did not write."""
+    its metadata was edited into something this library did not write. Every file is
+    read once, from one save (``_files.SavedDir``): a concurrent save over ``path`` makes
+    the load return the old or the new model, or raise ``ChangedWhileReading``."""
     path = os.fspath(path)
-    meta_path = os.path.join(path, "model.json")
-    var_path = os.path.join(path, "variables.msgpack")
-    if not os.path.isfile(meta_path) or not os.path.isfile(var_path):
-      raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack missing)")
-    meta = _read_json(meta_path)
+    for attempt in range(_LOAD_TRIES):
+      try:
+        _files.check_saved_dir(path, _META_FILE, f"{path} is not a saved catalyzer "
+                               "(model.json/variables.msgpack missing)")
+        with _files.SavedDir(path, "model") as saved:
+          if not saved.is_file(_VARIABLES):
+            if saved.replaced():
+              raise saved.changed()
+            raise ValueError(f"{path} is not a saved catalyzer (model.json/variables.msgpack "
+                             "missing)")
+          return cls._from_saved(saved)
+      except _files.ChangedWhileReading:
+        if attempt + 1 == _LOAD_TRIES:
+          raise
+        time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+  @classmethod
+  def _from_saved(cls, saved: _files.SavedDir, prefix: str = "",
+                  sums: dict | None = None) -> "TrainResult":
+    """The model in the files ``prefix + name`` of ``saved`` (``sums``: sha256 digests
+    the files' bytes must have, from an index's index.json)."""
+    sums = sums or {}
+    meta_path, var_path = saved.full(prefix + _META_FILE), saved.full(prefix + _VARIABLES)
+
+    def read(name: str, **kwargs) -> bytearray:
+      return saved.read(prefix + name, sha256=sums.get(prefix + name), **kwargs)
+
+    meta = _parse_json(meta_path, read(_META_FILE, max_size=_MAX_JSON_BYTES))
     if not isinstance(meta, dict) or meta.get("kind") != "spreading_jax.catalyzer":
       raise ValueError(f"{meta_path} does not describe a catalyzer")
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path} has format version {meta.get('format_version')!r}, "
-                       f"this library reads version {FORMAT_VERSION}")
+    _files.check_format_version(saved.full(prefix) if prefix else saved.path, "model",
+                                meta.get("format_version"), FORMAT_VERSION)
     d_in, scale = meta.get("d_in"), meta.get("input_scale")
     if not isinstance(d_in, int) or isinstance(d_in, bool) or d_in < 1:
       raise ValueError(f"{meta_path}: d_in={d_in!r} must be a positive integer")
@@ -152,44 +191,95 @@ class TrainResult:
     if selection is not None and not isinstance(selection, dict):
       raise ValueError(f"{meta_path}: selection must be an object or null")
     size, digest = meta.get("variables_bytes"), meta.get("variables_sha256")
-    if not isinstance(size, int) or isinstance(size, bool) or not isinstance(digest, str):
+    if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+        or not isinstance(digest, str)):
       raise ValueError(f"{meta_path}: malformed model metadata (variables_bytes={size!r}, "
                        f"variables_sha256={digest!r})")
-    with open(var_path, "rb") as f:
-      blob = f.read()
-    if (len(blob) != meta.get("variables_bytes")
-        or _files.sha256_bytes(blob) != meta.get("variables_sha256")):
-      raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     try:
       config = TrainConfig.from_dict(meta.get("config"))
     except TypeError as e:
       raise ValueError(f"{meta_path}: config is not a TrainConfig ({e})") from e
-    if config.d_out is None:
-      raise ValueError(f"{meta_path}: config.d_out is missing")
+    if not isinstance(config.d_out, int) or config.d_out < 1:
+      raise ValueError(f"{meta_path}: config.d_out={config.d_out!r} must be a positive "
+                       "integer")
+    with np.errstate(over="ignore", under="ignore"):
+      scale32 = np.float32(scale)
+    if not _F32.tiny <= scale32 <= _F32.max:  # the forward pass divides in float32
+      raise ValueError(f"{meta_path}: input_scale={scale!r} is {float(scale32):g} in float32 "
+                       f"(outside [{_F32.tiny:.3g}, {_F32.max:.3g}]); it was edited")
+    arch = (f"the architecture in {meta_path} (d_in={d_in}, hidden={list(config.hidden)}, "
+            f"d_out={config.d_out})")
+    # Sizes are compared before anything is allocated: model.json's variables_bytes with
+    # what its architecture takes, then the file's real size with variables_bytes.
+    if len(config.hidden) > _MAX_LAYERS:
+      raise ValueError(f"{meta_path}: {len(config.hidden)} hidden layers; at most "
+                       f"{_MAX_LAYERS} are supported")
+    need, leaves = _variables_size(d_in, tuple(config.hidden), config.d_out)
+    if not need <= size <= need + _MSGPACK_OVERHEAD * (leaves + 8):
+      raise ValueError(f"{meta_path}: variables_bytes={size} does not fit {arch}, whose "
+                       f"variables take {need} bytes")
+    blob = saved.read(prefix + _VARIABLES, size=size, why=f" (variables_bytes in {meta_path})")
+    if _files.sha256_bytes(blob) != digest or sums.get(prefix + _VARIABLES, digest) != digest:
+      if saved.replaced():
+        raise saved.changed()
+      raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
     module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
-    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False)
+    template = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False))
     try:
-      variables = flax.serialization.from_bytes(template, blob)
+      state = flax.serialization.msgpack_restore(bytes(blob))
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{var_path} does not match the architecture in {meta_path} "
-                       f"(d_in={d_in}, hidden={list(config.hidden)}, d_out={config.d_out})"
-                       ) from e
+      raise ValueError(f"{var_path} is not a msgpack of variables ({e})") from e
+    want = jax.tree_util.tree_map(lambda t: (tuple(t.shape), np.dtype(t.dtype).str), template)
+    have = jax.tree_util.tree_map(
+        lambda a: (tuple(np.shape(a)), np.dtype(getattr(a, "dtype", object)).str), state)
+    if have != want:  # model.json edited (d_in, hidden, d_out) or the weights replaced
+      raise ValueError(f"{var_path} does not match {arch}")
+    variables = flax.serialization.from_state_dict(template, state)
     history = []
-    hist_path = os.path.join(path, "history.json")
-    if os.path.isfile(hist_path):
-      history = _read_json(hist_path)
+    if not saved.is_file(prefix + _HISTORY) and saved.replaced():
+      raise saved.changed()  # deleted by the save that replaced the directory
+    if saved.is_file(prefix + _HISTORY) or prefix + _HISTORY in sums:
+      history = _parse_json(saved.full(prefix + _HISTORY),
+                            read(_HISTORY, max_size=_MAX_JSON_BYTES))
       if not isinstance(history, list):
-        raise ValueError(f"{hist_path} must hold a list of epoch records")
+        raise ValueError(f"{saved.full(prefix + _HISTORY)} must hold a list of epoch records")
     return cls(variables["params"], variables["batch_stats"], config, d_in, float(scale),
                history, selection)
 
 
-def _read_json(path: str):
+_META_FILE, _VARIABLES, _HISTORY = "model.json", "variables.msgpack", "history.json"
+# Loads retried when a concurrent save replaced the model while it was being read.
+_LOAD_TRIES = 5
+# Hidden layers a saved model may declare, and msgpack bytes per array beyond its data
+# (about 30 measured; the bound leaves room for longer names).
+_MAX_LAYERS = 64
+_F32 = np.finfo(np.float32)
+_MSGPACK_OVERHEAD = 128
+
+
+def _variables_size(d_in: int, hidden: tuple[int, ...], d_out: int) -> tuple[int, int]:
+  """(bytes of float32 data, number of arrays) of a ``Catalyzer``'s variables, computed
+  from the widths alone (nothing is allocated): per hidden layer a Dense kernel and bias
+  and BatchNorm's scale, bias, mean and variance; then the output Dense."""
+  floats, fan_in = 0, d_in
+  for width in hidden:
+    floats += fan_in * width + width + 4 * width
+    fan_in = width
+  floats += fan_in * d_out + d_out
+  return 4 * floats, 6 * len(hidden) + 2
+# model.json, history.json (and an index's index.json) larger than this are not ours.
+_MAX_JSON_BYTES = 64 << 20
+
+
+def _parse_json(path: str, blob):
+  """The JSON value of ``blob`` (the bytes of ``path``); ValueError when it is not JSON."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(bytes(blob).decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is corrupt: {e}") from e
+  except RecursionError as e:
+    raise ValueError(f"{path} is corrupt: its JSON is nested too deeply") from e
 
 
 # Chunks dispatched ahead of the one being read back by ``TrainResult.apply``.
@@ -209,13 +299,18 @@ def _copy_rows(out: np.ndarray, start: int, y: jax.Array) -> None:
 _FORWARD_CACHE: dict = {}
 
 
-def _forward_fn(module: Catalyzer, then: Callable | None = None) -> Callable:
-  """A cached jitted eval-mode forward pass for ``module``, followed by ``then``."""
-  key = (module.d_out, tuple(module.hidden), then)
+def _forward_fn(module: Catalyzer, then: Callable | None = None, check: bool = False
+                ) -> Callable:
+  """A cached jitted eval-mode forward pass for ``module``, followed by ``then``; with
+  ``check`` it also returns bool[n]: each catalyzed row is a (finite) unit vector."""
+  key = (module.d_out, tuple(module.hidden), then, check)
   if key not in _FORWARD_CACHE:
     @jax.jit
     def fwd(variables, x, scale):
       y = module.apply(variables, x / scale, train=False)
-      return y if then is None else then(y)
+      out = y if then is None else then(y)
+      # Rows are unit vectors; an overflow inside gives NaN or, through the normalisation
+      # of an infinite norm, a zero row.
+      return (out, jnp.sum(y * y, axis=1) > 0.5) if check else out
     _FORWARD_CACHE[key] = fwd
   return _FORWARD_CACHE[key]

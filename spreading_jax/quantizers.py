@@ -154,9 +154,10 @@ class Quantizer(abc.ABC):
     """Writes the learned parameters into ``directory`` (the files ``state_files``)."""
     del directory
 
-  def load_state(self, directory: str) -> None:
-    """Reads what ``save`` wrote (called by ``from_meta``)."""
-    del directory
+  def load_state(self, read: Callable[[str], bytes], directory: str = "") -> None:
+    """Restores what ``save`` wrote (called by ``from_meta``); ``read(name)`` returns the
+    bytes of the saved file ``name`` (one of ``state_files``) of ``directory``."""
+    del read, directory
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}(name={self.name!r}, d={self.d}, code_bits={self.code_bits})"
@@ -364,11 +365,11 @@ class FaissQuantizer(Quantizer):
     import faiss  # pylint: disable=import-outside-toplevel
     faiss.write_index(self.index, os.path.join(directory, _FAISS_FILE))
 
-  def load_state(self, directory: str) -> None:
+  def load_state(self, read: Callable[[str], bytes], directory: str = "") -> None:
     import faiss  # pylint: disable=import-outside-toplevel
     path = os.path.join(directory, _FAISS_FILE)
     try:
-      stored = faiss.read_index(path)
+      stored = faiss.deserialize_index(np.frombuffer(read(_FAISS_FILE), np.uint8))
     except RuntimeError as e:
       raise ValueError(f"{path} is a corrupt faiss index (faiss cannot read it: {e})") from e
     if stored.d != self.d or stored.ntotal != 0 or int(stored.sa_code_size()) != self._code_size:
@@ -432,8 +433,10 @@ def for_model(name: str, config, bits: int | None = None) -> Quantizer:
   return make_quantizer(name, config.d_out, bits)
 
 
-def from_meta(meta: dict, directory: str | None = None) -> Quantizer:
-  """Rebuilds a quantizer from its ``meta()`` and, when it saved files, ``directory``.
+def from_meta(meta: dict, read: Callable[[str], bytes] | None = None,
+              directory: str = "") -> Quantizer:
+  """Rebuilds a quantizer from its ``meta()`` and, when it saved files, their bytes
+  (``read(name)``: the content of the saved file ``name`` of ``directory``).
 
   Raises:
     ValueError: the description is malformed or does not match the rebuilt quantizer.
@@ -451,6 +454,6 @@ def from_meta(meta: dict, directory: str | None = None) -> Quantizer:
   if q.code_bits != bits:
     raise ValueError(f"quantizer description says {bits}-bit codes but {name!r} on d={d} "
                      f"makes {q.code_bits}-bit codes")
-  if directory is not None:
-    q.load_state(directory)
+  if read is not None:
+    q.load_state(read, directory)
   return q

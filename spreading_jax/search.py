@@ -603,15 +603,63 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
     return _screened(_ip_score, xq, (xbp,), nb, k, plan, mesh, recall_target)
   kc = min(nb, k + _rerank_margin(k))
   plan = _plan(xq.shape[0], nb, kc, mesh, query_block, base_block, 0, None)
-  centre = _sample_centre(xb)
-  xbp = sharding.pad_rows(xb, plan[3])
-  if np.any(np.asarray(centre)):  # one small read back
-    score, extra = _l2_score_centred, (centre,)
-    half_norm, xqc = _half_norms(xbp, centre), xq - centre
-  else:
-    score, extra, half_norm, xqc = _l2_score, (), _half_norms(xbp), xq
+  # Data whose squares leave float32's range is searched scaled by a power of two (exact:
+  # only exponents move) and its distances scaled back. The magnitude comes from the
+  # queries and the centre's sample; rows beyond the sample show up as non-finite norms.
+  centre, sample_max = _sample_centre(xb)
+  shift = _l2_shift(float(jnp.maximum(_max_abs(xq), sample_max)))
+  for attempt in range(2):
+    xqs, xbs = (xq, xb) if not shift else (_scaled(xq, -shift), _scaled(xb, -shift))
+    if shift:
+      centre, _ = _sample_centre(xbs)
+    xbp = sharding.pad_rows(xbs, plan[3])
+    if np.any(np.asarray(centre)):  # one small read back
+      score, extra = _l2_score_centred, (centre,)
+      half_norm, xqc = _half_norms(xbp, centre), xqs - centre
+    else:
+      score, extra, half_norm, xqc = _l2_score, (), _half_norms(xbp), xqs
+    if attempt or np.isfinite(float(jnp.max(half_norm))):
+      break
+    shift = _l2_shift(float(_max_abs(xb)), force=True)  # outliers: the whole database
   _, i = _screened(score, xqc, (xbp, half_norm), nb, kc, plan, mesh, recall_target, extra)
-  return _rerank_l2(xq, xb, i, k)
+  d, i = _rerank_l2(xqs, xbs, i, k)
+  if shift:
+    top = float(jnp.max(d)) * 2.0 ** (2 * shift) if d.size else 0.0
+    if top > _F32_MAX:
+      raise ValueError(f"squared L2 distances up to {top:.3g} exceed float32's range "
+                       f"({_F32_MAX:.3g}); divide the vectors by a power of two (the ids "
+                       "do not change)")
+    d = _scaled(d, 2 * shift)
+  return d, i
+
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+# Magnitudes (powers of two) an l2 search runs at unscaled: squares of differences down
+# to 2^-24 of 2^-20 and sums of d squares of 2^41 stay normal float32 numbers.
+_L2_RANGE = (-20, 40)
+
+
+def _l2_shift(top: float, force: bool = False) -> int:
+  """The power of two s such that data of largest magnitude ``top`` is searched as
+  x * 2^-s, of magnitude in [2^39, 2^40): the top of ``_L2_RANGE``, so that the smallest
+  differences keep as much range as the largest leave them. 0 when ``top`` is within
+  ``_L2_RANGE`` (unless ``force``) or 0."""
+  if not top or not np.isfinite(top):
+    return 0
+  e = int(np.floor(np.log2(top)))
+  return e - (_L2_RANGE[1] - 1) if force or not _L2_RANGE[0] <= e < _L2_RANGE[1] else 0
+
+
+@jax.jit
+def _max_abs(x):
+  return jnp.max(jnp.abs(x), initial=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("e",))
+def _scaled(x, e: int):
+  """x * 2^e, exact while the result is a normal float32 (ldexp: no 2^e constant, which
+  would leave float32's range for |e| > 127)."""
+  return jnp.ldexp(x, jnp.int32(e))
 
 
 # The screen pays for each extra row it re-scores per query with the bfloat16 matmul's
@@ -666,8 +714,10 @@ def _screened(score_fn, xq, db, n_valid, k, plan, mesh, recall_target, extra=())
 
 @jax.jit
 def _sample_centre(xb):
-  """``_center`` of every (nb // 65536)-th row of xb: 64k-128k rows, or all below 128k."""
-  return _center(xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)])
+  """(``_center``, max |x|) of every (nb // 65536)-th row of xb: 64k-128k rows, or all
+  below 128k."""
+  sample = xb[::max(1, xb.shape[0] // _CENTER_SAMPLE)]
+  return _center(sample), jnp.max(jnp.abs(sample), initial=0.0)
 
 
 @jax.jit

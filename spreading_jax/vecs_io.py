@@ -188,6 +188,29 @@ def write_bvecs(path: PathLike, x) -> None:
 _HDF5_KEYS = ("train", "test", "neighbors")
 
 
+# deflate's largest expansion (about 1032:1): a compressed dataset may declare at most this
+# many times the bytes it stores.
+_MAX_EXPANSION = 1032
+
+
+def _read_dataset(name: str, f, key: str) -> np.ndarray:
+  """The HDF5 dataset ``f[key]`` read into memory, after its declared size is compared
+  with the bytes it really stores (a small file must not make the reader allocate what
+  its header declares)."""
+  ds = f[key]
+  declared = int(np.prod(ds.shape, dtype=np.float64) * ds.dtype.itemsize)
+  stored = int(ds.id.get_storage_size())
+  filtered = ds.compression is not None or bool(ds._filters)  # pylint: disable=protected-access
+  allowed = stored * _MAX_EXPANSION if filtered else stored
+  if declared > allowed and declared > 0:
+    how = (f"at most {_MAX_EXPANSION}x that when compressed" if filtered
+           else "uncompressed data must be stored in full")
+    raise ValueError(f"{name}: dataset {key!r} declares shape {tuple(ds.shape)} {ds.dtype} "
+                     f"({declared} bytes) but stores {stored} bytes ({how}); the file is "
+                     "truncated, corrupt or hostile")
+  return ds[()]
+
+
 def _attr_str(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -218,7 +241,7 @@ def read_hdf5(path: PathLike) -> dict:
       if missing:
         raise ValueError(f"{name}: not in ann-benchmarks format: missing datasets {missing} "
                          f"(the file has {sorted(f.keys())})")
-      out = {k: f[k][()] for k in _HDF5_KEYS + ("distances",) if k in f}
+      out = {k: _read_dataset(name, f, k) for k in _HDF5_KEYS + ("distances",) if k in f}
       out["distance"] = _attr_str(f.attrs.get("distance", "euclidean"))
   except OSError as e:
     raise ValueError(f"{name}: not a readable HDF5 file ({e})") from e
@@ -287,7 +310,7 @@ def _read_hdf5_key(name: str, key: str | None) -> np.ndarray:
                          f"(the file has {keys})")
       if key not in keys:
         raise ValueError(f"{name}: no dataset {key!r} (the file has {keys})")
-      return f[key][()]
+      return _read_dataset(name, f, key)
   except OSError as e:
     raise ValueError(f"{name}: not a readable HDF5 file ({e})") from e
 
