@@ -9,7 +9,8 @@ command, the expected runtime and the numbers a recorded run produced. ``--set k
 overrides a key (the value is read as JSON, or as comma-separated numbers). The run writes
 ``<out>/<name>.json`` (command, config, versions, device, wall time, every row and the
 training histories), ``<out>/<name>.md`` and PNG plots; ``<out>`` defaults to
-``experiments/results/<dataset>/``.
+``experiments/results/<dataset>/``. ``--log-dir DIR`` also writes TensorBoard event files of
+every trained model to ``DIR/<name>/<model>/``, one step per epoch.
 
 Experiments (the ``experiment`` key): ``table1_lattice``, ``table2_binary``,
 ``crossval_lambda``, ``dout_sweep``, ``lattice_ablation``; each sweeps ``grid`` (or its
@@ -58,18 +59,26 @@ def _faiss_row(rows: Rows, method: str, name: str, dataset, bits: int, transform
     rows.append({"method": f"{method} (skipped: {e})", "bits": bits, "recall": {}})
 
 
+def _logged(config: TrainConfig, name: str) -> TrainConfig:
+  """``config`` with its TensorBoard events (when ``log_dir`` is set) in ``log_dir/name``:
+  one TensorBoard run per trained model."""
+  if config.log_dir is None:
+    return config
+  return config.replace(log_dir=os.path.join(config.log_dir, name))
+
+
 def table1_lattice(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
   """64-bit table: PQ, OPQ, LSQ on raw vectors; catalyzer + OPQ / lattice / end-to-end."""
   del grid
   rows = []
   for name in ("pq", "opq", "lsq"):
     _faiss_row(rows, name.upper(), name, dataset, config.bits)
-  model = train(config, dataset)
+  model = train(_logged(config, "catalyzer"), dataset)
   codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
   _faiss_row(rows, "catalyzer+OPQ", "opq", dataset, config.bits, model.apply)
   rows.append({"method": "catalyzer+lattice", "bits": codec.code_bits,
                "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
-  e2e = train(config.replace(end_to_end=True), dataset)
+  e2e = train(_logged(config.replace(end_to_end=True), "end-to-end"), dataset)
   rows.append({"method": "catalyzer+lattice end-to-end", "bits": codec.code_bits,
                "recall": evaluate.evaluate_lattice(dataset, e2e.apply, codec)})
   return rows, {"catalyzer": model, "end-to-end": e2e}
@@ -82,7 +91,7 @@ def table2_binary(dataset, config: TrainConfig, grid: Sequence[int] | None = Non
   for b in grid or (16, 32, 64, 128):
     _faiss_row(rows, "LSH", "lsh", dataset, b)
     _faiss_row(rows, "ITQ", "itq", dataset, b)
-    model = train(config.replace(d_out=b, r2=None, bits=b), dataset)
+    model = train(_logged(config.replace(d_out=b, r2=None, bits=b), f"catalyzer_{b}"), dataset)
     rows.append({"method": "catalyzer+sign", "bits": b,
                  "recall": evaluate.evaluate_sign(dataset, model.apply)})
     models[f"catalyzer_{b}"] = model
@@ -96,7 +105,7 @@ def crossval_lambda(dataset, config: TrainConfig, grid: Sequence[float] | None =
   rows, best, models = [], None, {}
   codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
   for lam in grid or LAMBDAS:
-    model = train(config.replace(lambda_koleo=lam), dataset)
+    model = train(_logged(config.replace(lambda_koleo=lam), f"lambda={lam}"), dataset)
     val = [h["lattice_R@10"] for h in model.history if "lattice_R@10" in h]
     score = val[-1] if val else float("nan")
     rows.append({"method": f"lambda={lam} (val R@10 {score:.3f})", "bits": codec.code_bits,
@@ -117,7 +126,8 @@ def dout_sweep(dataset, config: TrainConfig, grid: Sequence[int] | None = None
   rows, models = [], {}
   for d_out in grid or (16, 24, 32, 40):
     codec = lattice.zn_codec(d_out, config.bits)
-    model = train(config.replace(d_out=d_out, r2=codec.r2), dataset)
+    model = train(_logged(config.replace(d_out=d_out, r2=codec.r2), f"catalyzer_{d_out}"),
+                  dataset)
     rows.append({"method": f"d_out={d_out} r2={codec.r2}", "bits": codec.code_bits,
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
     models[f"catalyzer_{d_out}"] = model
@@ -136,7 +146,7 @@ def lattice_ablation(dataset, config: TrainConfig, grid: Sequence[float] | None 
   models = {}
   for lam in grid or (0.01, 0.0):
     t = time.perf_counter()
-    model = train(config.replace(lambda_koleo=lam), dataset)
+    model = train(_logged(config.replace(lambda_koleo=lam), f"lambda={lam:g}"), dataset)
     rows.append({"method": f"catalyzer (λ={lam:g}) + Zn lattice", "bits": codec.code_bits,
                  "lambda": lam, "train_seconds": round(time.perf_counter() - t, 1),
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
@@ -197,8 +207,12 @@ def train_config(config: dict) -> TrainConfig:
                      d_out=config["d_out"], lambda_koleo=config["lambda_koleo"], r2=None)
 
 
-def run(config: dict, out: str | None = None, command: str | None = None) -> dict:
-  """Runs ``config`` (see ``DEFAULTS``) and writes its report; returns the JSON payload."""
+def run(config: dict, out: str | None = None, command: str | None = None,
+        log_dir: str | None = None) -> dict:
+  """Runs ``config`` (see ``DEFAULTS``) and writes its report; returns the JSON payload.
+
+  With ``log_dir``, every trained model writes TensorBoard events to
+  ``log_dir/<name>/<model>`` (e.g. ``runs/crossval_lambda/lambda=0.01``)."""
   name = config["experiment"]
   if name not in EXPERIMENTS:
     raise ValueError(f"experiment={name!r}; known: {sorted(EXPERIMENTS)}")
@@ -207,6 +221,8 @@ def run(config: dict, out: str | None = None, command: str | None = None) -> dic
   if config["nb"] or config["nq"] or config["nt"]:
     ds = ds.subset(nb=config["nb"], nq=config["nq"], nt=config["nt"])
   tc = train_config(config)
+  if log_dir is not None:
+    tc = tc.replace(log_dir=os.path.join(log_dir, stem))
   out = out or os.path.join("experiments", "results", os.path.basename(str(config["dataset"])))
   start = time.time()
   grid = config["grid"]
@@ -233,9 +249,9 @@ def run(config: dict, out: str | None = None, command: str | None = None) -> dic
     report.nn_distance_histogram(ds, model.apply, os.path.join(out, f"{stem}_nn_hist.png"))
     report.plot_training({n: m.history for n, m in unique.items()},
                          os.path.join(out, f"{stem}_training.png"))
-  command = command or " ".join(["python", *sys.argv])
+  command = report.portable_command(command or " ".join(["python", *sys.argv]))
   payload = {"experiment": name, "command": command, "config": config,
-             "train_config": tc.to_dict(), "seed": config["seed"],
+             "train_config": tc.replace(log_dir=None).to_dict(), "seed": config["seed"],
              "versions": report.environment(), "wall_time_s": wall,
              "sizes": {"nt": ds.nt, "nb": ds.nb, "nq": ds.nq},
              "rows": [{**r, "recall": {str(k): v for k, v in r["recall"].items()}}
@@ -256,13 +272,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  help="override a config key (repeatable), e.g. --set epochs=1")
   p.add_argument("--out", default=None, help="report directory (default "
                  "experiments/results/<dataset>/)")
+  p.add_argument("--log-dir", default=None, help="TensorBoard event files of every trained "
+                 "model, in LOG_DIR/<name>/<model>/ (one step per epoch)")
   args = p.parse_args(argv)
   try:
     config = apply_overrides(load_config(args.config), args.set)
   except ValueError as e:
     p.error(str(e))
   argv = sys.argv[1:] if argv is None else list(argv)
-  return run(config, args.out, command=" ".join(["python experiments/run.py", *argv]))
+  return run(config, args.out, command=" ".join(["python experiments/run.py", *argv]),
+             log_dir=args.log_dir)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def _screen_config(config: TrainConfig, rows: int, epochs: int) -> TrainConfig:
   nq = max(50, min(config.val_queries, rows // 10))
   nb = max(100, min(10_000, rows // 5))
   return config.replace(epochs=epochs, val_every=epochs, val_queries=nq, val_base=nb,
-                        num_train=None, checkpoint_dir=None, verbose=False)
+                        num_train=None, checkpoint_dir=None, log_dir=None, verbose=False)
 
 
 def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | None = None,

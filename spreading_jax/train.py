@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, datasets, lattice, mining, search, sharding
+from spreading_jax import _tensorboard, binary, datasets, lattice, mining, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
@@ -474,6 +474,7 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
     if start:
       logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)
 
+  tensorboard = _tensorboard.EpochWriter(config, first_epoch=start + 1)  # no-op without log_dir
   bar = tqdm(range(start, config.epochs), desc="train", unit="epoch",
              disable=not config.verbose, initial=start, total=config.epochs)
   try:
@@ -485,14 +486,16 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
       negatives = jnp.asarray(miner(
           yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt))
       t_mine = time.perf_counter() - t_mine
+      t_sgd = time.perf_counter()
       state, metrics = epoch_fn(state, xt_dev, positives, negatives, jax.random.fold_in(key, epoch))
       metrics = jax.device_get(metrics)
+      t_sgd = time.perf_counter() - t_sgd
       record = {"epoch": epoch + 1, "lr": float(metrics["lr"][-1]),
                 "loss": float(np.mean(metrics["loss"])),
                 "triplet": float(np.mean(metrics["triplet"])),
                 "koleo": float(np.mean(metrics["koleo"])),
                 "violations": int(np.sum(metrics["violations"])),
-                "mining_s": round(t_mine, 3)}
+                "mining_s": round(t_mine, 3), "sgd_s": round(t_sgd, 3)}
       if method == "graph":
         record.update(mining_recall=miner.last["recall"], mining_exact=miner.last["exact"],
                       mining_column=miner.last["column"])
@@ -512,10 +515,12 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
       _log_epoch(record, config, bar)
       if checkpointer is not None:
         checkpointer.save(epoch + 1, state.arrays(), best, result.history)
+      tensorboard(record)
       if callback is not None:
         callback(record)
   finally:
     bar.close()
+    tensorboard.close()
     if checkpointer is not None:
       checkpointer.close()
   if best["params"] is not None:
