@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from spreading_jax import baselines, datasets, evaluate, selection  # noqa: E402
+from spreading_jax import baselines, datasets, evaluate, report, selection  # noqa: E402
 from spreading_jax import train as T  # noqa: E402
 from spreading_jax._files import atomic_output  # noqa: E402
 
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
   path = os.path.join(out, "shape_selection.json")
   record = json.load(open(path)) if os.path.exists(path) else {}
   record.update({"dataset": ds.name, "epochs": args.epochs, "bits": args.bits,
-                 "command": "python experiments/shape_selection.py " + " ".join(sys.argv[1:])})
+                 "command": report.portable_command(
+                     "python experiments/shape_selection.py " + " ".join(sys.argv[1:]))})
   base = T.TrainConfig(epochs=args.epochs, bits=args.bits, verbose=False,
                        val_every=max(1, args.epochs // 5))
 
