@@ -77,8 +77,13 @@ def _cpu_model() -> str:
 
 
 def write_result(name: str, payload: dict) -> Path:
-  """Writes experiments/results/<name>.json (atomically) and returns its path."""
+  """Writes experiments/results/<name>.json (atomically) and returns its path; its
+  ``command`` is recorded with placeholders for this machine's paths
+  (``report.portable_command``)."""
   from spreading_jax._files import atomic_output
+  from spreading_jax.report import portable_command
+  if isinstance(payload.get("command"), str):
+    payload = dict(payload, command=portable_command(payload["command"]))
   RESULTS.mkdir(parents=True, exist_ok=True)
   path = RESULTS / f"{name}.json"
   with atomic_output(path) as tmp:

@@ -21,8 +21,8 @@ original's ``lib.net.Normalize``.
 
 Run it with a Python that has CPU torch (not the project's venv)::
 
-    python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy
-    /tmp/torchvenv/bin/python benchmarks/_torch_reference.py --threads 2 --n 50000
+    python3 -m venv TORCH_VENV && TORCH_VENV/bin/pip install torch==2.13.0 numpy
+    TORCH_VENV/bin/python benchmarks/_torch_reference.py --threads 2 --n 50000
 
 ``--reference-dir`` takes an existing checkout; without it one is made in a temp dir from a
 git clone given by ``--git-dir`` or $SPREADINGVECTORS_GIT_DIR (no default location: a clear

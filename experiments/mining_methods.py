@@ -19,7 +19,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from spreading_jax import datasets, evaluate, mining, search  # noqa: E402
+from spreading_jax import datasets, evaluate, mining, report, search  # noqa: E402
 from spreading_jax import train as T  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,7 +52,7 @@ def measured_call(self, yq, yb):
 
 
 mining.NegativeMiner.__call__ = measured_call
-out = {"command": "python " + " ".join(sys.argv), "dataset": args.dataset,
+out = {"command": report.portable_command("python " + " ".join(sys.argv)), "dataset": args.dataset,
        "train_rows": int(ds.train.shape[0]), "config": base.to_dict(), "runs": {}}
 for method in args.methods.split(","):
   ranks.clear()

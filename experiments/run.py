@@ -9,7 +9,8 @@ command, the expected runtime and the numbers a recorded run produced. ``--set k
 overrides a key (the value is read as JSON, or as comma-separated numbers). The run writes
 ``<out>/<name>.json`` (command, config, versions, device, wall time, every row and the
 training histories), ``<out>/<name>.md`` and PNG plots; ``<out>`` defaults to
-``experiments/results/<dataset>/``.
+``experiments/results/<dataset>/``. ``--log-dir DIR`` also writes TensorBoard event files of
+every trained model to ``DIR/<name>/<model>/``, one step per epoch.
 
 Experiments (the ``experiment`` key): ``table1_lattice``, ``table2_binary``,
 ``crossval_lambda``, ``dout_sweep``, ``lattice_ablation``, ``validation_ranking``,
@@ -63,18 +64,26 @@ def _faiss_row(rows: Rows, method: str, name: str, dataset, bits: int, transform
     rows.append({"method": f"{method} (skipped: {e})", "bits": bits, "recall": {}})
 
 
+def _logged(config: TrainConfig, name: str) -> TrainConfig:
+  """``config`` with its TensorBoard events (when ``log_dir`` is set) in ``log_dir/name``:
+  one TensorBoard run per trained model."""
+  if config.log_dir is None:
+    return config
+  return config.replace(log_dir=os.path.join(config.log_dir, name))
+
+
 def table1_lattice(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
   """64-bit table: PQ, OPQ, LSQ on raw vectors; catalyzer + OPQ / lattice / end-to-end."""
   del grid
   rows = []
   for name in ("pq", "opq", "lsq"):
     _faiss_row(rows, name.upper(), name, dataset, config.bits)
-  model = fit(config, dataset)
+  model = fit(_logged(config, "catalyzer"), dataset)
   codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
   _faiss_row(rows, "catalyzer+OPQ", "opq", dataset, config.bits, model.apply)
   rows.append({"method": "catalyzer+lattice", "bits": codec.code_bits,
                "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
-  e2e = fit(config.replace(end_to_end=True), dataset)
+  e2e = fit(_logged(config.replace(end_to_end=True), "end-to-end"), dataset)
   rows.append({"method": "catalyzer+lattice end-to-end", "bits": codec.code_bits,
                "recall": evaluate.evaluate_lattice(dataset, e2e.apply, codec)})
   return rows, {"catalyzer": model, "end-to-end": e2e}
@@ -87,7 +96,7 @@ def table2_binary(dataset, config: TrainConfig, grid: Sequence[int] | None = Non
   for b in grid or (16, 32, 64, 128):
     _faiss_row(rows, "LSH", "lsh", dataset, b)
     _faiss_row(rows, "ITQ", "itq", dataset, b)
-    model = fit(config.replace(d_out=b, r2=None, bits=b), dataset)
+    model = fit(_logged(config.replace(d_out=b, r2=None, bits=b), f"catalyzer_{b}"), dataset)
     rows.append({"method": "catalyzer+sign", "bits": b,
                  "recall": evaluate.evaluate_sign(dataset, model.apply)})
     models[f"catalyzer_{b}"] = model
@@ -101,7 +110,8 @@ def crossval_lambda(dataset, config: TrainConfig, grid: Sequence[float] | None =
   rows, best, models = [], None, {}
   codec = lattice.zn_codec(config.d_out, config.bits, config.r2)
   grid = tuple(grid or LAMBDAS)
-  trained = train_many([config.replace(lambda_koleo=lam) for lam in grid], dataset)
+  trained = train_many([_logged(config.replace(lambda_koleo=lam), f"lambda={lam}")
+                        for lam in grid], dataset)
   for lam, model in zip(grid, trained):
     val = [h["lattice_R@10"] for h in model.history if "lattice_R@10" in h]
     score = max(val) if val else float("nan")
@@ -123,7 +133,8 @@ def dout_sweep(dataset, config: TrainConfig, grid: Sequence[int] | None = None
   rows, models = [], {}
   for d_out in grid or (16, 24, 32, 40):
     codec = lattice.zn_codec(d_out, config.bits)
-    model = fit(config.replace(d_out=d_out, r2=codec.r2), dataset)
+    model = fit(_logged(config.replace(d_out=d_out, r2=codec.r2), f"catalyzer_{d_out}"),
+                dataset)
     rows.append({"method": f"d_out={d_out} r2={codec.r2}", "bits": codec.code_bits,
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
     models[f"catalyzer_{d_out}"] = model
@@ -142,7 +153,7 @@ def lattice_ablation(dataset, config: TrainConfig, grid: Sequence[float] | None 
   models = {}
   for lam in grid or (0.01, 0.0):
     t = time.perf_counter()
-    model = fit(config.replace(lambda_koleo=lam), dataset)
+    model = fit(_logged(config.replace(lambda_koleo=lam), f"lambda={lam:g}"), dataset)
     rows.append({"method": f"catalyzer (λ={lam:g}) + Zn lattice", "bits": codec.code_bits,
                  "lambda": lam, "train_seconds": round(time.perf_counter() - t, 1),
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
@@ -193,7 +204,8 @@ def validation_ranking(dataset, config: TrainConfig, grid=None) -> tuple[Rows, M
       ("d_out", d, selection.PAPER_LAMBDA) for d in selection.D_OUT_CANDIDATES if d != 24]
   configs = [base.replace(d_out=d, r2=lattice.zn_r2_for_bits(d, config.bits), lambda_koleo=lam)
              for _, d, lam in runs]
-  trained = train_many(configs, xt)
+  trained = train_many([_logged(c, f"d_out={c.d_out},lambda={c.lambda_koleo:g}")
+                        for c in configs], xt)
   rows, models = [], {}
   for (kind, d, lam), c, model in zip(runs, configs, trained):
     codec = lattice.zn_codec(c.d_out, c.bits, c.r2)
@@ -231,7 +243,7 @@ def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
   for quantizer in ("lattice", "sign"):
     auto = config.replace(quantizer=quantizer, d_out=None, r2=None, lambda_koleo=None)
     t = time.perf_counter()
-    model = fit(auto, dataset)
+    model = fit(_logged(auto, f"{quantizer}_default"), dataset)
     seconds = time.perf_counter() - t
     paper_d, paper_r2 = selection.incumbent_shape(bits, quantizer)
     paper = auto.replace(d_out=paper_d, r2=paper_r2, lambda_koleo=selection.PAPER_LAMBDA)
@@ -254,7 +266,7 @@ def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
                    "same run: the default kept it)"})
     else:
       t = time.perf_counter()
-      ref = train(paper, dataset)
+      ref = train(_logged(paper, f"{quantizer}_paper"), dataset)
       rows.append({"method": f"catalyzer + {quantizer}, the paper's shape", "bits": bits,
                    "recall": recall(ref), "d_out": paper.d_out, "r2": paper.r2,
                    "lambda": paper.lambda_koleo,
@@ -319,8 +331,12 @@ def train_config(config: dict) -> TrainConfig:
                      d_out=config["d_out"], lambda_koleo=config["lambda_koleo"], r2=None)
 
 
-def run(config: dict, out: str | None = None, command: str | None = None) -> dict:
-  """Runs ``config`` (see ``DEFAULTS``) and writes its report; returns the JSON payload."""
+def run(config: dict, out: str | None = None, command: str | None = None,
+        log_dir: str | None = None) -> dict:
+  """Runs ``config`` (see ``DEFAULTS``) and writes its report; returns the JSON payload.
+
+  With ``log_dir``, every trained model writes TensorBoard events to
+  ``log_dir/<name>/<model>`` (e.g. ``runs/crossval_lambda/lambda=0.01``)."""
   name = config["experiment"]
   if name not in EXPERIMENTS:
     raise ValueError(f"experiment={name!r}; known: {sorted(EXPERIMENTS)}")
@@ -329,6 +345,8 @@ def run(config: dict, out: str | None = None, command: str | None = None) -> dic
   if config["nb"] or config["nq"] or config["nt"]:
     ds = ds.subset(nb=config["nb"], nq=config["nq"], nt=config["nt"])
   tc = train_config(config)
+  if log_dir is not None:
+    tc = tc.replace(log_dir=os.path.join(log_dir, stem))
   out = out or os.path.join("experiments", "results", os.path.basename(str(config["dataset"])))
   start = time.time()
   grid = config["grid"]
@@ -355,9 +373,9 @@ def run(config: dict, out: str | None = None, command: str | None = None) -> dic
     report.nn_distance_histogram(ds, model.apply, os.path.join(out, f"{stem}_nn_hist.png"))
     report.plot_training({n: m.history for n, m in unique.items()},
                          os.path.join(out, f"{stem}_training.png"))
-  command = command or " ".join(["python", *sys.argv])
+  command = report.portable_command(command or " ".join(["python", *sys.argv]))
   payload = {"experiment": name, "command": command, "config": config,
-             "train_config": tc.to_dict(), "seed": config["seed"],
+             "train_config": tc.replace(log_dir=None).to_dict(), "seed": config["seed"],
              "versions": report.environment(), "wall_time_s": wall,
              "sizes": {"nt": ds.nt, "nb": ds.nb, "nq": ds.nq},
              "rows": [{**r, "recall": {str(k): v for k, v in r["recall"].items()}}
@@ -378,13 +396,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  help="override a config key (repeatable), e.g. --set epochs=1")
   p.add_argument("--out", default=None, help="report directory (default "
                  "experiments/results/<dataset>/)")
+  p.add_argument("--log-dir", default=None, help="TensorBoard event files of every trained "
+                 "model, in LOG_DIR/<name>/<model>/ (one step per epoch)")
   args = p.parse_args(argv)
   try:
     config = apply_overrides(load_config(args.config), args.set)
   except ValueError as e:
     p.error(str(e))
   argv = sys.argv[1:] if argv is None else list(argv)
-  return run(config, args.out, command=" ".join(["python experiments/run.py", *argv]))
+  return run(config, args.out, command=" ".join(["python experiments/run.py", *argv]),
+             log_dir=args.log_dir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from spreading_jax import _files, _signals
 from spreading_jax.config import TrainConfig
 
 # Config fields that do not change what is computed, so a resumed run may differ in them.
-_NOT_KEYED = ("verbose", "checkpoint_dir")
+_NOT_KEYED = ("verbose", "checkpoint_dir", "log_dir")
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -54,8 +54,8 @@ class Checkpointer:
 
   Args:
     directory: the run's directory (created if missing).
-    config: the run's config; every field but ``verbose``/``checkpoint_dir`` must match
-      the one recorded there.
+    config: the run's config; every field but ``verbose``/``checkpoint_dir``/``log_dir``
+      must match the one recorded there.
     d_in: input dimension.
     data_sha256: ``fingerprint`` of the training (and validation) vectors.
   """

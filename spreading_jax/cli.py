@@ -44,11 +44,18 @@ def _configure_demo(p):
   p.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
   p.add_argument("--train-rows", type=int, default=None,
                  help="train on the first N training vectors only (a quick look; default: all)")
+  p.add_argument("--base-rows", type=int, default=None,
+                 help="index and search the first N database vectors only (default: all)")
+  p.add_argument("--query-rows", type=int, default=None,
+                 help="search with the first N queries only (default: all)")
+  p.add_argument("--no-faiss", action="store_true",
+                 help="leave out the OPQ baseline (faiss), the slowest row on a small run")
   p.add_argument("--lambda-koleo", type=float, default=0.05,
                  help="KoLeo weight (default 0.05, the original code's default)")
   p.add_argument("--out", default="experiments/results/demo",
                  help="where the table, JSON, plot and saved index go")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of training and of the random projection baseline (default: 0)")
 
 
 @command("demo", "train a catalyzer, build/save/reload an index, search, print a recall table")
@@ -59,14 +66,17 @@ def demo(args):
 
   t_start = time.perf_counter()
   ds = datasets.load_dataset(args.dataset, args.root).as_float32()
-  if args.train_rows is not None:
-    ds = ds.subset(nt=args.train_rows)
+  if (args.train_rows, args.base_rows, args.query_rows) != (None, None, None):
+    ds = ds.subset(nt=args.train_rows, nb=args.base_rows, nq=args.query_rows)
   print(f"dataset {ds.name}: train {ds.train.shape}, base {ds.base.shape}, "
         f"query {ds.query.shape} (models train on `train` only)", flush=True)
   # d_out and λ given: the paper's shape (``fit`` would screen for another one first when
   # they are unset, see selection.py).
+  # 500 validation queries, or on a few hundred rows the most that the validation split
+  # allows (it leaves at least half of the rows for training).
   config = TrainConfig(d_out=24, epochs=args.epochs, lambda_koleo=args.lambda_koleo,
-                       seed=args.seed, val_every=max(1, args.epochs // 5), val_queries=500)
+                       seed=args.seed, val_every=max(1, args.epochs // 5),
+                       val_queries=max(1, min(500, 3 * ds.nt // 8 - 1)))
   t = time.perf_counter()
   model = train(config, ds)
   seconds = {"train": time.perf_counter() - t}
@@ -97,14 +107,17 @@ def demo(args):
       lambda: evaluate.evaluate_lattice(ds, rot, codec))
   add(f"catalyzer + sign ({model.config.d_out} bits)", model.config.d_out,
       lambda: evaluate.evaluate_sign(ds, model.apply))
-  try:
-    from spreading_jax import baselines
-    # 10k training rows: faiss' minimum for 256 centroids per sub-quantizer, and a
-    # bounded cost (OPQ on 784-d inputs dominates the demo's evaluation time).
-    add("OPQ8_64,PQ8 on raw vectors (faiss)", 64,
-        lambda: baselines.evaluate_faiss(ds, "OPQ8_64,PQ8", max_train=10_000))
-  except ImportError as e:
-    print(f"  faiss baseline skipped (faiss is not installed: {e})")
+  if args.no_faiss:
+    print("  faiss baseline skipped (--no-faiss)")
+  else:
+    try:
+      from spreading_jax import baselines
+      # 10k training rows: faiss' minimum for 256 centroids per sub-quantizer, and a
+      # bounded cost (OPQ on 784-d inputs dominates the demo's evaluation time).
+      add("OPQ8_64,PQ8 on raw vectors (faiss)", 64,
+          lambda: baselines.evaluate_faiss(ds, "OPQ8_64,PQ8", max_train=10_000))
+    except ImportError as e:
+      print(f"  faiss baseline skipped (faiss is not installed: {e})")
   table = evaluate.format_table(rows)
   print()
   print(table)
@@ -245,6 +258,10 @@ def _configure_train(p):
   p.add_argument("--quantizer", choices=("lattice", "sign"), default=None,
                  help="the code the model is for (default lattice); sign fixes d_out = bits")
   p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
+  p.add_argument("--log-dir", default=None,
+                 help="write TensorBoard event files here: one step per epoch (loss, "
+                 "triplet, KoLeo, violations, learning rate, validation recalls, mining and "
+                 "SGD seconds) and the config as text; watch with tensorboard --logdir DIR")
   p.add_argument("--out", required=True,
                  help="model directory to write: new, empty, or a saved model (replaced); "
                  "checked before training starts")
@@ -260,7 +277,8 @@ def train_cmd(args):
   from spreading_jax.train import TrainConfig, rows_to_read
   config = _load_config(args.config) if args.config else TrainConfig()
   overrides = {"epochs": args.epochs, "lambda_koleo": args.lambda_koleo, "d_out": args.d_out,
-               "checkpoint_dir": args.checkpoint_dir, "quantizer": args.quantizer}
+               "checkpoint_dir": args.checkpoint_dir, "quantizer": args.quantizer,
+               "log_dir": args.log_dir}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
@@ -274,6 +292,9 @@ def train_cmd(args):
     # Also when neither exists yet: the model would be written over the checkpoints.
     _outputs.check_apart(config.checkpoint_dir, "--checkpoint-dir", args.out, "--out")
     _outputs.check_checkpoint_dir(config.checkpoint_dir, inputs=[args.dataset, args.out])
+  if config.log_dir is not None and os.path.exists(config.log_dir) \
+      and not os.path.isdir(config.log_dir):
+    raise UserError(f"--log-dir {config.log_dir} exists and is not a directory")
   _init_distributed(args)
   import jax
   if Path(args.dataset).suffix.lower() in vecs_io.VECTOR_SUFFIXES:
@@ -299,7 +320,7 @@ train_cmd.configure = _configure_train
 
 
 def _configure_eval(p):
-  p.add_argument("model", help="model directory (from `train`)")
+  p.add_argument("model", help="model directory (written by train)")
   p.add_argument("dataset", help="dataset name or .hdf5 path")
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
 
@@ -406,7 +427,7 @@ build_cmd.configure = _configure_build
 def _configure_search(p):
   p.add_argument("index", help="index directory")
   p.add_argument("queries", help="query vectors file")
-  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
   p.add_argument("--out", required=True, help="prefix: writes PREFIX_I.npy and PREFIX_D.npy")
   p.add_argument("--key", default=None, help="HDF5 dataset name of the queries")
   p.add_argument("--groundtruth", default=None, help="ivecs/npy ground truth: print recall")
@@ -485,10 +506,13 @@ def _configure_bench(p):
   p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
 
-@command("bench", "run benchmarks/bench_NAME.py")
+@command("bench", "run benchmarks/bench_NAME.py (in a clone of the repository)")
 def bench_cmd(args):
   import runpy
   root = Path(__file__).resolve().parent.parent / "benchmarks"
+  if not root.is_dir():
+    raise UserError("the benchmarks are not part of the installed package: run spreading-jax "
+                    "bench from a clone of the repository")
   script = root / f"bench_{args.name}.py"
   if not script.is_file():
     names = sorted(p.stem[6:] for p in root.glob("bench_*.py"))
@@ -540,10 +564,20 @@ def user_error_message(e: BaseException) -> str | None:
   return " ".join(text.split()) or type(e).__name__
 
 
+# The top-level --help text (plain text: argparse prints it as it is).
+DESCRIPTION = ("Spreading vectors for similarity search: train a catalyzer, build, save and "
+               "search indexes of its lattice or sign codes. Run as spreading-jax COMMAND or "
+               "python -m spreading_jax COMMAND; spreading-jax COMMAND --help lists the "
+               "command's flags. A mistake in the input prints one line on stderr and exits "
+               "with status 2.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="spreading-jax", description=__doc__.splitlines()[0])
-  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = _Parser(prog="spreading-jax", description=DESCRIPTION)
+  parser.add_argument("-v", "--verbose", action="store_true",
+                      help="debug logging, and the traceback of a user error")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                              help="one of the commands below")
   for name, (fn, help) in COMMANDS.items():
     p = sub.add_parser(name, help=help, description=fn.__doc__ or help)
     getattr(fn, "configure", lambda p: None)(p)

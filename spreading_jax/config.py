@@ -96,6 +96,9 @@ class TrainConfig:
     seed: seed of initialization, shuffling, positive draws and the validation split.
     checkpoint_dir: directory for per-epoch checkpoints and history.jsonl; a run finds
       its last checkpoint there and resumes from it.
+    log_dir: directory for TensorBoard event files, one step per epoch (the numbers of
+      the history records) and the config as text; written by process 0 only. Where a
+      run logs is not part of the model: a saved model's config has log_dir None.
     verbose: progress bar and one log line per epoch.
   """
   d_out: int | None = None
@@ -124,6 +127,7 @@ class TrainConfig:
   num_train: int | None = None
   seed: int = 0
   checkpoint_dir: str | None = None
+  log_dir: str | None = None
   verbose: bool = True
 
   def __post_init__(self):

@@ -129,7 +129,8 @@ class TrainResult:
     """Writes the model to the directory ``path`` atomically (params + JSON metadata)."""
     blob = flax.serialization.to_bytes(self.variables)
     meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
-            "config": self.config.to_dict(), "d_in": self.d_in,
+            # Where the run wrote its TensorBoard events is not part of the model.
+            "config": self.config.replace(log_dir=None).to_dict(), "d_in": self.d_in,
             "input_scale": self.input_scale, "selection": self.selection,
             "variables_bytes": len(blob),
             "variables_sha256": _files.sha256_bytes(blob)}

@@ -28,9 +28,55 @@ def environment() -> dict:
           "device": jax.devices()[0].device_kind}
 
 
+# Flags whose absolute-path value gets another placeholder than the flag's own name.
+_PLACEHOLDERS = {"--root": "DATA_ROOT"}
+
+
+def portable_command(command: str, repo: str | os.PathLike | None = None) -> str:
+  """``command`` as a user would type it on another machine, for a results file: a path
+  inside the repository ``repo`` (default: the one this package runs from) becomes relative
+  to it, and any other absolute path, which names this machine, becomes a placeholder named
+  after its flag (``--torch-python /x/bin/python`` -> ``--torch-python TORCH_PYTHON``,
+  ``--root`` -> ``DATA_ROOT``, a positional path -> ``PATH``); an interpreter path becomes
+  its name.
+
+  Example:
+    >>> portable_command("/opt/py/bin/python /src/b.py --root /data --out=/scratch/o -k 3 x.npy",
+    ...                  repo="/src")
+    'python b.py --root DATA_ROOT --out=OUT -k 3 x.npy'
+  """
+  import shlex  # pylint: disable=import-outside-toplevel
+  repo = os.path.abspath(repo if repo is not None else Path(__file__).resolve().parents[1])
+  words, flag = [], None
+
+  def portable(word: str, flag: str | None, first: bool) -> str:
+    if not os.path.isabs(word):
+      return word
+    path = os.path.normpath(word)
+    if first and os.path.basename(path).startswith("python"):
+      return os.path.basename(path)
+    if path.startswith(repo + os.sep):
+      return os.path.relpath(path, repo)
+    if flag is None:
+      return "PATH"
+    return _PLACEHOLDERS.get(flag, flag.lstrip("-").replace("-", "_").upper())
+
+  for i, word in enumerate(shlex.split(command)):
+    if word.startswith("--") and "=" in word:
+      name, value = word.split("=", 1)
+      words.append(f"{name}={portable(value, name, False)}")
+      flag = None
+    else:
+      words.append(portable(word, flag, i == 0))
+      flag = word if word.startswith("-") and len(word) > 1 else None
+  return shlex.join(words)
+
+
 def write_report(out: str | os.PathLike, name: str, payload: dict, markdown: str
                  ) -> tuple[Path, Path]:
   """Writes ``out/name.json`` (``payload``) and ``out/name.md`` (``markdown``) atomically.
+
+  A ``command`` in ``payload`` is recorded as ``portable_command`` writes it.
 
   Args:
     out: directory, created if missing.
@@ -51,6 +97,8 @@ def write_report(out: str | os.PathLike, name: str, payload: dict, markdown: str
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   paths = out / f"{name}.json", out / f"{name}.md"
+  if isinstance(payload.get("command"), str):
+    payload = dict(payload, command=portable_command(payload["command"]))
   text = json.dumps(payload, indent=1, default=str)
   for path, content in zip(paths, (text, markdown.rstrip("\n") + "\n")):
     with atomic_output(path) as tmp:

@@ -257,7 +257,7 @@ def paired_gain(hits, reference, *, alpha: float = ALPHA, resamples: int = BOOTS
 
 def _screen_config(config: TrainConfig, epochs: int) -> TrainConfig:
   return config.replace(epochs=epochs, val_every=epochs, num_train=None, checkpoint_dir=None,
-                        verbose=False)
+                        log_dir=None, verbose=False)
 
 
 def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | None = None,

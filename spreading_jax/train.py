@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import binary, datasets, lattice, mining, search, sharding
+from spreading_jax import _tensorboard, binary, datasets, lattice, mining, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
@@ -459,7 +459,7 @@ def train(config: TrainConfig, dataset, mesh: Mesh | None = None,
 # Fields that may differ between the models of one program: λ is an array of the state and
 # the seed only sets keys (when the seeds give the same training rows and validation split);
 # a group of several models refuses to checkpoint.
-_MODEL_AXIS_FIELDS = ("lambda_koleo", "seed", "verbose", "checkpoint_dir")
+_MODEL_AXIS_FIELDS = ("lambda_koleo", "seed", "verbose", "checkpoint_dir", "log_dir")
 
 
 def train_many(configs, dataset, mesh: Mesh | None = None,
@@ -593,6 +593,8 @@ def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
     if start:
       logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)
 
+  # One writer per model (a no-op without log_dir).
+  writers = [_tensorboard.EpochWriter(c, first_epoch=start + 1) for c in configs]
   bar = tqdm(range(start, config.epochs), desc="train", unit="epoch",
              disable=not config.verbose, initial=start, total=config.epochs)
   try:
@@ -600,25 +602,28 @@ def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
       t_epoch = time.perf_counter()
       negatives, mining_s = [], []
       for result, miner, i in zip(results, miners, views):
-        t_mine = time.perf_counter()
         result.params, result.batch_stats = (_model_view(state.params, i),
                                              _model_view(state.batch_stats, i))
         yt = result.apply_device(xt_dev)
+        t_mine = time.perf_counter()
         negatives.append(jnp.asarray(miner(
             yt, l2_normalize(codec.quantize(yt)) if config.end_to_end else yt)))
         mining_s.append(time.perf_counter() - t_mine)
       epoch_keys = [jax.random.fold_in(key, epoch) for key in keys]
+      t_sgd = time.perf_counter()
       state, metrics = epoch_fn(state, xt_dev, positives,
                                 jnp.stack(negatives) if multi else negatives[0],
                                 jnp.stack(epoch_keys) if multi else epoch_keys[0])
       metrics = jax.device_get(metrics)
+      t_sgd = (time.perf_counter() - t_sgd) / len(configs)  # the models' shared program
       records = []
       for c, result, miner, best, i, t_mine in zip(configs, results, miners, bests, views,
                                                    mining_s):
         m = _model_view(metrics, i)
         record = {"epoch": epoch + 1, "lr": float(m["lr"][-1]), "loss": float(np.mean(m["loss"])),
                   "triplet": float(np.mean(m["triplet"])), "koleo": float(np.mean(m["koleo"])),
-                  "violations": int(np.sum(m["violations"])), "mining_s": round(t_mine, 3)}
+                  "violations": int(np.sum(m["violations"])), "mining_s": round(t_mine, 3),
+                  "sgd_s": round(t_sgd, 3)}
         if method == "graph":
           record.update(mining_recall=miner.last["recall"], mining_exact=miner.last["exact"],
                         mining_column=miner.last["column"])
@@ -644,11 +649,15 @@ def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
         _log_epoch(record, c, bar, i)
       if checkpointer is not None:
         checkpointer.save(epoch + 1, state.arrays(), bests[0], results[0].history)
+      for writer, record in zip(writers, records):
+        writer(record)
       if callback is not None:
         for record, i in zip(records, views):
           callback(record if i is None else {**record, "model": i})
   finally:
     bar.close()
+    for writer in writers:
+      writer.close()
     if checkpointer is not None:
       checkpointer.close()
   for result, best in zip(results, bests):

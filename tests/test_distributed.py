@@ -80,8 +80,8 @@ def test_two_process_train_and_encode(tmp_path):
       np.float32)  # 1001 rows: the two processes read slices of 500 and 501 rows
   np.save(tmp_path / "xt.npy", x)
   (tmp_path / "config.json").write_text(json.dumps(CONFIG))
-  job = _start_two_processes(["train", "xt.npy", "--config", "config.json", "--out", "model"],
-                             tmp_path, "train")
+  job = _start_two_processes(["train", "xt.npy", "--config", "config.json", "--out", "model",
+                              "--log-dir", "tb"], tmp_path, "train")
   try:
     # Meanwhile, the same training in this process on a 4-device mesh: same global
     # batches, same math (run while the job runs: its processes often wait on each other).
@@ -105,6 +105,13 @@ def test_two_process_train_and_encode(tmp_path):
     np.testing.assert_allclose(a["koleo"], b["koleo"], rtol=2e-2)
     assert abs(a["lattice_R@10"] - b["lattice_R@10"]) <= 4 / CONFIG["val_queries"] + 1e-9
   np.testing.assert_allclose(local.apply(x[:100]), remote.apply(x[:100]), atol=2e-2)
+  # TensorBoard events: process 0 alone writes them (one file, each epoch once).
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  assert len(list((tmp_path / "tb").iterdir())) == 1
+  events = ea.EventAccumulator(str(tmp_path / "tb"), size_guidance={ea.SCALARS: 0})
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+      (h["epoch"], float(np.float32(h["loss"]))) for h in remote.history]
 
   # Distributed encoding: each process writes the codes of its own slice.
   _wait(_start_two_processes(["encode", "model", "xt.npy", "codes.npy"], tmp_path, "encode"),

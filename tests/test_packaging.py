@@ -1,5 +1,6 @@
-"""One dependency list: requirements*.txt mirror pyproject.toml; the shipped data is package
-data; the package imports no third-party module that is not a dependency."""
+"""One dependency list: requirements*.txt mirror pyproject.toml; the accelerator extras pass
+through to jax's; the shipped data is package data; the package imports no third-party
+module that is not a dependency."""
 from __future__ import annotations
 
 import ast
@@ -25,12 +26,31 @@ def _norm(req: str) -> str:
   return re.sub(r"\s+", "", req).lower()
 
 
+# The accelerator extras: each is jax's extra of the same name.
+ACCELERATOR_EXTRAS = ("cuda12", "tpu")
+
+
 def test_requirements_files_mirror_pyproject():
   project = PYPROJECT["project"]
   assert (sorted(map(_norm, _requirements(ROOT / "requirements.txt")))
           == sorted(map(_norm, project["dependencies"])))
-  assert (sorted(map(_norm, _requirements(ROOT / "requirements-dev.txt")))
-          == sorted(map(_norm, project["optional-dependencies"]["test"])))
+  extras = project["optional-dependencies"]
+  assert set(extras) == {"test", *ACCELERATOR_EXTRAS}
+  for extra, requirements in extras.items():
+    path = ROOT / ("requirements-dev.txt" if extra == "test" else f"requirements-{extra}.txt")
+    assert sorted(map(_norm, _requirements(path))) == sorted(map(_norm, requirements)), path
+
+
+def test_accelerator_extras_pass_through_to_jax():
+  """Catches an extra that asks jax for an extra jax does not have (pip only warns and
+  installs the CPU build) or for another jax version than the package needs."""
+  import importlib.metadata
+  project = PYPROJECT["project"]
+  (jax_req,) = [r for r in project["dependencies"] if _name(r) == "jax"]
+  provided = importlib.metadata.metadata("jax").get_all("Provides-Extra")
+  for extra in ACCELERATOR_EXTRAS:
+    assert project["optional-dependencies"][extra] == [jax_req.replace("jax", f"jax[{extra}]")]
+    assert extra in provided, f"the installed jax has no [{extra}] extra"
 
 
 def _name(req: str) -> str:
@@ -38,7 +58,8 @@ def _name(req: str) -> str:
 
 
 # Distribution name -> the module it installs, where they differ.
-_MODULE = {"orbax-checkpoint": "orbax", "faiss-cpu": "faiss", "tomli": "tomli"}
+_MODULE = {"orbax-checkpoint": "orbax", "faiss-cpu": "faiss", "tomli": "tomli",
+           "tensorboardx": "tensorboardX"}
 
 
 def _imports(paths) -> set[str]:
