@@ -183,13 +183,13 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def validation_ranking(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
-  """Does validation rank candidates as the test does? The λ grid (at d_out=24, as one
-  program) and the d_out grid (at λ=0.05), each model trained once on the training vectors
-  less ``val_queries`` held-out queries; its validation recall@10 is measured against (a) a
+  """Does validation rank candidates as the test does? The λ grid (at the paper's d_out, as
+  one program) and the d_out grid (``grid``, default 16 ... 64, at λ=0.05, each with the
+  largest r² that fits ``bits``), each model trained once on the training vectors less
+  ``val_queries`` held-out queries; its validation recall@10 is measured against (a) a
   database carved out of the training vectors (min(10k, n/5) rows, the previous default)
   and (b) every training vector but the queries (the current default), beside its test
-  recall. Rows "spearman ..." give the rank correlation of (a) and (b) with the test."""
-  del grid
+  recall. Rows "Spearman ..." give the rank correlation of (a) and (b) with the test."""
   n = dataset.nt
   tc = config.replace(r2=None, val_every=1)
   train_idx, q_idx, b_idx = split_indices(n, tc)
@@ -200,10 +200,13 @@ def validation_ranking(dataset, config: TrainConfig, grid=None) -> tuple[Rows, M
             "large": validation_split(x[q_idx], x[b_idx])}
   xt = np.asarray(x[train_idx], np.float32)
   base = tc.replace(val_every=0)
-  runs = [("lambda", 24, lam) for lam in selection.PAPER_LAMBDAS] + [
-      ("d_out", d, selection.PAPER_LAMBDA) for d in selection.D_OUT_CANDIDATES if d != 24]
-  configs = [base.replace(d_out=d, r2=lattice.zn_r2_for_bits(d, config.bits), lambda_koleo=lam)
-             for _, d, lam in runs]
+  paper_d, paper_r2 = selection.incumbent_shape(config.bits)
+  shapes = dict(selection.candidate_shapes(config.bits, "lattice",
+                                           grid or selection.D_OUT_CANDIDATES))
+  shapes[paper_d] = paper_r2
+  runs = [("lambda", paper_d, lam) for lam in selection.PAPER_LAMBDAS] + [
+      ("d_out", d, selection.PAPER_LAMBDA) for d in shapes if d != paper_d]
+  configs = [base.replace(d_out=d, r2=shapes[d], lambda_koleo=lam) for _, d, lam in runs]
   trained = train_many([_logged(c, f"d_out={c.d_out},lambda={c.lambda_koleo:g}")
                         for c in configs], xt)
   rows, models = [], {}
@@ -218,7 +221,8 @@ def validation_ranking(dataset, config: TrainConfig, grid=None) -> tuple[Rows, M
                  "val_large": val["large"],
                  "recall": evaluate.evaluate_lattice(dataset, model.apply, codec)})
     models[f"d_out={d},lambda={lam:g}"] = model
-  shared = next(r for r in rows if r["d_out"] == 24 and r["lambda"] == selection.PAPER_LAMBDA)
+  shared = next(r for r in rows
+                if r["d_out"] == paper_d and r["lambda"] == selection.PAPER_LAMBDA)
   for kind in ("lambda", "d_out"):
     grid_rows = [r for r in rows if r["grid"] == kind] + ([shared] if kind == "d_out" else [])
     test = [r["recall"][10] for r in grid_rows]

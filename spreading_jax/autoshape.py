@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from spreading_jax import _files
+from spreading_jax._validation import check_vectors
 from spreading_jax.checkpoint import fingerprint
 from spreading_jax.config import TrainConfig
 from spreading_jax.model import TrainResult
@@ -48,10 +49,7 @@ def fit(config: TrainConfig, dataset, mesh=None, callback: Callable[[dict], Any]
   """
   if config.shape_is_set:
     return train(config, dataset, mesh, callback, validation)
-  x_all = getattr(dataset, "train", dataset)
-  if not hasattr(x_all, "shape") or len(x_all.shape) != 2:
-    raise ValueError(f"dataset.train must be a 2-D array of vectors, got "
-                     f"{type(x_all).__name__}")
+  x_all = check_vectors("dataset.train", getattr(dataset, "train", dataset), min_rows=1)
   rows = split_indices(int(x_all.shape[0]),
                        config.replace(val_every=0) if validation is not None else config)[0]
   xt = np.asarray(x_all[rows], np.float32)

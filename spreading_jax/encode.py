@@ -336,13 +336,13 @@ def encoder_fingerprint(mesh: Mesh | None = None) -> dict:
   and device kind, the jax/jaxlib versions and XLA_FLAGS (the forced host device count
   left out). Not the chunk size, the number of devices or the resume point (see
   ``block_rows``)."""
-  import jaxlib  # pylint: disable=import-outside-toplevel
+  from importlib.metadata import version  # pylint: disable=import-outside-toplevel
   device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
   flags = sorted(f for f in os.environ.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count"))
   return {"block_rows": block_rows(), "platform": device.platform,
           "device_kind": device.device_kind, "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "xla_flags": flags}
+          "jaxlib": version("jaxlib"), "xla_flags": flags}
 
 
 def input_fingerprint(path: str, x, key: str | None) -> dict:

@@ -15,7 +15,8 @@ CONFIGS = sorted(glob.glob(os.path.join(EXPERIMENTS, "configs", "*.py")))
 TINY = ["dataset=fashion-mnist-mini", "epochs=1", "hidden=32", "nb=1000", "nq=20", "nt=1010",
         "val_queries=50", "bits=16", "d_out=8", "verbose=false"]
 GRIDS = {"table1_lattice": None, "table2_binary": "16", "crossval_lambda": "0,0.05",
-         "dout_sweep": "8", "lattice_ablation": "0.05"}
+         "dout_sweep": "8", "lattice_ablation": "0.05", "validation_ranking": "8",
+         "auto_shape": None}
 QUOTE = re.compile(r"^  ([\w-]+): (.+?)(?: (\d+)b)? = "
                    r"([\d.]+)/([\d.]+)/([\d.]+)$", re.M)
 

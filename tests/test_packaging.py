@@ -79,9 +79,10 @@ def test_every_dependency_is_imported_and_every_import_is_a_dependency():
           for r in PYPROJECT["project"]["optional-dependencies"]["test"]}
   library = _imports((ROOT / "spreading_jax").glob("*.py"))
   tests = _imports((ROOT / "tests").glob("*.py"))
+  local = {p.stem for p in (ROOT / "tests").glob("*.py")}  # the tests' own helpers
   third_party = lambda names: {n for n in names  # noqa: E731
                                if n not in sys.stdlib_module_names and n not in (
-                                   "spreading_jax", "conftest")}
+                                   "spreading_jax", *local)}
   # faiss is optional at run time (baselines import it lazily) and comes with the extra.
   assert third_party(library) - runtime <= {"faiss"}
   assert third_party(tests) - runtime - test == set()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -482,14 +483,13 @@ def test_messages_of_extreme_inputs(tmp_path):
   or Inf); "has index format version '2', this library reads version 2". Red with numpy's
   issubdtype (no bfloat16), without the unit-row flag of the forward pass, or with the
   old version message."""
-  import ml_dtypes
   from spreading_jax._validation import check_vectors
-  check_vectors("xq", np.ones((2, 3), ml_dtypes.bfloat16))
+  check_vectors("xq", np.ones((2, 3), jnp.bfloat16))
   with pytest.raises(ValueError, match="NaN or Inf"):
-    check_vectors("xq", np.array([[1, np.nan]], ml_dtypes.bfloat16))
+    check_vectors("xq", np.array([[1, np.nan]], jnp.bfloat16))
   index = SpreadingIndex(_random_model(1), "zn")
   index.add(np.random.default_rng(0).standard_normal((50, D_IN)).astype(np.float32))
-  index.search(np.ones((2, D_IN), ml_dtypes.bfloat16), 3)
+  index.search(np.ones((2, D_IN), jnp.bfloat16), 3)
   with pytest.raises(ValueError, match=r"row 1 \(values up to 3e\+38\) overflows"):
     index.search(np.stack([np.ones(D_IN), np.full(D_IN, 3e38)]).astype(np.float32), 3)
   index.save(tmp_path / "i")
