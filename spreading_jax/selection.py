@@ -357,17 +357,17 @@ def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | 
       table.append(row)
       logger.info("screen d_out=%d r2=%s lambda=%g: %s %.3f", d, r2, lam, metric, row[metric])
 
-  def beats(cand: tuple, ref: tuple) -> bool:
-    """Whether cand's validation gain over ref is above the noise (and fills the row)."""
-    gain, low = paired_gain(hits[cand], hits[ref], alpha=level, seed=config.seed)
-    row = next(r for r in table if (r["d_out"], r["r2"], r["lambda_koleo"]) == cand)
-    row.update(gain=round(gain, 4), gain_low=round(low, 4))
-    return low > 0
-
-  def best_of(cands: list[tuple]) -> tuple:
-    scores = [next(r[metric] for r in table if (r["d_out"], r["r2"], r["lambda_koleo"]) == c)
-              for c in cands]
-    return cands[int(np.argmax(scores))]
+  def challenge(cands: list[tuple], ref: tuple) -> tuple | None:
+    """The best of ``cands`` by validation when its gain over ``ref`` is above the noise,
+    else None; every candidate's row gets its gain and lower bound."""
+    rows = {(r["d_out"], r["r2"], r["lambda_koleo"]): r for r in table}
+    bounds = {}
+    for c in cands:
+      if c != ref:
+        gain, bounds[c] = paired_gain(hits[c], hits[ref], alpha=level, seed=config.seed)
+        rows[c].update(gain=round(gain, 4), gain_low=round(bounds[c], 4))
+    best = cands[int(np.argmax([rows[c][metric] for c in cands]))]
+    return best if bounds.get(best, 0.0) > 0 else None
 
   inc = (incumbent[0], incumbent[1], lam0)
   chosen, reason = inc, "the paper's shape: no candidate beat it by more than the noise"
@@ -375,11 +375,8 @@ def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | 
     cands = [(d, r2, lam0) for d, r2 in shapes]
     for c in cands:
       screen([c])
-    best = best_of(cands)
-    for c in cands:
-      if c != inc:
-        beats(c, inc)
-    if best != inc and beats(best, inc):
+    best = challenge(cands, inc)
+    if best is not None:
       chosen = best
       reason = f"d_out={best[0]} beat the paper's shape by more than the noise"
   if "lambda" in plan["stages"]:
@@ -388,12 +385,8 @@ def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | 
     todo = [(d, r2, lam) for lam in lams if (d, r2, lam) not in hits]
     if todo:
       screen(todo)
-    cands = [(d, r2, lam) for lam in lams]
-    best = best_of(cands)
-    for c in cands:
-      if c != ref:
-        beats(c, ref)
-    if best != ref and beats(best, ref):
+    best = challenge([(d, r2, lam) for lam in lams], ref)
+    if best is not None:
       chosen = best
       reason = (f"lambda={best[2]:g} beat lambda={lam0:g} at d_out={d} by more than the "
                 "noise" + (f"; {reason}" if ref != inc else ""))
