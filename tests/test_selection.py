@@ -63,7 +63,7 @@ def test_screening_fits_half_the_final_run_or_keeps_the_incumbent(n, epochs):
 
 
 def test_paired_gain_controls_false_wins():
-  """Catches a noise rule that lets equal models win (an unpaired or a two-sided bound):
+  """Catches a noise rule that lets equal models win (seen red with the upper quantile):
   pairs of models with the same per-query hit rate, correlated as two shapes of one
   catalyzer are, must beat each other at most about alpha of the time."""
   rng = np.random.default_rng(0)
