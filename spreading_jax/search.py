@@ -817,13 +817,16 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
 # ---------------------------------------------------------------------------------------
 # Metrics.
 
-def recall_at(indices, groundtruth, ks: Sequence[int] = (1, 10, 100)) -> dict[int, float]:
+def recall_at(indices, groundtruth, ks: Sequence[int] = (1, 10, 100),
+              hits: dict | None = None) -> dict[int, float]:
   """The paper's 1-recall@k: fraction of queries whose true nearest neighbour is in the top k.
 
   Args:
     indices: i32[nq, K] search results (K >= max(ks)).
     groundtruth: i32[nq, >=1]; column 0 is the true nearest neighbour.
     ks: the k values to report.
+    hits: optional dict that receives {k: bool[nq]}, whether each query's true nearest
+      neighbour is in its top k (paired comparisons of two models on the same queries).
 
   Returns:
     {k: recall} with recall in [0, 1].
@@ -845,6 +848,8 @@ def recall_at(indices, groundtruth, ks: Sequence[int] = (1, 10, 100)) -> dict[in
       raise ValueError(f"recall@{k} needs at least {k} results per query, got {indices.shape[1]}")
     hit = np.any(indices[:, :k] == groundtruth[:, :1], axis=1)
     out[k] = float(hit.mean()) if len(hit) else 0.0
+    if hits is not None:
+      hits[k] = hit
   return out
 
 

@@ -376,12 +376,11 @@ def validation_recalls(yq, yb, val: ValidationSplit, codec, mesh: Mesh | None = 
   for name, (_, ids) in (
       ("lattice", search.knn(yq, points, k, metric="ip", mesh=mesh)),
       ("sign", search.hamming_knn(binary.sign_codes(yq), binary.sign_codes(yb), k, mesh=mesh))):
-    found = np.asarray(ids) == val.groundtruth[:, :1]
-    for r in ks:
-      h = found[:, :r].any(axis=1)
-      out[f"{name}_R@{r}"] = float(h.mean())
+    per_query: dict = {}
+    for r, v in search.recall_at(ids, val.groundtruth, ks, per_query).items():
+      out[f"{name}_R@{r}"] = v
       if hits is not None:
-        hits[f"{name}_R@{r}"] = h
+        hits[f"{name}_R@{r}"] = per_query[r]
   return out
 
 
