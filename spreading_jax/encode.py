@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import lattice, sharding
+from spreading_jax import _signals, lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.config import make_codec
@@ -234,15 +234,23 @@ class EncodeStream:
 
   def __enter__(self):
     self._thread = threading.Thread(target=self._read, name="encode-reader", daemon=True)
-    self._thread.start()
-    return self
+    try:
+      self._thread.start()
+      return self
+    except BaseException:  # e.g. a signal: the with block's __exit__ would not run
+      self.__exit__()
+      raise
 
   def __exit__(self, *exc):
-    self._stop.set()
-    with contextlib.suppress(queue.Empty):
-      while True:  # unblock a reader waiting on a full queue
-        self._queue.get_nowait()
-    self._thread.join()
+    # The reader is joined even when SIGINT/SIGTERM arrives meanwhile (the signal is
+    # raised once it has ended): a reader left inside jax while the interpreter exits
+    # aborts the process ("terminate called ... FATAL: exception not rethrown").
+    with _signals.deferred():
+      self._stop.set()
+      with contextlib.suppress(queue.Empty):
+        while True:  # unblock a reader waiting on a full queue
+          self._queue.get_nowait()
+      self._thread.join()
 
   def _put(self, item) -> bool:
     while not self._stop.is_set():

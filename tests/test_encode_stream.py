@@ -10,6 +10,8 @@ different codes until their codes differ by one float step), where any differenc
 float rounding of the catalyzer flips codes: on XLA:CPU a 20000-row program gave ~100 of
 these 1958 rows another code than the 2048-row block program.
 """
+import os
+import signal
 import threading
 import time
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spreading_jax import encode, sharding
+from spreading_jax import _signals, encode, sharding
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.cli import main
 from spreading_jax.config import TrainConfig, make_codec
@@ -199,6 +201,39 @@ def test_reads_run_ahead_of_the_compute_but_boundedly(model):
     if kind == "yield":
       read_before = sum(1 for k, _ in log[:i] if k == "read")
       assert min(lo // b + 2, 12) <= read_before <= lo // b + 1 + 1 + encode._PREFETCH + 1, log
+  assert not _readers()
+
+
+class _SlowRows(_LoggedRows):
+  """Rows whose every chunk read takes `delay` seconds (a slow disk)."""
+
+  def __init__(self, x, delay):
+    super().__init__(x, [])
+    self.delay = delay
+
+  def __getitem__(self, rows):
+    time.sleep(self.delay)
+    return super().__getitem__(rows)
+
+
+def test_a_signal_while_the_stream_stops_still_joins_the_reader(model):
+  """Bug caught: `spreading-jax encode` killed by SIGTERM sometimes aborted ("terminate
+  called ... FATAL: exception not rethrown", status -6) instead of exiting 143: a second
+  signal, or the first one arriving while the stream stopped, interrupted the join, and
+  the interpreter exited with the reader thread inside jax. Here Ctrl-C interrupts the
+  consumer and a SIGTERM lands while the stream waits for the reader's slow read. Red
+  without the deferral in EncodeStream.__exit__ (the reader is still alive)."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signals are delivered to the main thread only")
+  b = encode.block_rows()
+  x = _SlowRows(np.zeros((8 * b, D_IN), np.float32), delay=0.5)
+  with pytest.raises(_signals.Interrupted) as raised, _signals.handling():
+    with encode.EncodeStream(model, x, chunk=b) as stream:
+      for _ in stream:
+        # The reader is now inside a 0.5 s read; SIGTERM arrives 0.1 s into the stop.
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        os.kill(os.getpid(), signal.SIGINT)
+  assert raised.value.signum == signal.SIGTERM  # raised once the reader had ended
   assert not _readers()
 
 
