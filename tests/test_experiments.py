@@ -12,7 +12,9 @@ import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "experiments")
 REPO = os.path.dirname(EXPERIMENTS)
-CONFIGS = sorted(glob.glob(os.path.join(EXPERIMENTS, "configs", "*.py")))
+# paper.py is the paper's recipe for `spreading-jax train --config`, no experiment.
+PAPER = os.path.join(EXPERIMENTS, "configs", "paper.py")
+CONFIGS = sorted(p for p in glob.glob(os.path.join(EXPERIMENTS, "configs", "*.py")) if p != PAPER)
 # nt=1010: 50 validation queries, 192 database, 768 training rows (12 full batches of 64).
 TINY = ["dataset=fashion-mnist-mini", "epochs=1", "hidden=32", "nb=1000", "nq=20", "nt=1010",
         "val_queries=50", "bits=16", "d_out=8", "verbose=false"]
@@ -120,6 +122,22 @@ def test_configs_resolve_to_the_train_config_of_their_recorded_runs(path):
       == {**{k: None for k in _runner().KEYS}, **recorded_keys}
 
 
+def test_paper_config_holds_the_paper_recipe():
+  """Catches a change to the paper's recipe file (the former paper.json, whose fields it
+  keeps), or a CLI that cannot read it."""
+  from spreading_jax.cli import load_config
+  from spreading_jax.config import make_codec
+  config = load_config(PAPER)
+  assert set(config) == {"train"}
+  c = config["train"]
+  assert (c.d_out, c.hidden, c.epochs, c.batch_size, c.num_train) == (24, (1024, 1024), 160, 64,
+                                                                      500_000)
+  assert (c.lr_schedule, c.momentum, c.lambda_koleo, c.rank_positive, c.rank_negative) == (
+      (0.1, 0.1, 0.05, 0.01), 0.9, 0.05, 10, 50)
+  assert (c.r2, c.bits, c.val_every, c.val_queries, c.end_to_end) == (79, 64, 10, 1000, False)
+  assert make_codec(c).code_bits <= 64
+
+
 # Fields the old 15-key experiment configs could not set, each away from its default.
 UNREACHABLE_BEFORE = {"batch_size": 32, "bn_mode": "joint", "end_to_end": True,
                       "mining": "exact", "drop_remainder": True}
@@ -168,7 +186,7 @@ def test_cli_reads_the_runner_configs_and_set_reaches_fit(tmp_path, monkeypatch)
     raise _Stop
 
   monkeypatch.setattr(autoshape, "fit", capture)
-  for spec in [f"{p}:siftsmall" for p in CONFIGS]:
+  for spec in [f"{p}:siftsmall" for p in CONFIGS] + [PAPER]:
     seen = []
     with pytest.raises(_Stop):
       main(["train", "fashion-mnist-mini", "--config", spec, "--out", str(tmp_path / "m")])
