@@ -381,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = p.parse_args(argv)
   try:
     config = load_config(args.config, args.set, KEYS)
+    if config["experiment"] not in EXPERIMENTS:
+      raise ValueError(f"{args.config}: experiment={config['experiment']!r}; known: "
+                       f"{sorted(EXPERIMENTS)}")
   except ValueError as e:
     p.error(str(e))
   argv = sys.argv[1:] if argv is None else list(argv)

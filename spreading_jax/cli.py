@@ -289,13 +289,16 @@ def load_config(spec: str | None, sets=(), keys=None) -> dict:
     if keys and key not in keys and key not in fields:
       raise ValueError(f"--set {item!r}: {key!r} is neither one of {sorted(keys)} nor a "
                        f"TrainConfig field ({', '.join(fields)})")
-    try:
-      if key in keys:
+    if key in keys:
+      try:
         config[key] = keys[key][1](text)
-      else:
+      except ValueError as e:
+        raise ValueError(f"--set {key}={text!r}: {e}") from None
+    else:
+      try:
         train = replace_from_strings(train, {key: text})
-    except ValueError as e:
-      raise ValueError(f"--set {item!r}: {e}") from None
+      except ValueError as e:  # e names the field and the value
+        raise ValueError(f"--set {e}") from None
   return {**config, "train": train}
 
 

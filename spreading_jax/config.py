@@ -239,7 +239,8 @@ def replace_from_strings(config: TrainConfig, changes: dict[str, str]) -> TrainC
       parsed[name] = _parse_text(text, kinds)
     except ValueError as e:
       expected = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
-      raise ValueError(f"{name}={text!r}: expected {expected} ({e})") from None
+      why = f" ({e})" if str(e) else ""
+      raise ValueError(f"{name}={text!r}: expected {expected}{why}") from None
   return config.replace(**parsed)
 
 
@@ -256,13 +257,17 @@ def _parse_text(text: str, kinds: list[str]):
     if text.lower() not in ("true", "false"):
       raise ValueError("write true or false")
     return text.lower() == "true"
-  if "int" in kinds:
-    return int(text)
-  if "float" in kinds:
-    value = float(text)
-    if not math.isfinite(value):
-      raise ValueError("not a finite number")
-    return value
-  if kinds[0].startswith("tuple[int"):
-    return tuple(int(v) for v in text.split(","))
-  return text  # str, and lr_schedule (parsed and checked by parse_lr_schedule)
+  try:
+    if "int" in kinds:
+      return int(text)
+    if "float" in kinds:
+      value = float(text)
+    elif kinds[0].startswith("tuple[int"):
+      return tuple(int(v) for v in text.split(","))
+    else:
+      return text  # str, and lr_schedule (parsed and checked by parse_lr_schedule)
+  except ValueError:
+    raise ValueError("") from None  # the caller names the expected type
+  if not math.isfinite(value):
+    raise ValueError("not a finite number")
+  return value

@@ -98,6 +98,9 @@ def test_runner_rejects_unknown_keys_and_missing_files(tmp_path, capsys):
   with pytest.raises(SystemExit):
     run.main([str(tmp_path / "nope.py")])
   assert "does not exist" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a config for `spreading-jax train`, no experiment
+    run.main([PAPER])
+  assert "experiment=None" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", RECORDED, ids=lambda p: os.path.relpath(p, EXPERIMENTS))
