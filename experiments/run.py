@@ -3,14 +3,19 @@
     python experiments/run.py experiments/configs/table1_lattice.py:fashion-mnist
     python experiments/run.py experiments/configs/dout_sweep.py:siftsmall --set epochs=1
 
-A config is a python file whose ``get_config(arg)`` returns a dict of the keys in
-``DEFAULTS`` (``arg`` is the text after ":", the dataset); its docstring states the exact
-command, the expected runtime and the numbers a recorded run produced. ``--set key=value``
-overrides a key (the value is read as JSON, or as comma-separated numbers). The run writes
-``<out>/<name>.json`` (command, config, versions, device, wall time, every row and the
-training histories), ``<out>/<name>.md`` and PNG plots; ``<out>`` defaults to
-``experiments/results/<dataset>/``. ``--log-dir DIR`` also writes TensorBoard event files of
-every trained model to ``DIR/<name>/<model>/``, one step per epoch.
+A config is a python file whose ``get_config(arg)`` returns a dict: "train", the whole
+``TrainConfig`` the experiment starts from (each experiment varies the fields its grid
+sweeps), and the experiment's own keys of ``KEYS`` (``arg`` is the text after ":", the
+dataset); its docstring states the exact command, the expected runtime and the numbers a
+recorded run produced. The same file format is ``spreading-jax train --config``'s
+(``spreading_jax.cli.load_config`` reads both). ``--set key=value`` replaces any
+TrainConfig field (parsed by its type, e.g. ``--set batch_size=128 --set bn_mode=joint``)
+or one of ``KEYS``; it changes that field only (``--set epochs=160`` keeps the config's
+``val_every``: set it too). The run writes ``<out>/<name>.json`` (command, config, the whole
+TrainConfig, versions, device, wall time, every row and the training histories),
+``<out>/<name>.md`` and PNG plots; ``<out>`` defaults to ``experiments/results/<dataset>/``.
+``--log-dir DIR`` also writes TensorBoard event files of every trained model to
+``DIR/<name>/<model>/``, one step per epoch.
 
 Experiments (the ``experiment`` key): ``table1_lattice``, ``table2_binary``,
 ``crossval_lambda``, ``dout_sweep``, ``lattice_ablation``, ``validation_ranking``,
@@ -20,8 +25,6 @@ from ``spreading_jax.evaluate``'s protocols.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import sys
 import time
@@ -31,24 +34,42 @@ import numpy as np
 
 from spreading_jax import datasets, evaluate, lattice, report, selection
 from spreading_jax.autoshape import fit
+from spreading_jax.cli import load_config
 from spreading_jax.train import (TrainConfig, TrainResult, split_indices, train,
                                  train_many, validation_recalls, validation_split)
 
-DEFAULTS: dict[str, Any] = {
-    "experiment": None,      # one of EXPERIMENTS
-    "name": None,            # report file stem (default: the experiment)
-    "dataset": "fashion-mnist",
-    "root": None,            # data root (default: $SPREADING_DATA)
-    "nb": None, "nq": None, "nt": None,  # subset sizes (None: the whole split)
-    "epochs": 160,
-    "hidden": (1024, 1024),
-    "seed": 0,
-    "bits": 64,              # code budget of the lattice (table1, crossval, dout_sweep)
-    "d_out": 24,             # catalyzer output dimension
-    "lambda_koleo": 0.05,    # KoLeo weight (the original's default; None: cross-validated)
-    "val_queries": 1000,
-    "grid": None,            # the swept values (None: the paper's)
-    "verbose": False,        # per-epoch log lines
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+  """A --set parser that reads "none" as None and anything else with ``parse``."""
+  return lambda text: None if text.strip().lower() in ("none", "null") else parse(text)
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+  """``"16,32"`` -> (16, 32); ``"0,0.05"`` -> (0, 0.05) (integers stay integers)."""
+  try:
+    return tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v)
+                 for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"{text!r} must be comma-separated numbers") from None
+
+
+def _integer(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"{text!r} must be an integer") from None
+
+
+# The experiment's own keys beside "train": name -> (default, parser of a --set value).
+KEYS: dict[str, tuple[Any, Callable[[str], Any]]] = {
+    "experiment": (None, str),                 # one of EXPERIMENTS
+    "name": (None, _optional(str)),            # report file stem (default: the experiment)
+    "dataset": ("fashion-mnist", str),
+    "root": (None, _optional(str)),            # data root (default: $SPREADING_DATA)
+    "nb": (None, _optional(_integer)),         # subset sizes (None: the whole split)
+    "nq": (None, _optional(_integer)),
+    "nt": (None, _optional(_integer)),
+    "grid": (None, _optional(_numbers)),       # the swept values (None: the paper's)
 }
 LAMBDAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 Rows = list[dict]
@@ -287,57 +308,10 @@ EXPERIMENTS: dict[str, Callable[..., tuple[Rows, Models]]] = {
                             lattice_ablation, validation_ranking, auto_shape)}
 
 
-def load_config(spec: str) -> dict:
-  """``path/to/config.py[:arg]`` -> DEFAULTS updated by the file's ``get_config(arg)``."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("experiment_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  unknown = set(config) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-  return {**DEFAULTS, **config}
-
-
-def _parse_value(text: str) -> Any:
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    pass
-  try:
-    return [json.loads(v) for v in text.split(",") if v.strip()]
-  except json.JSONDecodeError:
-    return text
-
-
-def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
-  """``key=value`` strings applied to ``config`` (values parsed by ``_parse_value``)."""
-  config = dict(config)
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep or key not in DEFAULTS:
-      raise ValueError(f"--set {item!r}: expected key=value with key in {sorted(DEFAULTS)}")
-    config[key] = _parse_value(value)
-  return config
-
-
-def train_config(config: dict) -> TrainConfig:
-  """The ``TrainConfig`` of an experiment config (the paper's recipe otherwise)."""
-  hidden = config["hidden"]
-  hidden = (hidden,) if isinstance(hidden, int) else tuple(int(h) for h in hidden)
-  epochs = int(config["epochs"])
-  return TrainConfig(epochs=epochs, hidden=hidden, seed=config["seed"],
-                     val_queries=config["val_queries"], val_every=max(1, epochs // 5),
-                     verbose=bool(config["verbose"]), bits=config["bits"],
-                     d_out=config["d_out"], lambda_koleo=config["lambda_koleo"], r2=None)
-
-
 def run(config: dict, out: str | None = None, command: str | None = None,
         log_dir: str | None = None) -> dict:
-  """Runs ``config`` (see ``DEFAULTS``) and writes its report; returns the JSON payload.
+  """Runs ``config`` (``load_config``'s dict: "train" and ``KEYS``) and writes its report;
+  returns the JSON payload.
 
   With ``log_dir``, every trained model writes TensorBoard events to
   ``log_dir/<name>/<model>`` (e.g. ``runs/crossval_lambda/lambda=0.01``)."""
@@ -348,7 +322,7 @@ def run(config: dict, out: str | None = None, command: str | None = None,
   ds = datasets.load_dataset(config["dataset"], config["root"])
   if config["nb"] or config["nq"] or config["nt"]:
     ds = ds.subset(nb=config["nb"], nq=config["nq"], nt=config["nt"])
-  tc = train_config(config)
+  tc = config["train"]
   if log_dir is not None:
     tc = tc.replace(log_dir=os.path.join(log_dir, stem))
   out = out or os.path.join("experiments", "results", os.path.basename(str(config["dataset"])))
@@ -378,8 +352,9 @@ def run(config: dict, out: str | None = None, command: str | None = None,
     report.plot_training({n: m.history for n, m in unique.items()},
                          os.path.join(out, f"{stem}_training.png"))
   command = report.portable_command(command or " ".join(["python", *sys.argv]))
-  payload = {"experiment": name, "command": command, "config": config,
-             "train_config": tc.replace(log_dir=None).to_dict(), "seed": config["seed"],
+  payload = {"experiment": name, "command": command,
+             "config": {k: v for k, v in config.items() if k != "train"},
+             "train_config": tc.replace(log_dir=None).to_dict(), "seed": tc.seed,
              "versions": report.environment(), "wall_time_s": wall,
              "sizes": {"nt": ds.nt, "nb": ds.nb, "nq": ds.nq},
              "rows": [{**r, "recall": {str(k): v for k, v in r["recall"].items()}}
@@ -397,14 +372,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("config", help="config file, optionally with :ARG (e.g. "
                  "experiments/configs/table1_lattice.py:siftsmall)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a config key (repeatable), e.g. --set epochs=1")
+                 help="replace a TrainConfig field or a config key (repeatable), e.g. "
+                 "--set epochs=1 --set batch_size=128")
   p.add_argument("--out", default=None, help="report directory (default "
                  "experiments/results/<dataset>/)")
   p.add_argument("--log-dir", default=None, help="TensorBoard event files of every trained "
                  "model, in LOG_DIR/<name>/<model>/ (one step per epoch)")
   args = p.parse_args(argv)
   try:
-    config = apply_overrides(load_config(args.config), args.set)
+    config = load_config(args.config, args.set, KEYS)
+    if config["experiment"] not in EXPERIMENTS:
+      raise ValueError(f"{args.config}: experiment={config['experiment']!r}; known: "
+                       f"{sorted(EXPERIMENTS)}")
   except ValueError as e:
     p.error(str(e))
   argv = sys.argv[1:] if argv is None else list(argv)

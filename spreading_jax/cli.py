@@ -224,25 +224,94 @@ def _load_index(path):
     raise UserError(f"{path}: corrupt faiss index ({_faiss_message(e)})") from e
 
 
-def _load_config(path: str):
-  """A TrainConfig from a JSON file; UserError for a directory, bad JSON or wrong types."""
-  from spreading_jax.config import TrainConfig
-  if os.path.isdir(path):
-    raise UserError(f"--config {path} is a directory, a JSON file was expected")
-  try:
-    config = TrainConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON: {e}") from e
-  except (TypeError, ValueError, AttributeError) as e:
-    raise UserError(f"{path}: {e}") from e
-  return config
+def _config_file(spec: str) -> tuple[str, str | None]:
+  """``path.py:arg`` -> (path.py, arg); any other spec is a path, with arg None."""
+  path, sep, arg = spec.rpartition(":")
+  return (path, arg or None) if sep and path.endswith(".py") else (spec, None)
+
+
+def load_config(spec: str | None, sets=(), keys=None) -> dict:
+  """A config, the one format of ``train --config`` and ``experiments/run.py``: a dict whose
+  "train" is a whole TrainConfig, beside the caller's other keys, with ``--set`` applied.
+
+  Args:
+    spec: ``path.py[:arg]``, a Python file whose ``get_config(arg)`` returns that dict
+      (the configs in experiments/configs/), or a JSON file of TrainConfig fields (what a
+      saved model records as its config); None: ``TrainConfig()``.
+    sets: ``key=value`` strings, applied in order: a TrainConfig field (the value parsed by
+      the field's type, ``config.replace_from_strings``) or one of ``keys``.
+    keys: the other keys a config may hold, name -> (default, parser of a --set value), e.g.
+      the runner's dataset and grid; None: other keys are returned unchecked, and ``--set``
+      reaches TrainConfig fields only (the CLI, which uses "train").
+
+  Raises:
+    ValueError: one line naming a missing file, bad JSON, an unknown key or a bad value.
+  """
+  import importlib.util
+  from spreading_jax.config import TrainConfig, replace_from_strings
+  check_keys, keys = keys is not None, dict(keys or {})
+  config, train = {k: default for k, (default, _) in keys.items()}, TrainConfig()
+  if spec is not None:
+    path, arg = _config_file(spec)
+    if os.path.isdir(path):
+      raise ValueError(f"--config {path} is a directory, a config file was expected")
+    if not os.path.isfile(path):
+      raise ValueError(f"config file {path} does not exist")
+    if path.endswith(".py"):
+      module_spec = importlib.util.spec_from_file_location("spreading_jax_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"{path} defines no get_config(arg)")
+      loaded = dict(module.get_config(arg))
+      train = loaded.pop("train", train)
+      if not isinstance(train, TrainConfig):
+        raise ValueError(f"{path}: get_config()['train'] is a {type(train).__name__}, "
+                         "a TrainConfig was expected")
+      unknown = sorted(set(loaded) - set(keys))
+      if unknown and check_keys:
+        raise ValueError(f"{path}: unknown config keys {unknown}; known: "
+                         f"{['train', *sorted(keys)]}")
+      config.update(loaded)
+    else:
+      try:
+        train = TrainConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+      except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+  fields = list(TrainConfig.__dataclass_fields__)
+  for item in sets:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    if keys and key not in keys and key not in fields:
+      raise ValueError(f"--set {item!r}: {key!r} is neither one of {sorted(keys)} nor a "
+                       f"TrainConfig field ({', '.join(fields)})")
+    if key in keys:
+      try:
+        config[key] = keys[key][1](text)
+      except ValueError as e:
+        raise ValueError(f"--set {key}={text!r}: {e}") from None
+    else:
+      try:
+        train = replace_from_strings(train, {key: text})
+      except ValueError as e:  # e names the field and the value
+        raise ValueError(f"--set {e}") from None
+  return {**config, "train": train}
 
 
 def _configure_train(p):
   p.add_argument("dataset", help="dataset name (e.g. siftsmall), ann-benchmarks .hdf5 path, "
                  "or a .fvecs/.bvecs/.npy file of training vectors")
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
-  p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
+  p.add_argument("--config", default=None, help="config file: a Python config "
+                 "(experiments/configs/NAME.py[:ARG], its TrainConfig) or a JSON file of "
+                 "TrainConfig fields")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="replace any TrainConfig field of the config (repeatable), e.g. --set "
+                 "batch_size=128 --set bn_mode=joint; the flags below override both")
   p.add_argument("--epochs", type=int, default=None, help="override config epochs")
   p.add_argument("--lambda-koleo", type=float, default=None,
                  help="KoLeo weight; unset (here and in --config), it is screened over the "
@@ -274,8 +343,8 @@ def train_cmd(args):
   from spreading_jax import datasets, sharding, vecs_io
   from spreading_jax import _outputs
   from spreading_jax.autoshape import fit
-  from spreading_jax.train import TrainConfig, rows_to_read
-  config = _load_config(args.config) if args.config else TrainConfig()
+  from spreading_jax.train import rows_to_read
+  config = load_config(args.config, args.set)["train"]
   overrides = {"epochs": args.epochs, "lambda_koleo": args.lambda_koleo, "d_out": args.d_out,
                "checkpoint_dir": args.checkpoint_dir, "quantizer": args.quantizer,
                "log_dir": args.log_dir}
@@ -287,7 +356,8 @@ def train_cmd(args):
   # The output and the checkpoint directory are checked before any data is read, so a
   # mistake there never costs a training run.
   _outputs.check_output_dir(args.out, "model",
-                            inputs=[args.dataset, args.config, config.checkpoint_dir])
+                            inputs=[args.dataset, args.config and _config_file(args.config)[0],
+                                    config.checkpoint_dir])
   if config.checkpoint_dir is not None:
     # Also when neither exists yet: the model would be written over the checkpoints.
     _outputs.check_apart(config.checkpoint_dir, "--checkpoint-dir", args.out, "--out")

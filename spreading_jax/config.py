@@ -211,3 +211,63 @@ def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:
   if config.d_out is None:
     raise ValueError("d_out is not set: spreading_jax.fit chooses it (selection.py)")
   return lattice.zn_codec(config.d_out, config.bits, config.r2)
+
+
+def replace_from_strings(config: TrainConfig, changes: dict[str, str]) -> TrainConfig:
+  """``config`` with fields replaced by values written as text (``--set field=value``), each
+  parsed by its field's type: "true"/"false" for bools, "none" for a field that may be
+  None, comma-separated numbers for ``hidden`` and ``lr_schedule``.
+
+  Raises:
+    ValueError: one line naming an unknown field or a value its field cannot hold.
+
+  Example:
+    >>> c = replace_from_strings(TrainConfig(), {"batch_size": "128", "hidden": "256,256",
+    ...                                          "end_to_end": "true", "r2": "none"})
+    >>> c.batch_size, c.hidden, c.end_to_end, c.r2
+    (128, (256, 256), True, None)
+  """
+  fields = {f.name: str(f.type).replace(" ", "").split("|")
+            for f in dataclasses.fields(TrainConfig)}
+  parsed = {}
+  for name, text in changes.items():
+    if name not in fields:
+      raise ValueError(f"{name!r} is not a TrainConfig field; the fields are "
+                       f"{', '.join(fields)}")
+    kinds = fields[name]
+    try:
+      parsed[name] = _parse_text(text, kinds)
+    except ValueError as e:
+      expected = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
+      why = f" ({e})" if str(e) else ""
+      raise ValueError(f"{name}={text!r}: expected {expected}{why}") from None
+  return config.replace(**parsed)
+
+
+_TYPE_WORDS = {"tuple[int,...]": "comma-separated integers",
+               "tuple[float,...]": "comma-separated numbers"}
+
+
+def _parse_text(text: str, kinds: list[str]):
+  """The value of ``text`` for a field of annotated type ``kinds`` (e.g. ["int", "None"])."""
+  text = text.strip()
+  if "None" in kinds and text.lower() in ("none", "null"):
+    return None
+  if "bool" in kinds:
+    if text.lower() not in ("true", "false"):
+      raise ValueError("write true or false")
+    return text.lower() == "true"
+  try:
+    if "int" in kinds:
+      return int(text)
+    if "float" in kinds:
+      value = float(text)
+    elif kinds[0].startswith("tuple[int"):
+      return tuple(int(v) for v in text.split(","))
+    else:
+      return text  # str, and lr_schedule (parsed and checked by parse_lr_schedule)
+  except ValueError:
+    raise ValueError("") from None  # the caller names the expected type
+  if not math.isfinite(value):
+    raise ValueError("not a finite number")
+  return value

@@ -158,14 +158,6 @@ def test_bad_input_is_rejected_before_compute(change, data, match):
     T.train(cfg, x, mesh=mesh)
 
 
-def test_paper_config_file_loads():
-  from pathlib import Path
-  path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "paper.json"
-  config = T.TrainConfig.from_dict(json.loads(path.read_text()))
-  assert (config.epochs, config.batch_size, config.num_train) == (160, 64, 500_000)
-  assert config.lr_schedule[0] == 0.1 and T.make_codec(config).code_bits <= 64
-
-
 def test_inference_imports_neither_optax_nor_orbax():
   import subprocess
   import sys

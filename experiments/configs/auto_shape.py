@@ -27,11 +27,15 @@ at 10 epochs the budget rule screens nothing, so the default is the paper's shap
   wordllama-256: catalyzer + lattice, default (chosen: d_out=24 lambda=0.05) = 52.7/82.9/93.3
   wordllama-256: LSQ 64b = 53.0/92.6/98.5
 """
+from spreading_jax.config import TrainConfig
 
 SETTINGS = {"fashion-mnist": {"nt": 20000}}
 
 
 def get_config(arg=None):
   dataset = arg or "fashion-mnist-mini"
-  return {"experiment": "auto_shape", "dataset": dataset, "epochs": 10, "bits": 64,
-          "d_out": None, "lambda_koleo": None, **SETTINGS.get(dataset, {})}
+  # d_out and λ unset: ``fit`` chooses them (the library's default).
+  train = TrainConfig(d_out=None, lambda_koleo=None, bits=64, epochs=10, val_every=2,
+                      verbose=False)
+  return {"experiment": "auto_shape", "dataset": dataset, "train": train,
+          **SETTINGS.get(dataset, {})}

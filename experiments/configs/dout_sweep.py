@@ -16,11 +16,16 @@ and the library of that day (the training code has changed since); wall time 292
   fashion-mnist: d_out=40 r2=24 = 26.6/73.6/97.4
   siftsmall: d_out=24 r2=79 = 44.0/78.0/100.0
 """
+from spreading_jax.config import TrainConfig
 
 SETTINGS = {"fashion-mnist": {"epochs": 10, "nt": 20000}, "siftsmall": {"epochs": 5}}
 
 
 def get_config(arg=None):
   dataset = arg or "fashion-mnist"
-  return {"experiment": "dout_sweep", "dataset": dataset, "grid": (16, 24, 32, 40),
-          **SETTINGS.get(dataset, {})}
+  settings = {"epochs": 160, "nt": None, **SETTINGS.get(dataset, {})}
+  epochs = settings["epochs"]
+  train = TrainConfig(d_out=24, lambda_koleo=0.05, epochs=epochs, val_every=max(1, epochs // 5),
+                      verbose=False)
+  return {"experiment": "dout_sweep", "dataset": dataset, "nt": settings["nt"],
+          "grid": (16, 24, 32, 40), "train": train}

@@ -18,8 +18,10 @@ and the library of that day (the training code has changed since); wall time 965
   siftsmall: random projection + Zn lattice = 30.0/65.0/93.0
   siftsmall: catalyzer (λ=0.01) + Zn lattice = 48.0/81.0/100.0
 """
+from spreading_jax.config import TrainConfig
 
 
 def get_config(arg=None):
-  return {"experiment": "lattice_ablation", "dataset": arg or "siftsmall", "epochs": 10,
-          "grid": (0.01, 0.0), "verbose": True}
+  train = TrainConfig(d_out=24, lambda_koleo=0.05, epochs=10, val_every=2, verbose=True)
+  return {"experiment": "lattice_ablation", "dataset": arg or "siftsmall", "grid": (0.01, 0.0),
+          "train": train}

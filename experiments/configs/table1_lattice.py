@@ -17,7 +17,9 @@ and the library of that day (the training code has changed since); wall time 118
   siftsmall: catalyzer+lattice = 52.0/81.0/100.0
   siftsmall: catalyzer+lattice end-to-end = 57.0/86.0/100.0
 """
+from spreading_jax.config import TrainConfig
 
 
 def get_config(arg=None):
-  return {"experiment": "table1_lattice", "dataset": arg or "fashion-mnist", "epochs": 10}
+  train = TrainConfig(d_out=24, lambda_koleo=0.05, epochs=10, val_every=2, verbose=False)
+  return {"experiment": "table1_lattice", "dataset": arg or "fashion-mnist", "train": train}

@@ -16,8 +16,11 @@ and the library of that day (the training code has changed since); wall time 141
   siftsmall: ITQ 64b = 26.0/52.0/88.0
   siftsmall: catalyzer+sign 64b = 31.0/65.0/84.0
 """
+from spreading_jax.config import TrainConfig
 
 
 def get_config(arg=None):
-  return {"experiment": "table2_binary", "dataset": arg or "fashion-mnist", "epochs": 10,
-          "grid": (16, 32, 64, 128)}
+  # d_out and bits follow each grid value (sign codes: d_out = bits).
+  train = TrainConfig(d_out=24, lambda_koleo=0.05, epochs=10, val_every=2, verbose=False)
+  return {"experiment": "table2_binary", "dataset": arg or "fashion-mnist",
+          "grid": (16, 32, 64, 128), "train": train}

@@ -25,11 +25,15 @@ validation_ranking.json; the Spearman rows are in the same files and the README)
   fashion-mnist-mini: d_out=24 r2=79 lambda=0.005 (val R@10 small database 0.939, large 0.840) = 31.6/86.1/99.8
   fashion-mnist-mini: d_out=24 r2=79 lambda=0.01 (val R@10 small database 0.932, large 0.861) = 33.0/86.3/99.9
 """
+from spreading_jax.config import TrainConfig
 
 SETTINGS = {"fashion-mnist": {"nt": 20000}}
 
 
 def get_config(arg=None):
   dataset = arg or "fashion-mnist-mini"
-  return {"experiment": "validation_ranking", "dataset": dataset, "epochs": 10, "bits": 64,
+  # d_out, r2 and λ follow each grid point.
+  train = TrainConfig(d_out=24, lambda_koleo=0.05, bits=64, epochs=10, val_every=2,
+                      verbose=False)
+  return {"experiment": "validation_ranking", "dataset": dataset, "train": train,
           **SETTINGS.get(dataset, {})}
