@@ -1,8 +1,10 @@
-"""Exact k-nearest-neighbour search: float vectors, binary codes and lattice codes.
+"""Exact k-nearest-neighbour search of float vectors (``knn``), on the top-k engine.
 
-Every search here runs on the top-k engine of ``topk`` (``topk.topk_search``: chunk maxima,
-then an exact re-scoring of the best chunks; see that module). ``topk_search`` is
-re-exported here.
+``knn`` runs on the engine of ``topk`` (``topk.topk_search``: chunk maxima, then an exact
+re-scoring of the best chunks; see that module), with l2 centring and an exact re-rank.
+The code searches built on the same engine live beside their codes and are re-exported
+here: ``hamming_knn`` (``hamming.py``, sign codes) and ``search_lattice``
+(``lattice_search.py``, Zn lattice codes); so is ``topk_search``.
 
 Large float searches (``knn`` on a CPU from d=40, see ``_screened`` for when) run stage 1
 in bfloat16: each chunk's maximum plus a proven bound on the bfloat16 error is an upper
@@ -27,9 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from spreading_jax import binary, sharding, topk
+from spreading_jax import sharding, topk
 from spreading_jax._validation import check_int, check_vectors, is_concrete
-from spreading_jax.topk import Tiles, topk_search  # noqa: F401  (re-exported)
+# Re-exported: the searches that live beneath this module.
+from spreading_jax.hamming import hamming_knn  # noqa: F401
+from spreading_jax.lattice_search import search_lattice  # noqa: F401
+from spreading_jax.topk import Tiles, topk_search  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,93 +329,6 @@ def half_norms(xb, centre=None):
   """0.5 |xb - centre|^2 per row (centre None: 0), in one pass, without a centred copy."""
   xb = xb if centre is None else xb - centre
   return 0.5 * jnp.sum(xb * xb, axis=1)
-
-
-# ---------------------------------------------------------------------------------------
-# Binary codes.
-
-@jax.jit
-def _pack_words(codes):
-  """u8[n, B] -> u32[n, ceil(B / 4)] (zero bytes pad the last word: they are equal in
-  every code, so they never add to a distance)."""
-  n, nbytes = codes.shape
-  codes = jnp.pad(codes, ((0, 0), (0, -nbytes % 4)))
-  # The word count is explicit: reshape cannot infer a -1 axis from zero rows.
-  return jax.lax.bitcast_convert_type(codes.reshape(n, -(-nbytes // 4), 4), jnp.uint32)
-
-
-def _hamming_score(xq, xb):
-  """-Hamming distance, u32[qb, W] x u32[bb, W] -> i32[qb, bb]: xor and popcount word by
-  word, which XLA vectorizes (AVX-512 VPOPCNTDQ on recent x86)."""
-  dist = jnp.zeros((xq.shape[0], xb.shape[0]), jnp.int32)
-  for w in range(xq.shape[1]):
-    dist = dist + jax.lax.population_count(xq[:, None, w] ^ xb[None, :, w]).astype(jnp.int32)
-  return -dist
-
-
-def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
-                query_block: int | None = None, base_block: int | None = None,
-                recall_target: float | None = None):
-  """Exact Hamming kNN on packed bit codes.
-
-  query_codes: u8[nq, B], base_codes: u8[nb, B] -> (D i32[nq, k] ascending, I i32[nq, k]).
-  Ties are broken by lower index. Sharded over ``mesh`` like ``knn``. Distances are
-  xor + popcount on 32-bit words, kept as integers through the chunk maxima of the engine
-  every search shares (``topk_search``).
-  """
-  binary.check_codes("base_codes", base_codes)
-  binary.check_codes("query_codes", query_codes, base_codes.shape[1])
-  k = topk.check_k(k, base_codes.shape[0])
-  q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
-  s, i = topk_search(_hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,
-                     base_block=base_block, recall_target=recall_target)
-  return (-s).astype(jnp.int32), i
-
-
-# ---------------------------------------------------------------------------------------
-# Lattice codes.
-
-@functools.lru_cache(maxsize=None)
-def _lattice_decode_fn(codec):
-  """One decode function per codec (hashable, so the compiled search is reused)."""
-  def prepare(codes):
-    return (codec.decode(codes),)
-  return prepare
-
-
-def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
-                   mesh: Mesh | None = None, query_block: int | None = None,
-                   base_block: int | None = None, super_block: int | None = None):
-  """Top-k search of float queries against a database of Zn lattice codes.
-
-  Asymmetric (the paper's lattice search): the score is the inner product between the
-  query and the decoded unit-norm lattice point, so for unit queries the ranking is the L2
-  ranking. Symmetric: the query is quantized first, for comparison.
-
-  Args:
-    xq: f32[nq, d] queries (already mapped by the catalyzer).
-    codes: u32[nb, codec.code_words] codes from ``codec.encode``.
-    codec: a ``lattice.ZnSphereCodec`` of dimension d.
-    k: number of results, 1 <= k <= nb.
-    symmetric: quantize the queries too.
-    mesh: optional mesh; the codes are sharded over its data axis.
-    query_block, base_block, super_block: tile sizes (see ``topk_search``); codes are
-      decoded one segment (up to 128 MB of decoded floats) at a time, once per call.
-
-  Returns:
-    (scores f32[nq, k] descending inner products, ids i32[nq, k]); ties to the lower id.
-  """
-  check_vectors("xq", xq, d=codec.d)
-  codec.check_codes(codes)
-  k = topk.check_k(k, codes.shape[0])
-  xq = _as_float(xq)
-  if symmetric:
-    xq = codec.decode(codec.encode(xq))
-  # Decoding costs more than scoring: each segment of codes is decoded once and then
-  # scored against every query block like a float database.
-  return topk_search(ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
-                     query_block=query_block, base_block=base_block,
-                     prepare_fn=_lattice_decode_fn(codec), super_block=super_block)
 
 
 # ---------------------------------------------------------------------------------------
