@@ -4,7 +4,8 @@
 re-scoring of the best chunks; see that module), with l2 centring and an exact re-rank.
 The code searches built on the same engine live beside their codes and are re-exported
 here: ``hamming_knn`` (``hamming.py``, sign codes) and ``search_lattice``
-(``lattice_search.py``, Zn lattice codes); so is ``topk_search``.
+(``lattice_search.py``, Zn lattice codes); so are ``topk_search`` and ``recall_at``
+(``metrics.py``). Exact float64 groundtruth, built on ``knn``, is ``groundtruth.py``.
 
 Large float searches (``knn`` on a CPU from d=40, see ``_screened`` for when) run stage 1
 in bfloat16: each chunk's maximum plus a proven bound on the bfloat16 error is an upper
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spreading_jax import sharding, topk
-from spreading_jax._validation import check_int, check_vectors, is_concrete
+from spreading_jax._validation import check_vectors, is_concrete
 # Re-exported: the searches that live beneath this module.
 from spreading_jax.hamming import hamming_knn  # noqa: F401
 from spreading_jax.lattice_search import search_lattice  # noqa: F401
+from spreading_jax.metrics import recall_at  # noqa: F401
 from spreading_jax.topk import Tiles, topk_search  # noqa: F401
 
 
@@ -329,91 +330,3 @@ def half_norms(xb, centre=None):
   """0.5 |xb - centre|^2 per row (centre None: 0), in one pass, without a centred copy."""
   xb = xb if centre is None else xb - centre
   return 0.5 * jnp.sum(xb * xb, axis=1)
-
-
-# ---------------------------------------------------------------------------------------
-# Metrics.
-
-def recall_at(indices, groundtruth, ks: Sequence[int] = (1, 10, 100),
-              hits: dict | None = None) -> dict[int, float]:
-  """The paper's 1-recall@k: fraction of queries whose true nearest neighbour is in the top k.
-
-  Args:
-    indices: i32[nq, K] search results (K >= max(ks)).
-    groundtruth: i32[nq, >=1]; column 0 is the true nearest neighbour.
-    ks: the k values to report.
-    hits: optional dict that receives {k: bool[nq]}, whether each query's true nearest
-      neighbour is in its top k (paired comparisons of two models on the same queries).
-
-  Returns:
-    {k: recall} with recall in [0, 1].
-
-  Example:
-    >>> recall_at(np.array([[3, 1], [0, 2]]), np.array([[1], [5]]), ks=(1, 2))
-    {1: 0.0, 2: 0.5}
-  """
-  indices, groundtruth = np.asarray(indices), np.asarray(groundtruth)
-  if indices.ndim != 2 or groundtruth.ndim != 2:
-    raise ValueError(f"indices {indices.shape} and groundtruth {groundtruth.shape} must be 2-D")
-  if indices.shape[0] != groundtruth.shape[0]:
-    raise ValueError(f"indices has {indices.shape[0]} queries but groundtruth has "
-                     f"{groundtruth.shape[0]}")
-  out = {}
-  for k in ks:
-    k = check_int("k", k, minimum=1)
-    if k > indices.shape[1]:
-      raise ValueError(f"recall@{k} needs at least {k} results per query, got {indices.shape[1]}")
-    hit = np.any(indices[:, :k] == groundtruth[:, :1], axis=1)
-    out[k] = float(hit.mean()) if len(hit) else 0.0
-    if hits is not None:
-      hits[k] = hit
-  return out
-
-
-# Exact groundtruth: the search above, made exact by a float64 re-rank.
-
-def _exact_rerank(query, base, cand: np.ndarray, k: int, metric: str) -> np.ndarray:
-  """Re-scores candidate ids in float64 and keeps the k best, ties to the lower id.
-
-  ``knn`` ranks in float32, so near-ties (closer than float32 rounding) may come
-  out in either order; re-ranking a slightly larger candidate list in float64 makes the
-  groundtruth exact and deterministic.
-  """
-  nq, kc = cand.shape
-  d = base.shape[1]
-  out = np.empty((nq, k), np.int32)
-  # Small blocks (a few MiB of float64 candidates) stay in cache: several times faster.
-  step = max(1, (1 << 19) // (kc * d))
-  for s in range(0, nq, step):
-    c = cand[s:s + step]
-    x = np.asarray(base[c], np.float64)  # [b, kc, d]
-    q = np.asarray(query[s:s + step], np.float64)
-    ip = np.matmul(x, q[:, :, None])[..., 0]
-    # ||x - q||^2 without the query's own norm, which does not change the order.
-    score = np.einsum("bkd,bkd->bk", x, x) - 2 * ip if metric == "l2" else -ip
-    order = np.lexsort((c, score), axis=-1)[:, :k]
-    out[s:s + step] = np.take_along_axis(c, order, axis=-1)
-  return out
-
-
-def exact_groundtruth(query, base, k: int = 100, metric: str = "l2") -> np.ndarray:
-  """Exact k nearest neighbours of each query in ``base``, ties broken by the lower id.
-
-  Candidates come from ``knn`` (float32, blocked, jit-compiled), padded by a margin
-  and re-ranked in float64, so the result does not depend on float32 rounding.
-
-  Args:
-    query: [nq, d] real vectors.
-    base: [nb, d] real vectors (uint8 memmaps are fine).
-    k: neighbours per query, 1 <= k <= nb.
-    metric: "l2" (ascending squared distance) or "ip" (descending inner product).
-
-  Returns:
-    i32[nq, k] ids into ``base``.
-  """
-  if metric not in ("l2", "ip"):
-    raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
-  k = check_int("k", k, minimum=1, maximum=base.shape[0])
-  kc = min(base.shape[0], k + max(16, k // 4))
-  _, cand = knn(query, base, kc, metric=metric)
-  return _exact_rerank(query, base, np.asarray(cand), k, metric)
