@@ -12,8 +12,8 @@ in bfloat16: each chunk's maximum plus a proven bound on the bfloat16 error is a
 bound of its float32 maximum, stage 2 re-scores the ``k + max(k, 32)`` chunks of highest
 bound in float32, and a query is exact when its k-th score beats every bound left out. The
 few queries where it does not (scores closer than the bfloat16 error) are searched again
-in float32. On a 2-core Zen 4 CPU this is 1.3x faster at d=128 (bfloat16 products run at
-1.5x the float32 rate).
+in float32. It pays where bfloat16 products run faster than float32 ones (CPUs with
+AVX512-BF16; see the README's search section and benchmarks/bench_knn.py).
 
 The score functions ``l2_score``, ``ip_score`` and their bfloat16 screens ``l2_screen``,
 ``ip_screen`` (``topk.ScreenFn``) are public, for use with ``topk.topk_search`` and
@@ -42,6 +42,8 @@ from spreading_jax.topk import Tiles, topk_search  # noqa: F401
 # Float vectors.
 
 def l2_score(xq, xb, half_norm):
+  """f32[qb, d], f32[bb, d], f32[bb] (``half_norms``) -> f32[qb, bb] xq.xb - |xb|^2 / 2,
+  larger is nearer."""
   # Ranking by 0.5*|xb|^2 - xq.xb is ranking by L2 (the query norm is a constant per row).
   return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST) - half_norm[None, :]
 
@@ -53,6 +55,7 @@ def _l2_score_centred(xq, xb, half_norm, centre):
 
 
 def ip_score(xq, xb):
+  """f32[qb, d], f32[bb, d] -> f32[qb, bb] inner products, at full float32 precision."""
   return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -64,9 +67,9 @@ def _bf16_split(x):
 
 
 def _bf16_screen(xq, xb, row_norm, half_norm=None):
-  """bfloat16 scores of xq against xb (float32 products and sums: 1.5x the float32 matmul
-  on a Zen 4 CPU with AVX512-BF16, several times it on GPU/TPU matrix units), minus the
-  half norms if given, with their error bound (see ``ScreenFn``):
+  """bfloat16 scores of xq against xb (float32 products and sums: faster than the float32
+  matmul on CPUs with AVX512-BF16 and on GPU/TPU matrix units), minus the half norms if
+  given, with their error bound (see ``topk.ScreenFn``):
 
   |q.x - q'.x'| = |(q - q').x + q'.(x - x')| <= |q - q'| |x| + |q'| |x - x'| (q', x' the
   rounded vectors; Cauchy-Schwarz twice, with the rounding residuals' actual norms, about
@@ -91,6 +94,7 @@ def _bf16_screen(xq, xb, row_norm, half_norm=None):
 
 
 def l2_screen(xq, xb, half_norm):
+  """The bfloat16 screen of ``l2_score`` (a ``topk.ScreenFn``)."""
   return _bf16_screen(xq, xb, jnp.sqrt(2.0 * half_norm), half_norm)
 
 
@@ -99,6 +103,7 @@ def _l2_screen_centred(xq, xb, half_norm, centre):
 
 
 def ip_screen(xq, xb):
+  """The bfloat16 screen of ``ip_score`` (a ``topk.ScreenFn``)."""
   return _bf16_screen(xq, xb, jnp.sqrt(jnp.sum(xb * xb, axis=1)))
 
 
@@ -280,10 +285,9 @@ def _scaled(x, e: int):
 
 
 # ``Tiles.screen_rows``: the screen pays for each extra row it re-scores per query with the
-# bfloat16 matmul's saving on this many database rows (2 cores, d=128: ~3.5e-10 s saved
-# per score, 4.5e-8 s per re-scored row; k=100 at 1k queries, screen vs float32: 250k rows
-# 0.60 vs 0.59 s, 1M 1.33 vs 1.73 s). From k + max(k, 32) chunks: k=100 from 459k rows,
-# k=10 from 131k.
+# bfloat16 matmul's saving on this many database rows (the time saved per score against
+# the time per re-scored row, at d=128 on a 2-core CPU). From k + max(k, 32) chunks: k=100
+# from 459k rows, k=10 from 131k.
 
 
 def _screen_chunks(k: int) -> int:

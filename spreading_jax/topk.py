@@ -67,19 +67,17 @@ class Tiles(NamedTuple):
 
 # CPU: a 4 MB tile stays in cache through the max pass; 64 MB of maxima (a 1M-row
 # segment at 512 queries); 128 MB of decoded floats; stage 2 one query at a time; the l2
-# re-rank 16 MB at a time (1k queries x 112 candidates x 128-d: 20 ms, 34 ms in 58 MB).
-# The bfloat16 screen from d=40 (1k x 1M, k=100, screen vs float32 engine, medians of
-# 10: d=24 0.72 vs 0.68 s, 32 0.76 vs 0.74, 48 1.00 vs 1.08, 64 0.93 vs 1.07, 128 1.33
-# vs 1.73): below, the matmul is too small a share of the search to pay for the wider
+# re-rank 16 MB at a time (one 58 MB gather ran slower). The
+# bfloat16 screen from d=40 (timed against the float32 engine on 1k x 1M, k=100, from
+# d=24 to 128): below, the matmul is too small a share of the search to pay for the wider
 # second stage.
 CPU_TILES = Tiles(elements=1 << 20, query_block=512, maxima=1 << 24, prepared=1 << 25,
                   rescore=None, rerank=1 << 22, screen_dim=40, screen_rows=128,
                   in_place_rows=1 << 17)
 # GPU/TPU: each scan step is a kernel launch, so tiles are 32x larger (2048 x 16384), and
 # segments of up to 1M rows (256 MB of maxima per query block) cost fewer re-scoring
-# passes. Measured on an H200: mining 500k x 500k x 24-d took 3.70 s with the CPU tiles,
-# 1.78 s with these tiles and 262k-row segments, 1.60 s in one segment; 1k x 1M x 96-d
-# kNN ran at 67k q/s instead of 44k. Stage 2 re-scores up to 256 MB of gathered rows at once.
+# passes (mining- and kNN-shaped sweeps on an H200: experiments/results/accel_tile_sweep.json).
+# Stage 2 re-scores up to 256 MB of gathered rows at once.
 # No bfloat16 screen yet: it has not been measured on an accelerator (where it replaces the
 # six-pass float32 matmul of Precision.HIGHEST with one bfloat16 pass).
 ACCEL_TILES = Tiles(elements=1 << 25, query_block=2048, maxima=1 << 26, prepared=1 << 25,
@@ -128,7 +126,7 @@ class SearchPlan:
   def rescore_batch(self, per_query: int) -> int | None:
     """Queries re-scored together (a vmap) in stage 2, each gathering ``per_query``
     elements. Without a ``rescore`` budget (CPU) one at a time: batching the gathers and
-    matrix-vector products measured slower (0.24 s vs 0.17 s per 1k queries at d=128).
+    matrix-vector products measured slower there.
     With one (GPU/TPU) as much of the query block as it allows: a loop of tiny steps
     would be launch-bound."""
     return None if self.rescore is None else items_within(self.rescore, self.query_block,
@@ -275,7 +273,7 @@ def _chunk_maxima(score_fn: ScoreFn, xq, seg: _Segment, bb: int,
     j, nom, start = inputs
     block = tuple(jax.lax.dynamic_slice_in_dim(a, start, bb) for a in seg.src)
     # [qb, bb] in the score's own dtype (integer scores stay integer: converting the whole
-    # tile to float cost 3x the Hamming scoring itself); fused into the max below.
+    # tile to float cost more than the Hamming scoring itself); fused into the max below.
     if screen_fn is None:
       s = score_fn(xq, *block)
     else:
@@ -315,7 +313,7 @@ def _segment_topk(score_fn: ScoreFn, xq, seg: _Segment, plan: SearchPlan,
   bound = jnp.full((qb,), -jnp.inf, jnp.float32)
   if screen_fn is not None and kc < maxima.shape[1]:
     # The lowest chosen bound is >= every bound left out. (Slicing top_k's outputs, e.g.
-    # taking kc + 1 and the last value, makes XLA:CPU sort the whole row: 50x slower.)
+    # taking kc + 1 and the last value, makes XLA:CPU sort the whole row, not select.)
     vals, top = jax.lax.top_k(maxima, kc)
     bound = jnp.min(vals, axis=1)
   elif plan.recall_target is None:
