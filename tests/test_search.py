@@ -160,6 +160,22 @@ def test_tiles_by_backend(monkeypatch):
   assert _sizes(topk.make_plan(1000, 10**6, 100)) == (1000, 33568, 1007040, 10**6)
 
 
+def test_screened_run_needs_screen_chunks():
+  """A screened run whose plan re-scores fewer than k chunks per query (screen_chunks left
+  at 0) is refused with a clear error, instead of selecting no candidates."""
+  rng = np.random.default_rng(2)
+  xb = rng.standard_normal((300, 8)).astype(np.float32)
+  plan = topk.make_plan(4, 300, 10)
+  db = topk.pad((xb,), plan)
+  with pytest.raises(ValueError, match="screen_chunks=0"):
+    topk.run(search.ip_score, xb[:4], db, 300, plan, screen_fn=search.ip_screen)
+  # With enough chunks (here every real one) the screened run is the exact search.
+  _, i, _ = topk.run(search.ip_score, xb[:4], db, 300, topk.make_plan(4, 300, 10, screen_chunks=10),
+                     screen_fn=search.ip_screen)
+  _, ref = _stable_topk(xb[:4].astype(np.float64) @ xb.T.astype(np.float64), 10)
+  np.testing.assert_array_equal(np.asarray(i), ref)
+
+
 def test_padding_and_negative_zero_never_win():
   # l2 scores of zero-padded rows are 0, above every real score here: they must not be
   # returned; -0.0 and +0.0 scores tie by id.
