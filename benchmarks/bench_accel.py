@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import (deep_like, device_batches, encode_cases, median, table,  # noqa: E402
                      timeit, write_result)
 
-from spreading_jax import binary, search  # noqa: E402
+from spreading_jax import binary, search, topk  # noqa: E402
 from spreading_jax.index import SpreadingIndex  # noqa: E402
 from spreading_jax.train import TrainConfig, train  # noqa: E402
 
@@ -220,7 +220,7 @@ def main(argv=None):
                      "hamming_64bit": nq / median(search_ham)},
       "search_times_s": {"index_end_to_end": search_e2e, "lattice_kernel": search_kernel,
                          "hamming_64bit": search_ham},
-      "engine_tiles": search._tiles()._asdict(),  # pylint: disable=protected-access
+      "engine_tiles": topk.default_tiles()._asdict(),
       "achieved_flops": achieved, "measured_matmul_flops": mm, "peak_tflops": peak,
       "fraction_of_peak": fractions, "rows": rows,
       "command": "python " + " ".join([sys.argv[0]] + list(argv if argv is not None

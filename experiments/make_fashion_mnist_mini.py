@@ -6,7 +6,7 @@ DATA_ROOT/fashion-mnist/ holds the upstream train-images-idx3-ubyte.gz and
 t10k-images-idx3-ubyte.gz (https://github.com/zalandoresearch/fashion-mnist, MIT). Rows
 are drawn with a fixed seed: train = 20,000 and base = 10,000 disjoint training images,
 query = 1,000 test images (so queries never overlap train or base); groundtruth = the
-exact 100 nearest base rows of each query in L2 (``search.exact_groundtruth``, float64
+exact 100 nearest base rows of each query in L2 (``groundtruth.exact_groundtruth``, float64
 re-rank, ties to the lower id). The output is an uncompressed .npz (uint8 pixels, int32
 groundtruth, uint16 source row ids) compressed with xz. Run once: the shipped file must
 not change (tests and the training-fidelity check use its first rows), and
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spreading_jax import datasets, search
+from spreading_jax import datasets, groundtruth
 from spreading_jax.vecs_io import read_idx_gz
 
 SEED = 0
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   train_ids, base_ids = perm[:N_TRAIN], perm[N_TRAIN:N_TRAIN + N_BASE]
   query_ids = rng.permutation(test_images.shape[0])[:N_QUERY]
   train, base, query = train_images[train_ids], train_images[base_ids], test_images[query_ids]
-  gt = search.exact_groundtruth(query.astype(np.float32), base.astype(np.float32), K, "l2")
+  gt = groundtruth.exact_groundtruth(query.astype(np.float32), base.astype(np.float32), K, "l2")
   arrays = {"train": train, "base": base, "query": query, "groundtruth": gt.astype(np.int32),
             "train_ids": train_ids.astype(np.uint16), "base_ids": base_ids.astype(np.uint16),
             "query_ids": query_ids.astype(np.uint16)}

@@ -6,7 +6,10 @@ from spreading_jax.index import SpreadingIndex
 from spreading_jax.lattice import ZnSphereCodec, zn_codec, zn_r2_for_bits
 from spreading_jax.losses import koleo, spreading_loss, triplet_rank
 from spreading_jax.quantizers import Quantizer, make_quantizer
-from spreading_jax.search import hamming_knn, knn, recall_at, search_lattice
+from spreading_jax.hamming import hamming_knn
+from spreading_jax.lattice_search import search_lattice
+from spreading_jax.metrics import recall_at
+from spreading_jax.search import knn
 from spreading_jax.sharding import make_mesh
 from spreading_jax.vecs_io import read_bvecs, read_fvecs, read_ivecs, write_fvecs, write_ivecs
 from spreading_jax.config import TrainConfig

@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from spreading_jax import datasets, search
+from spreading_jax import metrics, sampling
 
 Transform = Callable[[np.ndarray], np.ndarray]
 MAX_TRAIN = 100_000
@@ -118,7 +118,7 @@ def evaluate_faiss(dataset, factory: str, transform: Transform | None = None, *,
   ks = tuple(k for k in ks if k <= dataset.nb)
   if not ks:
     raise ValueError(f"no k fits a database of {dataset.nb} vectors")
-  xt = _apply(transform, datasets.sample_rows(np.asarray(
+  xt = _apply(transform, sampling.sample_rows(np.asarray(
       dataset.train if train_vectors is None else train_vectors), max_train, seed))
   xb, xq = _apply(transform, dataset.base), _apply(transform, dataset.query)
   if not xt.shape[1] == xb.shape[1] == xq.shape[1]:
@@ -127,7 +127,7 @@ def evaluate_faiss(dataset, factory: str, transform: Transform | None = None, *,
   index.train(xt)
   index.add(xb)
   _, ids = index.search(xq, max(ks))
-  return search.recall_at(ids, dataset.groundtruth, ks)
+  return metrics.recall_at(ids, dataset.groundtruth, ks)
 
 
 class Baseline(NamedTuple):

@@ -2,7 +2,7 @@
 
 Bit ``j`` of a vector is stored in byte ``j // 8`` at bit position ``j % 8`` (little-endian
 bit order). A coordinate >= 0 gives bit 1 (so an exact zero maps to +1, deterministically).
-Codes are compared with ``search.hamming_knn``.
+Codes are compared with ``hamming.hamming_knn``.
 """
 from __future__ import annotations
 

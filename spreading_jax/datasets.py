@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from spreading_jax import search
 from spreading_jax._files import PathLike, fsync_path, sha256_bytes, sha256_file, sha256_files
 from spreading_jax._validation import check_int
+from spreading_jax.groundtruth import exact_groundtruth
 from spreading_jax.vecs_io import (is_real_dtype, read_bvecs, read_fvecs, read_hdf5,
                                    read_idx_gz, read_ivecs, write_ivecs)
 
@@ -38,19 +38,6 @@ _GT_K = 100
 
 # ---------------------------------------------------------------------------------------
 # Locations.
-
-def sample_indices(total: int, n: int, seed: int) -> np.ndarray:
-  """``n`` distinct row indices of ``range(total)`` drawn with ``seed``, sorted (so that a
-  memory map is read front to back). Requires n <= total."""
-  return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
-
-
-def sample_rows(x, n: int, seed: int):
-  """At most ``n`` rows of ``x`` drawn with ``seed`` (``x`` itself when it has no more)."""
-  if x.shape[0] <= n:
-    return x
-  return x[sample_indices(x.shape[0], n, seed)]
-
 
 def cache_dir() -> Path:
   """Where derived data (computed groundtruth) and downloads are cached, created on demand.
@@ -247,7 +234,7 @@ def _cached_groundtruth(name: str, sources: list[Path], query, base, k: int = _G
         return gt
     except ValueError:
       pass  # corrupt cache file: recompute below
-  gt = search.exact_groundtruth(query, base, k, metric)
+  gt = exact_groundtruth(query, base, k, metric)
   write_ivecs(path, gt)
   return gt
 
@@ -338,7 +325,7 @@ class Dataset:
              nt: int | None = None) -> Dataset:
     """A smaller dataset made of the first rows, for smoke tests.
 
-    Truncating the base recomputes the groundtruth exactly (``search.exact_groundtruth`` with
+    Truncating the base recomputes the groundtruth exactly (``groundtruth.exact_groundtruth`` with
     k = min(100, nb)), since the old neighbours may fall outside the new base.
 
     Args:
@@ -360,7 +347,7 @@ class Dataset:
     base, query, train = self.base[:nb], self.query[:nq], self.train[:nt]
     gt = self.groundtruth[:nq]
     if nb < self.nb:
-      gt = search.exact_groundtruth(query, base, min(_GT_K, nb), self.metric)
+      gt = exact_groundtruth(query, base, min(_GT_K, nb), self.metric)
     return Dataset(f"{self.name}[nb={nb},nq={nq},nt={nt}]", train, base, query, gt,
                    self.metric)
 

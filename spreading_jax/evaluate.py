@@ -12,9 +12,11 @@ from typing import Callable, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from spreading_jax import lattice, quantizers, search
+from spreading_jax import lattice, quantizers
 from spreading_jax._validation import check_int
-from spreading_jax.datasets import Dataset, sample_rows
+from spreading_jax.datasets import Dataset
+from spreading_jax.metrics import recall_at
+from spreading_jax.sampling import sample_rows
 
 Transform = Callable[[np.ndarray], np.ndarray]
 KS = (1, 10, 100)
@@ -56,7 +58,7 @@ def evaluate_quantizer(dataset: Dataset, transform: Transform | None,
   codes = quantizers.encode_in_chunks(lambda x: quantizer.encode(_apply(transform, x)),
                                       dataset.base)
   _, ids = quantizer.search(_apply(transform, dataset.query), codes, max(ks), mesh=mesh)
-  return search.recall_at(ids, dataset.groundtruth, ks)
+  return recall_at(ids, dataset.groundtruth, ks)
 
 
 def evaluate_lattice(dataset: Dataset, transform: Transform | None,

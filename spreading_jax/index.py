@@ -24,6 +24,7 @@ from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_d
                                   check_format_version, check_saved_dir, sha256_file)
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
+from spreading_jax.sampling import sample_rows
 
 FORMAT_VERSION = 2
 _KIND = "spreading_jax.index"
@@ -125,7 +126,6 @@ class SpreadingIndex:
     check_vectors("x", x, d=self.d, d_name="d_in")
     if not self.quantizer.needs_training:
       return
-    from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
     xt = np.asarray(sample_rows(x, check_int("max_train", max_train, minimum=1), seed),
                     np.float32)
     self.quantizer.train(self.model.apply(xt))

@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import _tensorboard, binary, datasets, lattice, mining, search, sharding
+from spreading_jax import _tensorboard, binary, lattice, mining, sampling, search, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
@@ -302,7 +302,7 @@ def rows_to_read(n: int, config: TrainConfig) -> np.ndarray | None:
     need *= 2  # the validation queries may take at most half of the rows they are given
   if need >= n:
     return None
-  return datasets.sample_indices(n, need, config.seed + 1)
+  return sampling.sample_indices(n, need, config.seed + 1)
 
 
 def validation_split(query, base, mesh: Mesh | None = None) -> ValidationSplit:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from spreading_jax import search
+from spreading_jax import hamming, search
 
 BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
@@ -87,8 +87,9 @@ def test_search_does_not_retrace_across_database_sizes(which, monkeypatch):
   # Database sizes that pad to the same block count must reuse the compiled search (the
   # valid row count is traced, not baked in), and so must new query/database values.
   # One compilation traces the score function twice: the chunk-maxima pass and the re-scoring.
-  name = {"ip": "_ip_score", "l2": "_l2_score", "hamming": "_hamming_score"}[which]
-  monkeypatch.setattr(search, name, chex.assert_max_traces(getattr(search, name), n=2))
+  module, name = {"ip": (search, "ip_score"), "l2": (search, "l2_score"),
+                  "hamming": (hamming, "hamming_score")}[which]
+  monkeypatch.setattr(module, name, chex.assert_max_traces(getattr(module, name), n=2))
   rng = np.random.default_rng(0)
   for nb in (1000, 1001, 1020):
     if which == "hamming":

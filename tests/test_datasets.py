@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from spreading_jax import _files, datasets, search, vecs_io
+from spreading_jax import _files, datasets, groundtruth, vecs_io
 
 
 def _brute_force_ids(query, base, k, metric="l2"):
@@ -370,7 +370,7 @@ def test_exact_groundtruth_matches_brute_force_with_ties(metric):
   rng = np.random.default_rng(1)
   xb = rng.integers(0, 3, (300, 5)).astype(np.uint8)  # heavy ties, uint8 like bigann
   xq = rng.integers(0, 3, (7, 5)).astype(np.uint8)
-  got = search.exact_groundtruth(xq, xb, 20, metric)
+  got = groundtruth.exact_groundtruth(xq, xb, 20, metric)
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, _brute_force_ids(xq, xb, 20, metric))
 
@@ -406,7 +406,7 @@ def test_shipped_dataset_is_real_disjoint_and_exact(mini):
   # Mean pixel of Fashion-MNIST's training set is 72.94 (0.2860 on [0, 1]).
   assert abs(mini.train.mean() - 72.94) < 1.0
   # The shipped groundtruth is the exact 100-NN: recomputed here, tie rule included.
-  np.testing.assert_array_equal(search.exact_groundtruth(mini.query, mini.base, 100),
+  np.testing.assert_array_equal(groundtruth.exact_groundtruth(mini.query, mini.base, 100),
                                 mini.groundtruth)
   # Pixel differences square to exact integers; summing them in float64 is exact.
   for i in (0, 999):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from spreading_jax import binary, search, sharding
+from spreading_jax import binary, search, sharding, topk
 
 
 def naive_knn(xq, xb, k, metric="l2"):
@@ -92,12 +92,12 @@ def _lookup_score(xq, rows):
   return jnp.take(xq, rows[:, 0], axis=1)
 
 
-def _assert_engine_exact(scores, k=40):
+def _assert_engine_exact(scores, k=40, tiles=None):
   """topk_search over looked-up ``scores`` (8 queries, 256-row blocks, 2048-row segments)
   equals a stable sort of them, zeros canonicalized."""
   rows = np.arange(scores.shape[1], dtype=np.int32)[:, None]
-  s, i = search.topk_search(_lookup_score, scores, (rows,), k, query_block=8,
-                            base_block=256, super_block=2048)
+  s, i = topk.topk_search(_lookup_score, scores, (rows,), k, query_block=8,
+                          base_block=256, super_block=2048, tiles=tiles)
   ref_s, ref_i = _stable_topk(np.where(scores == 0, 0.0, scores), k)
   np.testing.assert_array_equal(np.asarray(i), ref_i)
   np.testing.assert_array_equal(np.asarray(s), ref_s)
@@ -107,46 +107,73 @@ def _assert_engine_exact(scores, k=40):
                                   "all equal", "signed zeros"])
 @pytest.mark.parametrize("nb", [4096, 3990])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_chunk_selection_is_exact_with_ties(case, nb, in_place, monkeypatch):
+def test_chunk_selection_is_exact_with_ties(case, nb, in_place):
   # A score function that looks scores up makes them a given matrix (-0.0 included), so the
   # engine's chunk choice and re-scoring are checked against a stable sort of them, over
   # several blocks and two segments of 64 chunks (more than k), with padding when nb is not
   # a multiple of the block, or (in_place) read in place, the last block moved back to fit.
+  tiles = topk.default_tiles()
   if in_place:
-    monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
-  _assert_engine_exact(_scores(case, 8, nb, np.random.default_rng(len(case) + nb)))
+    tiles = tiles._replace(in_place_rows=0)
+  _assert_engine_exact(_scores(case, 8, nb, np.random.default_rng(len(case) + nb)),
+                       tiles=tiles)
 
 
 @pytest.mark.parametrize("case", ["concentrated", "padding", "tail"])
-def test_batched_rescoring_is_exact(case, monkeypatch):
+def test_batched_rescoring_is_exact(case):
   # Accelerators re-score a whole query block at once (a vmap); CPUs one query at a time.
-  monkeypatch.setattr(search, "_rescore_batch", lambda qb, per_query: 3)  # 8 = 3 + 3 + 2
-  monkeypatch.setattr(search, "_UNPADDED_ROWS", 0)
-  _assert_engine_exact(_scores(case, 8, 3990, np.random.default_rng(1)))
+  # A budget of 3 queries' gathers (40 chunks of 32 one-element rows each): 8 = 3 + 3 + 2.
+  tiles = topk.CPU_TILES._replace(rescore=3 * 40 * 32, in_place_rows=0)
+  _assert_engine_exact(_scores(case, 8, 3990, np.random.default_rng(1)), tiles=tiles)
 
 
-def test_rescore_batch_by_backend(monkeypatch):
-  assert search._rescore_batch(512, 3584 * 128) is None  # CPU: one query at a time
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert search._rescore_batch(512, 3584 * 128) == (1 << 26) // (3584 * 128)  # 146
-  assert search._rescore_batch(512, 3200 * 24) == 512  # lattice d=24: the whole block
-  assert search._rescore_batch(512, 1 << 30) == 1
+def test_rescore_batch_by_backend():
+  def batch(tiles, per_query):
+    return topk.make_plan(512, 10**6, 100, tiles=tiles).rescore_batch(per_query)
+  assert batch(topk.CPU_TILES, 3584 * 128) is None  # CPU: one query at a time
+  assert batch(topk.ACCEL_TILES, 3584 * 128) == (1 << 26) // (3584 * 128)  # 146
+  assert batch(topk.ACCEL_TILES, 3200 * 24) == 512  # lattice d=24: the whole block
+  assert batch(topk.ACCEL_TILES, 1 << 30) == 1
+
+
+def _sizes(plan):
+  return plan.query_block, plan.base_block, plan.segment_rows, plan.db_rows
 
 
 def test_tiles_by_backend(monkeypatch):
   # (query block, base block, segment rows, database rows) of 1k queries x 1M rows, and of
   # mining-shaped 500k x 500k: CPU tiles of ~1M scores, two 504-query blocks; accelerator
   # tiles of ~32M scores (fewer kernel launches) and one segment.
-  assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (504, 2080, 1000480, 10**6)
-  assert search._rerank_rows(1000, 112, 128) == 292  # 16 MB of gathered candidates
-  assert search._tiles().screen_dim == 40
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert search._rerank_rows(1000, 112, 128) == 1000
-  assert search._tiles().screen_dim is None
-  assert search._plan(1000, 10**6, 100, None, None, None, 0, None) == (
-      1000, 33568, 1007040, 10**6)
-  assert search._plan(500_000, 500_000, 51, None, None, None, 0, None) == (
+  cpu, accel = topk.CPU_TILES, topk.ACCEL_TILES
+  assert _sizes(topk.make_plan(1000, 10**6, 100, tiles=cpu)) == (504, 2080, 1000480, 10**6)
+  # The l2 re-rank gathers 16 MB of candidates at a time on a CPU.
+  assert topk.items_within(cpu.rerank, 1000, 112 * 128) == 292
+  assert topk.items_within(accel.rerank, 1000, 112 * 128) == 1000
+  assert cpu.screen_dim == 40 and accel.screen_dim is None
+  assert _sizes(topk.make_plan(1000, 10**6, 100, tiles=accel)) == (1000, 33568, 1007040, 10**6)
+  assert _sizes(topk.make_plan(500_000, 500_000, 51, tiles=accel)) == (
       2048, 16384, 507904, 500_000)
+  # Without tiles, the backend's.
+  assert topk.default_tiles() == (cpu if jax.default_backend() == "cpu" else accel)
+  assert topk.default_tiles("gpu") == accel and topk.default_tiles("cpu") == cpu
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _sizes(topk.make_plan(1000, 10**6, 100)) == (1000, 33568, 1007040, 10**6)
+
+
+def test_screened_run_needs_screen_chunks():
+  """A screened run whose plan re-scores fewer than k chunks per query (screen_chunks left
+  at 0) is refused with a clear error, instead of selecting no candidates."""
+  rng = np.random.default_rng(2)
+  xb = rng.standard_normal((300, 8)).astype(np.float32)
+  plan = topk.make_plan(4, 300, 10)
+  db = topk.pad((xb,), plan)
+  with pytest.raises(ValueError, match="screen_chunks=0"):
+    topk.run(search.ip_score, xb[:4], db, 300, plan, screen_fn=search.ip_screen)
+  # With enough chunks (here every real one) the screened run is the exact search.
+  _, i, _ = topk.run(search.ip_score, xb[:4], db, 300, topk.make_plan(4, 300, 10, screen_chunks=10),
+                     screen_fn=search.ip_screen)
+  _, ref = _stable_topk(xb[:4].astype(np.float64) @ xb.T.astype(np.float64), 10)
+  np.testing.assert_array_equal(np.asarray(i), ref)
 
 
 def test_padding_and_negative_zero_never_win():
@@ -158,8 +185,8 @@ def test_padding_and_negative_zero_never_win():
   _, i = search.knn(xq, xb, 70, metric="ip", base_block=128)
   ref = np.argsort(-(xq.astype(np.float64) @ xb.T.astype(np.float64)), axis=1, kind="stable")
   np.testing.assert_array_equal(np.asarray(i), ref)
-  s, i = search.topk_search(search._l2_score, xq - 0.5, (xb - 0.5, 0.5 * ((xb - 0.5) ** 2).sum(1)),
-                            70, base_block=128)
+  s, i = topk.topk_search(search.l2_score, xq - 0.5, (xb - 0.5, 0.5 * ((xb - 0.5) ** 2).sum(1)),
+                          70, base_block=128)
   assert set(np.asarray(i)[0].tolist()) == set(range(70))
 
 
@@ -177,13 +204,14 @@ def test_exact_against_faiss_on_real_images_ties_included(mini, screen, monkeypa
   faiss = pytest.importorskip("faiss")
   xb, xq = np.asarray(mini.base), np.asarray(mini.query)[:200]
   screened = _spy_screen(monkeypatch)
+  tiles = topk.CPU_TILES
   if screen:
     xb = np.concatenate([xb, np.asarray(mini.train)])
-    monkeypatch.setattr(search, "_SCREEN_ROWS", 1)
+    tiles = tiles._replace(screen_rows=1)
   index = faiss.IndexFlatL2(xb.shape[1])
   index.add(xb)
   Df, If = index.search(xq, 100)
-  D, I = search.knn(xq, xb, 100)
+  D, I = search.knn(xq, xb, 100, tiles=tiles)
   assert screened == [screen]
   D, I = np.asarray(D), np.asarray(I)
   ref_d, ref = _stable_topk(-_l2_float64(xq, xb), 100)
@@ -230,7 +258,7 @@ def test_l2_offset_database_read_in_place():
   # and centred block by block as it is scored: the ids must be the exact ones, ties to the
   # lower id, on integer data far from the origin.
   rng = np.random.default_rng(12)
-  nb = search._UNPADDED_ROWS + 77
+  nb = topk.default_tiles().in_place_rows + 77
   xb = rng.integers(-4, 5, (nb, 6)).astype(np.float32) + np.float32(3e6)
   xq = np.concatenate([xb[-3:], rng.integers(-4, 5, (9, 6)).astype(np.float32) + 3e6])
   ref_d, ref_i = _stable_topk(-_l2_float64(xq, xb), 40)
@@ -260,9 +288,9 @@ def test_bf16_screen_bounds_the_float32_score(scale, d):
   xb = (rng.standard_t(2, (700, d)) * scale).astype(np.float32)
   xq = (rng.standard_t(2, (40, d)) * scale).astype(np.float32)
   xb[:5] = xq[:5]  # a query's own row: the largest inner product it can meet
-  half = search._half_norms(jnp.asarray(xb))
-  cases = [(search._ip_score, search._ip_screen, (jnp.asarray(xb),)),
-           (search._l2_score, search._l2_screen, (jnp.asarray(xb), half))]
+  half = search.half_norms(jnp.asarray(xb))
+  cases = [(search.ip_score, search.ip_screen, (jnp.asarray(xb),)),
+           (search.l2_score, search.l2_screen, (jnp.asarray(xb), half))]
   for score_fn, screen_fn, rows in cases:
     approx, q_scale, row_scale, row_offset = map(np.asarray, screen_fn(jnp.asarray(xq), *rows))
     err = q_scale.astype(np.float64) @ row_scale.T + row_offset[None, :]
@@ -286,53 +314,62 @@ def test_screened_search_equals_float32_search(metric, monkeypatch):
   xb = rng.standard_normal((40_000, 40)).astype(np.float32)
   xq = rng.standard_normal((60, 40)).astype(np.float32)
   screened = _spy_screen(monkeypatch)
-  monkeypatch.setattr(search, "_SCREEN_ROWS", 1)
-  D, I = search.knn(xq, xb, 10, metric=metric)
+  tiles = topk.CPU_TILES._replace(screen_rows=1)
+  D, I = search.knn(xq, xb, 10, metric=metric, tiles=tiles)
   assert screened == [True]  # no float32 pass
   if jax.device_count() >= 4:
-    Ds, Is = search.knn(xq, xb, 10, metric=metric, mesh=sharding.make_mesh(4))
+    Ds, Is = search.knn(xq, xb, 10, metric=metric, mesh=sharding.make_mesh(4), tiles=tiles)
     np.testing.assert_array_equal(np.asarray(Is), np.asarray(I))
     np.testing.assert_array_equal(np.asarray(Ds), np.asarray(D))
-  monkeypatch.setattr(search, "_SCREENS", {})
-  D32, I32 = search.knn(xq, xb, 10, metric=metric)
+  screened.clear()
+  D32, I32 = search.knn(xq, xb, 10, metric=metric, tiles=tiles._replace(screen_dim=None))
+  assert screened == [False]
   np.testing.assert_array_equal(np.asarray(I), np.asarray(I32))
   np.testing.assert_array_equal(np.asarray(D), np.asarray(D32))
 
 
+class _Runs(list):
+  """For each engine run (``topk.run``) of ``knn``: whether it took the screen; and in
+  ``exact`` the run's ``exact`` flags."""
+  exact: list
+
+
 def _spy_screen(monkeypatch):
-  """A list that records, for each engine run of ``knn``, whether it took the screen."""
-  screened = []
-  run = search._run
+  runs, run = _Runs(), topk.run
+  runs.exact = []
 
   def spy(*args, **kwargs):
-    screened.append(kwargs.get("screen_fn") is not None)
-    return run(*args, **kwargs)
+    runs.append(kwargs.get("screen_fn") is not None)
+    out = run(*args, **kwargs)
+    runs.exact.append(out[2])
+    return out
 
-  monkeypatch.setattr(search, "_run", spy)
-  return screened
+  monkeypatch.setattr(topk, "run", spy)
+  return runs
 
 
 def test_screen_only_where_it_pays(monkeypatch):
   # On a CPU from d=40 and from 128 database rows per extra re-scored row (k=10: 32 extra
   # chunks, 131072 rows); per device on a mesh.
   screened = _spy_screen(monkeypatch)
+  cpu = topk.CPU_TILES
   rng = np.random.default_rng(3)
   xb = rng.standard_normal((131_072, 40)).astype(np.float32)
   xq = rng.standard_normal((5, 40)).astype(np.float32)
   for xb_, xq_, expect in [(xb, xq, True), (xb[:-1], xq, False),
                            (xb[:, :39], xq[:, :39], False)]:
     screened.clear()
-    search.knn(xq_, xb_, 10)
+    search.knn(xq_, xb_, 10, tiles=cpu)
     assert screened == [expect], (xb_.shape, expect)
   if jax.device_count() >= 4:
     screened.clear()
-    search.knn(xq, xb, 10, mesh=sharding.make_mesh(4))
+    search.knn(xq, xb, 10, mesh=sharding.make_mesh(4), tiles=cpu)
     assert screened == [False]
   # Inside jax.jit there is no read back for the fallback: the float32 engine alone.
   screened.clear()
-  _, traced = jax.jit(lambda q, b: search.knn(q, b, 10, metric="ip"))(xq, xb)
+  _, traced = jax.jit(lambda q, b: search.knn(q, b, 10, metric="ip", tiles=cpu))(xq, xb)
   assert screened == [False]
-  _, eager = search.knn(xq, xb, 10, metric="ip")
+  _, eager = search.knn(xq, xb, 10, metric="ip", tiles=cpu)
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(eager))
 
 
@@ -349,21 +386,11 @@ def test_screen_too_coarse_falls_back_to_float32(metric, monkeypatch):
                        -v + 1e-3 * rng.standard_normal((10_000, 48))]).astype(np.float32)
   xq = (v + 1e-3 * rng.standard_normal((20, 48))).astype(np.float32)
   xq[-4:] = -xq[-4:]
-  nb, k = xb.shape[0], 10
-  monkeypatch.setattr(search, "_SCREEN_ROWS", 1)
-  kc = k + search._rerank_margin(k) if metric == "l2" else k
-  plan = search._plan(xq.shape[0], nb, kc, None, None, None, 0, None)
-  if metric == "l2":
-    score, screen, db = search._l2_score, search._l2_screen, (xb, search._half_norms(xb))
-  else:
-    score, screen, db = search._ip_score, search._ip_screen, (xb,)
-  db = tuple(sharding.pad_rows(jnp.asarray(a), plan[3]) for a in db)
-  _, _, exact = search._run(score, xq, db, nb, kc, plan, None, screen_fn=screen,
-                            screen_chunks=search._screen_chunks(kc))
-  assert not np.asarray(exact).any()
+  k = 10
   screened = _spy_screen(monkeypatch)
-  D, I = search.knn(xq, xb, k, metric=metric)
+  D, I = search.knn(xq, xb, k, metric=metric, tiles=topk.CPU_TILES._replace(screen_rows=1))
   assert screened == [True, False]  # the screen, then float32 for every query
+  assert not np.asarray(screened.exact[0]).any()  # the screen showed no query exact
   if metric == "l2":
     ref = -_l2_float64(xq, xb)
   else:
