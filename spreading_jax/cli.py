@@ -361,11 +361,7 @@ def encode_cmd(args):
   _outputs.check_output_file(args.output, inputs=[args.model, args.input])
   _init_distributed(args)
   model = _load_model(args.model)
-  mesh = None
-  if jax.local_device_count() > 1:
-    import numpy as np
-    from jax.sharding import Mesh
-    mesh = Mesh(np.array(jax.local_devices()), (sharding.DATA_AXIS,))
+  mesh = sharding.local_mesh()  # each process encodes its own slice on its own devices
   output, row_range = args.output, None
   if args.distributed and jax.process_count() > 1:
     # Each process encodes its own contiguous slice into its own part file.

@@ -14,7 +14,6 @@ import shutil
 import socket
 import time
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -194,7 +193,7 @@ class SpreadingIndex:
     Returns (D, I): "zn": D f32[nq, k] inner products (descending), "sign": D i32[nq, k]
     Hamming distances (ascending), faiss: D f32[nq, k] faiss' distances (squared L2 for
     PQ/OPQ, ascending); I i32[nq, k]. "zn" and "sign" are sharded over ``mesh``, or over
-    all local devices when there are several; faiss searches on the CPU.
+    all of this process's devices (``sharding.local_mesh``) when it has several; faiss searches on the CPU.
     """
     if self.ntotal == 0:
       raise ValueError("the index is empty: add vectors before searching")
@@ -202,8 +201,8 @@ class SpreadingIndex:
     k = check_int("k", k, minimum=1)
     if k > self.ntotal:
       raise ValueError(f"k={k} is larger than ntotal={self.ntotal}")
-    if mesh is None and jax.local_device_count() > 1:
-      mesh = sharding.make_mesh(jax.local_device_count())
+    if mesh is None:
+      mesh = sharding.local_mesh()
     return self.quantizer.search(self.model.apply(xq), self.codes, k, mesh=mesh)
 
   # -------------------------------------------------------------------------------------

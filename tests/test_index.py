@@ -336,3 +336,37 @@ def test_forward_batch_by_backend(monkeypatch):
   assert model_module.default_batch_size() == 16384
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert model_module.default_batch_size() == 65536
+
+
+def test_default_search_mesh_is_this_process_devices(zn_index, mini, monkeypatch):
+  """``SpreadingIndex.search`` without a mesh shards over ``jax.local_devices()``. Simulates
+  process 1 of a 2-process job with 2 devices each (the 4 forced host devices split in
+  two): the mesh must name devices 2 and 3, and the results must equal an unsharded
+  search. Red with the old default ``jax.devices()[:jax.local_device_count()]``, which
+  names process 0's devices 0 and 1 on every process."""
+  from spreading_jax import sharding
+  devices = jax.devices()
+  if len(devices) < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+  ours = devices[2:4]
+  monkeypatch.setattr(jax, "local_devices", lambda *a, **k: list(ours))
+  monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: len(ours))
+  monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
+  monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
+  assert list(sharding.local_mesh().devices.flat) == ours
+  seen = []
+  search_fn = zn_index.quantizer.search
+
+  def spy(yq, codes, k, mesh=None):
+    seen.append(mesh)
+    return search_fn(yq, codes, k, mesh=mesh)
+
+  monkeypatch.setattr(zn_index.quantizer, "search", spy)
+  xq = np.asarray(mini.query[:16], np.float32)
+  D, I = zn_index.search(xq, 10)
+  assert list(seen[0].devices.flat) == ours
+  D1, I1 = zn_index.search(xq, 10, mesh=sharding.make_mesh(1))
+  np.testing.assert_array_equal(I, I1)
+  np.testing.assert_array_equal(D, D1)
+  monkeypatch.setattr(jax, "local_devices", lambda *a, **k: devices[:1])
+  assert sharding.local_mesh() is None  # one local device: no mesh
