@@ -193,7 +193,8 @@ class SpreadingIndex:
     Returns (D, I): "zn": D f32[nq, k] inner products (descending), "sign": D i32[nq, k]
     Hamming distances (ascending), faiss: D f32[nq, k] faiss' distances (squared L2 for
     PQ/OPQ, ascending); I i32[nq, k]. "zn" and "sign" are sharded over ``mesh``, or over
-    all of this process's devices (``sharding.local_mesh``) when it has several; faiss searches on the CPU.
+    all of this process's devices (``sharding.local_mesh``) when it has several; faiss
+    searches on the CPU.
     """
     if self.ntotal == 0:
       raise ValueError("the index is empty: add vectors before searching")
