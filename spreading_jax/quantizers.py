@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 from jax.sharding import Mesh
 
-from spreading_jax import binary, lattice, search
+from spreading_jax import binary, faiss_factory, lattice, search
 from spreading_jax._validation import check_int, check_vectors
 
 ZN, SIGN = "zn", "sign"
@@ -268,7 +268,7 @@ class SignQuantizer(Quantizer):
 
 class FaissQuantizer(Quantizer):
   """A faiss standalone codec (``sa_encode``/``sa_decode``) from an index-factory string,
-  or "LSH{bits}" / "ITQ{bits}" (see ``baselines.build_index``); searched by faiss on the
+  or "LSH{bits}" / "ITQ{bits}" (see ``faiss_factory.build_index``); searched by faiss on the
   CPU over an index filled with the given codes. D: faiss' distances (squared L2 for
   PQ/OPQ/SQ, ascending).
   """
@@ -276,10 +276,9 @@ class FaissQuantizer(Quantizer):
   state_files = (_FAISS_FILE,)
 
   def __init__(self, factory: str, d: int):
-    from spreading_jax import baselines  # pylint: disable=import-outside-toplevel
     self.name, self.d = factory, check_int("d", d, minimum=1)
     try:
-      self.index = baselines.build_index(factory, self.d)
+      self.index = faiss_factory.build_index(factory, self.d)
       self._code_size = int(self.index.sa_code_size())
     except (ValueError, RuntimeError) as e:
       raise ValueError(f"quantizer={factory!r} is neither 'zn', 'sign' nor a faiss "
@@ -332,7 +331,7 @@ class FaissQuantizer(Quantizer):
   def _index_over(self, codes: np.ndarray):
     """A copy of the trained index holding ``codes`` (reused while the same array is
     searched again)."""
-    import faiss  # pylint: disable=import-outside-toplevel
+    faiss = faiss_factory.faiss_module()
     if self._filled is not None and self._filled[0] is codes:
       return self._filled[1]
     filled = faiss.deserialize_index(faiss.serialize_index(self.index))
@@ -362,11 +361,11 @@ class FaissQuantizer(Quantizer):
     return D, I.astype(np.int32)
 
   def save(self, directory: str) -> None:
-    import faiss  # pylint: disable=import-outside-toplevel
+    faiss = faiss_factory.faiss_module()
     faiss.write_index(self.index, os.path.join(directory, _FAISS_FILE))
 
   def load_state(self, read: Callable[[str], bytes], directory: str = "") -> None:
-    import faiss  # pylint: disable=import-outside-toplevel
+    faiss = faiss_factory.faiss_module()
     path = os.path.join(directory, _FAISS_FILE)
     try:
       stored = faiss.deserialize_index(np.frombuffer(read(_FAISS_FILE), np.uint8))
