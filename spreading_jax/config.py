@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from spreading_jax import lattice
+from spreading_jax.mining import METHODS as MINING_METHODS
 
 # Named recipe conventions and their accepted values (see TrainConfig's docstring).
 BN_MODES = ("separate", "joint")
 INITS = ("torch", "flax")
 INPUT_SCALINGS = ("none", "mean_norm")
 QUANTIZERS = ("lattice", "sign")
-MINING_METHODS = ("auto", "exact", "graph")
 
 
 def parse_lr_schedule(value) -> tuple[float, ...]:
@@ -154,10 +153,6 @@ class TrainConfig:
     """True when d_out and λ are given (nothing is left for ``selection.py`` to choose)."""
     return self.d_out is not None and self.lambda_koleo is not None
 
-  def lattice_r2(self) -> int:
-    """The lattice squared radius, from ``r2`` or from ``bits``."""
-    return make_codec(self).r2
-
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["hidden"] = list(self.hidden)
@@ -204,10 +199,3 @@ def _check_field_types(config: TrainConfig) -> None:
       raise ValueError(f"config field {f.name}={value!r} has the wrong type (expected "
                        f"{f.type})")
 
-
-def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:
-  """The Zn sphere codec of ``config``: ``r2``, or the largest sphere whose codes fit ``bits``
-  (raises if d_out and r2 do not fit the requested bits)."""
-  if config.d_out is None:
-    raise ValueError("d_out is not set: spreading_jax.fit chooses it (selection.py)")
-  return lattice.zn_codec(config.d_out, config.bits, config.r2)

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from spreading_jax import lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.config import make_codec
 from spreading_jax.model import TrainResult
+from spreading_jax.quantizers import make_codec
 
 
 def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,

@@ -21,7 +21,8 @@ import numpy as np
 from spreading_jax import _files, lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.config import TrainConfig
+from spreading_jax.quantizers import make_codec
 
 FORMAT_VERSION = 1
 

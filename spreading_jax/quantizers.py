@@ -417,6 +417,15 @@ def make_quantizer(name: str, d: int, bits: int | None = None, *, r2: int | None
   return q
 
 
+def make_codec(config) -> lattice.ZnSphereCodec:
+  """The Zn sphere codec of a ``TrainConfig``: ``zn_codec(d_out, bits, r2)``, i.e. ``r2``, or
+  the largest sphere whose codes fit ``bits`` (raises if d_out and r2 do not fit the
+  requested bits). The lattice a model validates and trains end to end with."""
+  if config.d_out is None:
+    raise ValueError("d_out is not set: spreading_jax.fit chooses it (selection.py)")
+  return lattice.zn_codec(config.d_out, config.bits, config.r2)
+
+
 def for_model(name: str, config, bits: int | None = None) -> Quantizer:
   """The quantizer ``name`` on a catalyzer's outputs (``config``: its ``TrainConfig``).
 
@@ -426,7 +435,7 @@ def for_model(name: str, config, bits: int | None = None) -> Quantizer:
   ``make_quantizer(name, d_out, bits)``.
   """
   if name == ZN:
-    own = lattice.zn_codec(config.d_out, config.bits, config.r2)
+    own = make_codec(config)
     if bits is None or own.code_bits <= check_int("bits", bits, minimum=1):
       return ZnQuantizer(own)
   return make_quantizer(name, config.d_out, bits)

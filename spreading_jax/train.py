@@ -34,9 +34,10 @@ from spreading_jax import _tensorboard, binary, datasets, lattice, mining, searc
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
-from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.config import TrainConfig
 from spreading_jax.losses import spreading_loss
 from spreading_jax.model import TrainResult
+from spreading_jax.quantizers import make_codec
 
 __all__ = ["Batch", "Recipe", "TrainConfig", "TrainResult", "TrainState", "make_codec",
            "make_epoch_fn", "make_optimizer", "make_train_state", "split_indices", "train",
