@@ -24,11 +24,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import lattice, sharding
+from spreading_jax import _outputs, lattice, sharding
+from spreading_jax._files import atomic_output, preallocate
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.model import TrainResult
 from spreading_jax.quantizers import make_codec
+from spreading_jax.vecs_io import read_vectors
 
 
 def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,
@@ -517,9 +519,6 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       an output that is the input or a directory, a running encode to the same output, or
       a progress file of another model/input or a corrupt one.
   """
-  from spreading_jax import _outputs
-  from spreading_jax._files import atomic_output, preallocate
-  from spreading_jax.vecs_io import read_vectors
   output_path, input_path = os.fspath(output_path), os.fspath(input_path)
   chunk = check_int("chunk", chunk, minimum=1)
   if max_rows is not None:

@@ -22,6 +22,8 @@ from spreading_jax import quantizers, sharding
 from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_dir,
                                   check_format_version, check_saved_dir, sha256_file)
 from spreading_jax._validation import check_int, check_vectors
+from spreading_jax.datasets import sample_rows
+from spreading_jax.encode import EncodeStream
 from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
 
 FORMAT_VERSION = 2
@@ -124,7 +126,6 @@ class SpreadingIndex:
     check_vectors("x", x, d=self.d, d_name="d_in")
     if not self.quantizer.needs_training:
       return
-    from spreading_jax.datasets import sample_rows  # pylint: disable=import-outside-toplevel
     xt = np.asarray(sample_rows(x, check_int("max_train", max_train, minimum=1), seed),
                     np.float32)
     self.quantizer.train(self.model.apply(xt))
@@ -147,7 +148,6 @@ class SpreadingIndex:
     return self._encode(x, chunk, mesh, None)
 
   def _encode(self, x, chunk: int, mesh: Mesh | None, bar) -> np.ndarray:
-    from spreading_jax.encode import EncodeStream  # pylint: disable=import-outside-toplevel
     check_vectors("x", x, d=self.d, d_name="d_in", finite=False)  # finite: on the device
     chunk = check_int("chunk", chunk, minimum=1)
     core = self.quantizer.encode_core
