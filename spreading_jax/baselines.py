@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from spreading_jax import datasets, search
+from spreading_jax import datasets, evaluate, search
 from spreading_jax.faiss_factory import (  # noqa: F401 (re-exported)
     MAX_FACTORY_NUMBER, build_index, index_code_bits)
 
@@ -53,9 +53,7 @@ def evaluate_faiss(dataset, factory: str, transform: Transform | None = None, *,
   Returns:
     {k: recall}.
   """
-  ks = tuple(k for k in ks if k <= dataset.nb)
-  if not ks:
-    raise ValueError(f"no k fits a database of {dataset.nb} vectors")
+  ks = evaluate.fitting_ks(dataset.nb, ks)
   xt = _apply(transform, datasets.sample_rows(np.asarray(
       dataset.train if train_vectors is None else train_vectors), max_train, seed))
   xb, xq = _apply(transform, dataset.base), _apply(transform, dataset.query)

@@ -88,7 +88,7 @@ def demo(args):
   out = Path(args.out)
   index.save(out / "index")
   index = SpreadingIndex.load(out / "index")
-  ks = tuple(k for k in (1, 10, 100) if k <= ds.nb)
+  ks = evaluate.fitting_ks(ds.nb)
   _, ids = index.search(ds.query, max(ks))
   seconds["index"] = time.perf_counter() - t
   codec = index.quantizer.codec
@@ -432,7 +432,7 @@ def _configure_search(p):
 @command("search", "search an index with a query file")
 def search_cmd(args):
   import numpy as np
-  from spreading_jax import search
+  from spreading_jax import evaluate, search
   from spreading_jax._files import atomic_output
   from spreading_jax.vecs_io import read_vectors
   from spreading_jax import _outputs
@@ -453,7 +453,7 @@ def search_cmd(args):
   D, I = index.search(xq, args.k)
   recall = None
   if gt is not None:
-    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
+    ks = evaluate.fitting_ks(args.k)
     recall = " ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items())
   for suffix, arr in (("I", I), ("D", D)):
     with atomic_output(f"{args.out}_{suffix}.npy") as tmp:

@@ -20,7 +20,16 @@ Transform = Callable[[np.ndarray], np.ndarray]
 KS = (1, 10, 100)
 
 
-def _ks(nb: int, ks: Sequence[int]) -> tuple[int, ...]:
+def fitting_ks(nb: int, ks: Sequence[int] = KS) -> tuple[int, ...]:
+  """The recall ranks of ``ks`` that a database (or a result list) of nb rows can report.
+
+  Raises:
+    ValueError: none fits.
+
+  Example:
+    >>> fitting_ks(50), fitting_ks(1000, (1, 10))
+    ((1, 10), (1, 10))
+  """
   out = tuple(k for k in ks if k <= nb)
   if not out:
     raise ValueError(f"no k in {tuple(ks)} fits a database of {nb} vectors")
@@ -50,7 +59,7 @@ def evaluate_quantizer(dataset: Dataset, transform: Transform | None,
   Returns:
     {k: 1-recall@k}.
   """
-  ks = _ks(dataset.nb, ks)
+  ks = fitting_ks(dataset.nb, ks)
   if quantizer.needs_training:
     quantizer.train(_apply(transform, sample_rows(dataset.train, max_train, seed)))
   codes = quantizers.encode_in_chunks(lambda x: quantizer.encode(_apply(transform, x)),
