@@ -83,7 +83,7 @@ def demo(args):
 
   # The index as a user would ship it: build, save, reload, search.
   t = time.perf_counter()
-  index = SpreadingIndex(model, "zn", bits=64)
+  index = SpreadingIndex(model, "lattice", bits=64)
   index.add(ds.base)
   out = Path(args.out)
   index.save(out / "index")
@@ -255,8 +255,9 @@ def _configure_train(p):
   p.add_argument("--bits", type=int, default=None,
                  help="code budget in bits (default 64); the lattice radius is chosen to fit "
                  "(sets r2=None)")
-  p.add_argument("--quantizer", choices=("lattice", "sign"), default=None,
-                 help="the code the model is for (default lattice); sign fixes d_out = bits")
+  p.add_argument("--quantizer", default=None,
+                 help="the code the model is for: a quantizer name (default lattice; sign fixes "
+                 "d_out = bits)")
   p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
   p.add_argument("--log-dir", default=None,
                  help="write TensorBoard event files here: one step per epoch (loss, "
@@ -282,8 +283,12 @@ def train_cmd(args):
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
-  if config.quantizer == "sign" and config.d_out is None:
-    config = config.replace(d_out=config.bits)  # one bit per output dimension
+  if config.d_out is None:
+    # A quantizer with one shape at this budget fixes d_out (sign: one bit per dimension).
+    from spreading_jax import quantizers
+    shapes = quantizers.quantizer_class(config.quantizer).candidate_shapes(config.bits, ())
+    if len(shapes) == 1:
+      config = config.replace(d_out=shapes[0][0])
   # The output and the checkpoint directory are checked before any data is read, so a
   # mistake there never costs a training run.
   _outputs.check_output_dir(args.out, "model",
@@ -325,16 +330,15 @@ def _configure_eval(p):
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
 
 
-@command("eval", "recall table of a model on a dataset (lattice and sign codes)")
+@command("eval", "recall table of a model on a dataset (the quantizers training validates: "
+         "lattice and sign codes)")
 def eval_cmd(args):
-  from spreading_jax import datasets, evaluate
+  from spreading_jax import datasets, evaluate, quantizers
   model = _load_model(args.model)
   ds = datasets.load_dataset(args.dataset, args.root)
-  codec = model.codec()
-  rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
-           "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
-          {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,
-           "recall": evaluate.evaluate_sign(ds, model.apply)}]
+  rows = [{"method": f"catalyzer + {q.describe()}", "bits": q.code_bits,
+           "recall": evaluate.evaluate_quantizer(ds, model.apply, q)}
+          for q in quantizers.validation_quantizers(model.config)]
   print(evaluate.format_table(rows))
 
 
@@ -348,11 +352,14 @@ def _configure_encode(p):
                  "model and input; never one of the inputs)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")
   p.add_argument("--chunk", type=int, default=65536, help="rows per batch (default 65536)")
+  p.add_argument("--quantizer", default="lattice",
+                 help="'lattice' (default: the model's own lattice, u32 words; 'zn' is read as "
+                 "'lattice') or 'sign' (u8 bytes)")
   _add_distributed_flags(p, "process i of P encodes rows [i*n/P, (i+1)*n/P) into its own "
                          "part file")
 
 
-@command("encode", "encode a vectors file to lattice codes (.npy, u32 words)")
+@command("encode", "encode a vectors file to lattice codes (.npy, u32 words) or sign codes")
 def encode_cmd(args):
   import jax
   from spreading_jax import sharding
@@ -371,7 +378,7 @@ def encode_cmd(args):
     output = f"{args.output[:-4] if args.output.endswith('.npy') else args.output}" \
              f".part{i:05d}-of-{count:05d}.npy"
   encode_file(model, args.input, output, chunk=args.chunk, mesh=mesh, key=args.key,
-              row_range=row_range)
+              row_range=row_range, quantizer=args.quantizer)
   print(f"wrote {output}")
 
 
@@ -384,11 +391,12 @@ def _configure_build(p):
   p.add_argument("--out", required=True,
                  help="index directory to write: new, empty, or a saved index (replaced); "
                  "never a model or an input")
-  p.add_argument("--quantizer", default="zn",
-                 help="'zn' (lattice, default), 'sign', or a faiss index-factory string on the "
+  p.add_argument("--quantizer", default="lattice",
+                 help="'lattice' (default; 'zn' is read as 'lattice'), 'sign', or a faiss "
+                 "index-factory string on the "
                  "catalyzed vectors, e.g. 'OPQ8_32,PQ8' (then --train is required)")
   p.add_argument("--bits", type=int, default=None,
-                 help="code size (zn: default the model's own lattice; sign: d_out; faiss: "
+                 help="code size (lattice: default the model's own lattice; sign: d_out; faiss: "
                  "the factory's)")
   p.add_argument("--train", default=None,
                  help="training vectors file for a faiss quantizer (never the queries)")

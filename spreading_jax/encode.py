@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import _outputs, lattice, sharding
+from spreading_jax import _outputs, lattice, quantizers, sharding
 from spreading_jax._files import atomic_output, preallocate
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
@@ -475,11 +475,29 @@ def _read_progress(progress: str) -> dict:
                      "it to restart the encode") from e
 
 
+def _encoder_quantizer(model: TrainResult, quantizer) -> quantizers.Quantizer:
+  """The quantizer ``encode_file`` writes codes of; ValueError unless it encodes in JAX."""
+  if isinstance(quantizer, quantizers.Quantizer):
+    if quantizer.d != model.config.d_out:
+      raise ValueError(f"the quantizer works on d={quantizer.d} but the model's "
+                       f"d_out={model.config.d_out}")
+    q = quantizer
+  else:
+    q = quantizers.for_model(quantizer, model.config)
+  if q.encode_core is None:
+    raise ValueError(f"quantizer {q.name!r} encodes outside JAX; encode_file writes codes "
+                     "of quantizers with an encode_core (lattice, sign): use "
+                     "SpreadingIndex.add for it")
+  return q
+
+
 def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
                 mesh: Mesh | None = None, key: str | None = None,
                 max_rows: int | None = None,
-                row_range: tuple[int, int] | None = None) -> bool:
-  """Encodes a vectors file (fvecs/bvecs/npy/HDF5) to a .npy file of u32 lattice codes.
+                row_range: tuple[int, int] | None = None,
+                quantizer: str | quantizers.Quantizer = quantizers.LATTICE) -> bool:
+  """Encodes a vectors file (fvecs/bvecs/npy/HDF5) to a .npy file of codes (u32 lattice
+  codes by default).
 
   Codes go chunk by chunk into a hidden ``.NAME.<random>.partial`` file beside the output
   (a preallocated .npy memory map); after every chunk ``output_path + ".progress.json"``
@@ -510,6 +528,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     max_rows: stop after this many rows in this call (time-boxed jobs); run again to resume.
     row_range: encode only rows [start, stop) of the input (one process's slice of a
       multi-host job).
+    quantizer: a name for ``quantizers.for_model`` ("lattice": the model's own lattice,
+      "sign", ...) or a ``Quantizer`` on the model's d_out whose encoder runs inside JAX
+      (``encode_core``; faiss quantizers do not).
 
   Returns:
     True when the output is complete, False when stopped early by ``max_rows``.
@@ -532,8 +553,8 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       raise ValueError(f"row_range={row_range} is outside [0, {x.shape[0]}]")
     x = x[lo:hi]
   check_vectors(input_path, x[:0], d=model.d_in, d_name="d")
-  codec = make_codec(model.config)
-  n, width = int(x.shape[0]), codec.code_words
+  q = _encoder_quantizer(model, quantizer)
+  n, width, dtype = int(x.shape[0]), q.code_width, np.dtype(q.code_dtype)
   # Never more rows a chunk than the input has (a huge --chunk would otherwise size its
   # buffers and padding by the request).
   chunk = min(chunk, max(n, 1))
@@ -543,6 +564,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
          "input": fingerprint,
          "row_range": list(row_range or (0, n)), "n": n, "code_words": width,
          "encoder": encoder_fingerprint(mesh)}
+  if q.meta() != quantizers.for_model(quantizers.LATTICE, model.config).meta():
+    # Another code than the model's own lattice (whose r2 the model fingerprint holds).
+    job["quantizer"] = q.meta()
 
   def save_progress(partial_name: str, done: int, hash_from: int, out) -> None:
     state = dict(job, partial=partial_name, rows_done=done, hash_from=hash_from,
@@ -572,7 +596,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
           raise ValueError(f"{partial} is corrupt ({e}); delete it and {progress} to "
                            "restart") from e
         done, hash_from = state["rows_done"], state["hash_from"]
-        if out.shape != (n, width) or out.dtype != np.uint32 or \
+        if out.shape != (n, width) or out.dtype != dtype or \
             not 0 <= hash_from <= done <= n or \
             _rows_sha256(out, hash_from, done) != state.get("rows_sha256"):
           raise ValueError(f"{partial} does not hold the {done} rows {progress} records; "
@@ -581,7 +605,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
         partial = None  # renamed into place just before a crash, or deleted: start over
     if partial is None:
       partial = _outputs.temp_name(output_path, ".partial")
-      out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint32, shape=(n, width))
+      out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(n, width))
       try:  # disk blocks reserved now: a full disk is ENOSPC here, not SIGBUS in a write
         preallocate(partial, report_as=output_path)
       except OSError:
@@ -593,7 +617,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     stop = n if max_rows is None else min(n, done + max_rows)
     bar = tqdm(total=n, initial=done, desc="encode", unit="vec")
     try:
-      with EncodeStream(model, x, then=codec.encode_core, chunk=chunk, mesh=mesh,
+      with EncodeStream(model, x, then=q.encode_core, chunk=chunk, mesh=mesh,
                         start=done, stop=stop, name=input_path,
                         row_offset=row_range[0] if row_range else 0) as stream:
         for lo, hi, codes in stream:
