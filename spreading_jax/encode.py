@@ -56,14 +56,16 @@ def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None =
   """
   if isinstance(params, TrainResult):
     model = params
-    params, batch_stats = model.params, model.batch_stats
-    input_scale, hidden, d_out = model.input_scale, tuple(model.config.hidden), model.config.d_out
+    params, batch_stats, input_scale = model.params, model.batch_stats, model.input_scale
+    module = model.module
     codec = codec or make_codec(model.config)
+  else:  # the architecture given as arguments
+    module = Catalyzer(d_out=d_out, hidden=tuple(hidden))
   if codec is None or batch_stats is None:
     raise ValueError("make_encoder needs batch_stats and codec (or a TrainResult)")
-  if codec.d != d_out:
-    raise ValueError(f"codec has d={codec.d} but d_out={d_out}")
-  program = _block_program(Catalyzer(d_out=d_out, hidden=tuple(hidden)), codec.encode_core)
+  if codec.d != module.d_out:
+    raise ValueError(f"codec has d={codec.d} but d_out={module.d_out}")
+  program = _block_program(module, codec.encode_core)
   variables = {"params": params, "batch_stats": batch_stats}
   scale = np.float32(input_scale)
 

@@ -48,7 +48,7 @@ class TrainResult:
 
   @property
   def module(self) -> Catalyzer:
-    return Catalyzer(d_out=self.config.d_out, hidden=tuple(self.config.hidden))
+    return Catalyzer.from_config(self.config)
 
   @property
   def variables(self) -> dict:
@@ -225,7 +225,7 @@ class TrainResult:
       if saved.replaced():
         raise saved.changed()
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
-    module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
+    module = Catalyzer.from_config(config)
     template = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False))
     try:

@@ -134,7 +134,7 @@ def make_train_state(config: TrainConfig, d_in: int, steps_per_epoch: int, key: 
   if not config.shape_is_set:
     raise ValueError(f"make_train_state needs d_out and lambda_koleo (got d_out={config.d_out}, "
                      f"lambda_koleo={config.lambda_koleo}); train() chooses unset ones")
-  module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden), init_scheme=config.init)
+  module = Catalyzer.from_config(config)
   variables = module.init(key, jnp.zeros((2, d_in)), train=False)
   tx, schedule = make_optimizer(config, steps_per_epoch)
   recipe = Recipe(module, config.bn_mode, make_codec(config) if config.end_to_end else None,
