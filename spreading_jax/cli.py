@@ -481,7 +481,8 @@ def _configure_info(p):
 
 @command("info", "describe an index or a model directory")
 def info_cmd(args):
-  if os.path.isfile(os.path.join(args.path, "index.json")):
+  from spreading_jax import _outputs
+  if os.path.isfile(os.path.join(args.path, _outputs.KINDS["index"][0])):
     print(_load_index(args.path).info())
   else:
     m = _load_model(args.path)

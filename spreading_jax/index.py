@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from spreading_jax import quantizers, sharding
+from spreading_jax import _outputs, quantizers, sharding
 from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_dir,
                                   check_format_version, check_saved_dir, sha256_file)
 from spreading_jax._validation import check_int, check_vectors
@@ -27,8 +27,7 @@ from spreading_jax.encode import EncodeStream
 from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
 
 FORMAT_VERSION = 2
-_KIND = "spreading_jax.index"
-_META = "index.json"
+_META, _KIND = _outputs.KINDS["index"]  # the metadata file and its kind tag
 _CODES = "codes.npy"
 _MODEL = "model"
 _WRITER = ".writer.json"  # inside a save's temporary directory while it is being written

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spreading_jax import _files, lattice, sharding
+from spreading_jax import _files, _outputs, lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.config import TrainConfig
@@ -129,18 +129,18 @@ class TrainResult:
   def save(self, path: str | os.PathLike) -> None:
     """Writes the model to the directory ``path`` atomically (params + JSON metadata)."""
     blob = flax.serialization.to_bytes(self.variables)
-    meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
+    meta = {"format_version": FORMAT_VERSION, "kind": _KIND,
             # Where the run wrote its TensorBoard events is not part of the model.
             "config": self.config.replace(log_dir=None).to_dict(), "d_in": self.d_in,
             "input_scale": self.input_scale, "selection": self.selection,
             "variables_bytes": len(blob),
             "variables_sha256": _files.sha256_bytes(blob)}
     with _files.atomic_output_dir(path) as tmp:
-      with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
+      with open(os.path.join(tmp, _VARIABLES), "wb") as f:
         f.write(blob)
-      with open(os.path.join(tmp, "model.json"), "w") as f:
+      with open(os.path.join(tmp, _META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-      with open(os.path.join(tmp, "history.json"), "w") as f:
+      with open(os.path.join(tmp, _HISTORY), "w") as f:
         json.dump(self.history, f)
 
   @classmethod
@@ -179,7 +179,7 @@ class TrainResult:
       return saved.read(prefix + name, sha256=sums.get(prefix + name), **kwargs)
 
     meta = _parse_json(meta_path, read(_META_FILE, max_size=_MAX_JSON_BYTES))
-    if not isinstance(meta, dict) or meta.get("kind") != "spreading_jax.catalyzer":
+    if not isinstance(meta, dict) or meta.get("kind") != _KIND:
       raise ValueError(f"{meta_path} does not describe a catalyzer")
     _files.check_format_version(saved.full(prefix) if prefix else saved.path, "model",
                                 meta.get("format_version"), FORMAT_VERSION)
@@ -250,7 +250,9 @@ class TrainResult:
                history, selection)
 
 
-_META_FILE, _VARIABLES, _HISTORY = "model.json", "variables.msgpack", "history.json"
+# The metadata file and kind tag of a saved model (``_outputs.KINDS``), and its other files.
+_META_FILE, _KIND = _outputs.KINDS["model"]
+_VARIABLES, _HISTORY = "variables.msgpack", "history.json"
 # Loads retried when a concurrent save replaced the model while it was being read.
 _LOAD_TRIES = 5
 # Hidden layers a saved model may declare, and msgpack bytes per array beyond its data
