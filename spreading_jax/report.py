@@ -17,15 +17,39 @@ from spreading_jax import search
 from spreading_jax.datasets import Dataset
 
 
-def environment() -> dict:
-  """Versions and device of this process: {"jax", "numpy", "faiss" (or None), "device"}."""
+def environment(machine: bool = False) -> dict:
+  """Versions and device of this process: {"jax", "numpy", "faiss" (or None), "device"};
+  with ``machine`` (what timings are measured on, the benchmarks' JSON) also "backend",
+  "devices", "cpu_count", "machine", "processor", "date" and "load_average_at_end"."""
   try:
     import faiss  # pylint: disable=import-outside-toplevel
     faiss_version = faiss.__version__
   except ImportError:
     faiss_version = None
-  return {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version,
-          "device": jax.devices()[0].device_kind}
+  env = {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version,
+         "device": jax.devices()[0].device_kind}
+  if machine:
+    import platform  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    env.update(backend=jax.default_backend(), devices=[d.device_kind for d in jax.devices()],
+               cpu_count=os.cpu_count(), machine=platform.machine(), processor=_cpu_model(),
+               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               # 1/5/15-minute load when the result is written: other jobs on the cores
+               # distort rates
+               load_average_at_end=os.getloadavg())
+  return env
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=import-outside-toplevel
+  return platform.processor()
 
 
 # Flags whose absolute-path value gets another placeholder than the flag's own name.
