@@ -33,11 +33,12 @@ from spreading_jax.quantizers import make_codec
 from spreading_jax.vecs_io import read_vectors
 
 
-def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,
+def make_encoder(params, batch_stats=None,
+                 codec: lattice.ZnSphereCodec | quantizers.Quantizer | None = None,
                  input_scale: float = 1.0, hidden: tuple[int, ...] = (1024, 1024),
                  d_out: int = 24) -> Callable[[jax.Array], jax.Array]:
   """A jitted encoder: raw vectors f32[n, d_in] (or any real dtype) -> codes
-  u32[n, codec.code_words].
+  u32[n, codec.code_words] (or the codes of the given quantizer).
 
   Catalyzer forward, lattice quantization and ranking are one compiled program: the
   program of ``EncodeStream`` (``encode_file``, ``SpreadingIndex.add``). Applied to blocks
@@ -49,7 +50,8 @@ def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None =
     params: catalyzer parameters, or a ``TrainResult`` (then the other arguments default
       to the model's batch statistics, input scale, architecture and lattice codec).
     batch_stats: BatchNorm statistics.
-    codec: the ``ZnSphereCodec`` of dimension d_out.
+    codec: the ``ZnSphereCodec`` of dimension d_out, or a ``Quantizer`` on d_out whose
+      encoder runs inside JAX (``encode_core``: "lattice", "sign").
     input_scale: inputs are divided by this before the catalyzer.
     hidden: hidden layer widths.
     d_out: output dimension.
@@ -65,6 +67,9 @@ def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None =
     raise ValueError("make_encoder needs batch_stats and codec (or a TrainResult)")
   if codec.d != module.d_out:
     raise ValueError(f"codec has d={codec.d} but d_out={module.d_out}")
+  if codec.encode_core is None:
+    raise ValueError(f"quantizer {codec.name!r} encodes outside JAX: make_encoder needs an "
+                     "encode_core (lattice, sign)")
   program = _block_program(module, codec.encode_core)
   variables = {"params": params, "batch_stats": batch_stats}
   scale = np.float32(input_scale)

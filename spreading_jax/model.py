@@ -54,19 +54,20 @@ class TrainResult:
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
-  def apply(self, x, batch_size: int | None = None, then: Callable | None = None
-            ) -> np.ndarray:
+  def apply(self, x, batch_size: int | None = None) -> np.ndarray:
     """Catalyzes x: [n, d_in] -> f32[n, d_out] (unit rows), in chunks of ``batch_size``.
+
+    Codes straight from raw vectors (catalyzer and encoder in one program) come from the
+    one fused encode path, ``encode.EncodeStream`` (``encode.make_encoder``,
+    ``SpreadingIndex.encode``/``add``, ``encode_file``).
 
     Args:
       x: raw vectors, numpy (or a memory map) or jax, any real dtype.
       batch_size: rows per compiled chunk (default ``default_batch_size()``: 16384 on a
         CPU, 65536 on a GPU/TPU).
-      then: optional hashable traceable function of the catalyzed chunk, compiled into
-        the same program (e.g. ``codec.encode_core``: codes come back instead of floats).
 
     Returns:
-      numpy rows of the forward pass, or of ``then`` applied to it.
+      numpy rows f32[n, d_out] of the forward pass.
     """
     check_vectors("x", x, d=self.d_in, d_name="d_in")
     batch_size = check_int("batch_size",
@@ -76,8 +77,7 @@ class TrainResult:
     # read-back (reading each chunk back before dispatching the next left an accelerator
     # idle), and device memory stays bounded for any n.
     pending, finite = collections.deque(), []
-    for start, (y, ok) in self._forward_chunks(x, self.input_scale, batch_size, then,
-                                               check=True):
+    for start, (y, ok) in self._forward_chunks(x, self.input_scale, batch_size, check=True):
       if out is None:
         out = np.empty((x.shape[0],) + y.shape[1:], y.dtype)
       pending.append((start, y))
@@ -95,9 +95,7 @@ class TrainResult:
                          f"float32 forward pass (input_scale={self.input_scale:g}): its "
                          "output is not a finite unit vector; such inputs cannot be encoded")
     if out is None:  # no rows
-      shape = jax.eval_shape(lambda v, x: _forward_fn(self.module, then)(v, x, 1.0),
-                             self.variables, jax.ShapeDtypeStruct((1, self.d_in), jnp.float32))
-      out = np.empty((0,) + shape.shape[1:], shape.dtype)
+      out = np.empty((0, self.config.d_out), np.float32)
     return out
 
   def apply_device(self, x_scaled: jax.Array, batch_size: int | None = None) -> jax.Array:
@@ -105,14 +103,13 @@ class TrainResult:
     batch_size = default_batch_size() if batch_size is None else batch_size
     return jnp.concatenate([y for _, y in self._forward_chunks(x_scaled, 1.0, batch_size)])
 
-  def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None,
-                      check: bool = False):
-    """Yields (start row, device array [m, ...]) over fixed-size chunks of x (one compiled
-    shape; the last chunk is padded and its padding dropped). Fewer rows than a batch are
-    padded to a power of two (at least 8), so that calls with varying row counts (query
-    batches) share a few compiled shapes instead of compiling one per size. With
+  def _forward_chunks(self, x, scale: float, batch_size: int, check: bool = False):
+    """Yields (start row, device array f32[m, d_out]) over fixed-size chunks of x (one
+    compiled shape; the last chunk is padded and its padding dropped). Fewer rows than a
+    batch are padded to a power of two (at least 8), so that calls with varying row counts
+    (query batches) share a few compiled shapes instead of compiling one per size. With
     ``check`` the array is a pair (output, bool[m]: the catalyzed row is finite)."""
-    fwd = _forward_fn(self.module, then, check)
+    fwd = _forward_fn(self.module, check)
     n = x.shape[0]
     chunk = min(batch_size, sharding.round_up_pow2(n, 8))
     for start in range(0, n, chunk):
@@ -303,18 +300,16 @@ def _copy_rows(out: np.ndarray, start: int, y: jax.Array) -> None:
 _FORWARD_CACHE: dict = {}
 
 
-def _forward_fn(module: Catalyzer, then: Callable | None = None, check: bool = False
-                ) -> Callable:
-  """A cached jitted eval-mode forward pass for ``module``, followed by ``then``; with
-  ``check`` it also returns bool[n]: each catalyzed row is a (finite) unit vector."""
-  key = (module.d_out, tuple(module.hidden), then, check)
+def _forward_fn(module: Catalyzer, check: bool = False) -> Callable:
+  """A cached jitted eval-mode forward pass for ``module``; with ``check`` it also returns
+  bool[n]: each catalyzed row is a (finite) unit vector."""
+  key = (module.d_out, tuple(module.hidden), check)
   if key not in _FORWARD_CACHE:
     @jax.jit
     def fwd(variables, x, scale):
       y = module.apply(variables, x / scale, train=False)
-      out = y if then is None else then(y)
       # Rows are unit vectors; an overflow inside gives NaN or, through the normalisation
       # of an infinite norm, a zero row.
-      return (out, jnp.sum(y * y, axis=1) > 0.5) if check else out
+      return (y, jnp.sum(y * y, axis=1) > 0.5) if check else y
     _FORWARD_CACHE[key] = fwd
   return _FORWARD_CACHE[key]

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import chex
 import jax
 import numpy as np
 import pytest
@@ -303,33 +302,37 @@ def test_encode_file_row_ranges(model, mini, tmp_path):
 
 
 def test_fused_encode_matches_the_two_step_path(model, mini):
-  # index.encode compiles the catalyzer and the encoder into one program per chunk, with
-  # chunks dispatched ahead of the read-back: same codes as catalyzing, then encoding.
+  # index.encode and make_encoder compile the catalyzer and the encoder into one program
+  # (the block program of EncodeStream): same codes as catalyzing, then encoding.
+  from spreading_jax.encode import make_encoder
   x = np.asarray(mini.base[:203], np.float32)
-  for kind in ("zn", "sign"):
+  for kind in ("lattice", "sign"):
     index = SpreadingIndex(model, kind)
     q = index.quantizer
     y = model.apply(x)
     ref = q.encode(y)
     # One fused program per chunk against two steps: equal up to rounding ties.
     assert_codes_equal_up_to_ties(index.encode(x), ref, y, q)
-    # 203 rows in chunks of 16: 13 chunks, more than are kept in flight; rows in order.
-    chunked = model.apply(x, batch_size=16, then=q.encode_core)
-    assert chunked.dtype == q.code_dtype
-    assert_codes_equal_up_to_ties(chunked, ref, y, q)
+    fused = np.asarray(make_encoder(model, codec=q)(x))
+    assert fused.dtype == q.code_dtype
+    assert_codes_equal_up_to_ties(fused, ref, y, q)
     empty = index.encode(x[:0])
     assert empty.shape == (0, q.code_width) and empty.dtype == q.code_dtype
+  # 203 rows in chunks of 16: 13 chunks, more than are kept in flight; rows in order.
   np.testing.assert_allclose(model.apply(x, batch_size=16), model.apply(x), atol=1e-5)
   assert model.apply(x[:0]).shape == (0, model.config.d_out)
 
 
 def test_forward_compiles_once_per_size_bucket(model, mini):
   # Query batches of varying size share the program of their power-of-two bucket: one
-  # trace for 65..128 rows (then is traced once per compiled program).
+  # compiled shape for 65..128 rows.
   x = np.asarray(mini.base[:128], np.float32)
-  core = chex.assert_max_traces(SpreadingIndex(model, "zn").quantizer.encode_core, n=1)
+  fwd = model_module._forward_fn(model.module, check=True)
+  model.apply(x[:100])
+  before = fwd._cache_size()
   for n in (100, 65, 128, 121):
-    assert model.apply(x[:n], then=core).shape[0] == n
+    assert model.apply(x[:n]).shape[0] == n
+  assert fwd._cache_size() == before
 
 
 def test_forward_batch_by_backend(monkeypatch):
