@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -50,30 +48,9 @@ def median(xs) -> float:
 
 
 def environment() -> dict:
-  """What the numbers were measured on."""
-  env = {"jax": jax.__version__, "backend": jax.default_backend(),
-         "devices": [d.device_kind for d in jax.devices()], "cpu_count": os.cpu_count(),
-         "machine": platform.machine(), "processor": _cpu_model(),
-         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-         # 1/5/15-minute load when the result is written: other jobs on the cores distort rates
-         "load_average_at_end": os.getloadavg()}
-  try:
-    import faiss
-    env["faiss"] = faiss.__version__
-  except ImportError:
-    pass
-  return env
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+  """What the numbers were measured on (``report.environment``, the one writer)."""
+  from spreading_jax.report import environment as report_environment
+  return report_environment(machine=True)
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -58,7 +58,7 @@ from _common import (deep_like, deep_like_setup, device_batches, encode_cases,  
                      interleaved, median, table, write_result)
 
 from spreading_jax import encode, sharding  # noqa: E402
-from spreading_jax.config import make_codec  # noqa: E402
+from spreading_jax.quantizers import make_codec  # noqa: E402
 
 
 def main(argv=None):

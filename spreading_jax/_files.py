@@ -12,7 +12,6 @@ import errno
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -28,10 +27,10 @@ _HASH_BLOCK = 1 << 20
 # ---------------------------------------------------------------------------------------
 # Atomic writes.
 
-def _temp_name(parent: Path, name: str, suffix: str) -> Path:
-  # A hidden, recognisable name in the target's directory (same filesystem, so the final
-  # rename is atomic); the random part avoids collisions between concurrent writers.
-  return parent / f".{name}.{secrets.token_hex(4)}{suffix}"
+def _temp_name(path: Path, suffix: str) -> Path:
+  # ``_outputs.temp_name``: a hidden, recognisable name in the target's directory (same
+  # filesystem, so the final rename is atomic) with a random part.
+  return Path(_outputs.temp_name(path, suffix))
 
 
 def fsync_path(path: PathLike) -> None:
@@ -94,7 +93,7 @@ def atomic_output(path: PathLike) -> Iterator[str]:
   _outputs.check_regular_or_absent(path)  # never a device, a FIFO or a socket
   path.parent.mkdir(parents=True, exist_ok=True)
   while True:
-    tmp = _temp_name(path.parent, path.name, ".tmp" + path.suffix)
+    tmp = _temp_name(path, ".tmp" + path.suffix)
     try:
       # O_EXCL: never clobber another writer's file; mode 0o666 lets the umask apply.
       os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -206,7 +205,7 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
   _outputs.check_output_dir(path)  # only an absent/empty dir or a saved model/index
   path.parent.mkdir(parents=True, exist_ok=True)
   while True:
-    tmp = _temp_name(path.parent, path.name, ".tmp")
+    tmp = _temp_name(path, ".tmp")
     try:
       os.mkdir(tmp, 0o777)  # the umask applies, unlike tempfile.mkdtemp's 0o700
       break
@@ -222,7 +221,7 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
     _fsync_tree(tmp)
     _outputs.check_replace(path, tmp)  # a model is replaced by a model, an index by an index
     if path.exists():
-      old = _temp_name(path.parent, path.name, ".old")
+      old = _temp_name(path, ".old")
       os.rename(path, old)
       try:
         os.rename(tmp, path)

@@ -17,7 +17,8 @@ import stat
 
 PathLike = str | os.PathLike
 
-# Directory kinds this library writes: kind -> (metadata file, its "kind" value).
+# Directory kinds this library writes: kind -> (metadata file, its "kind" value). The one
+# place these names are spelled: model.py and index.py write and read them from here.
 KINDS = {
     "model": ("model.json", "spreading_jax.catalyzer"),
     "index": ("index.json", "spreading_jax.index"),

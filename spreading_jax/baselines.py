@@ -9,20 +9,13 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from spreading_jax import metrics, sampling
+from spreading_jax import evaluate, metrics, sampling
+from spreading_jax.faiss_factory import (  # noqa: F401 (re-exported)
+    MAX_FACTORY_NUMBER, build_index, index_code_bits)
 
 Transform = Callable[[np.ndarray], np.ndarray]
 MAX_TRAIN = 100_000
 LSQ_MAX_TRAIN = 10_000  # LSQ training is slow; a smaller sample keeps it in minutes.
-
-
-def _faiss():
-  try:
-    import faiss  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError("faiss is not installed (pip install faiss-cpu); faiss baselines are "
-                      "unavailable") from e
-  return faiss
 
 
 def _apply(transform: Transform | None, x) -> np.ndarray:
@@ -35,61 +28,6 @@ def opq_factory(d: int, m: int = 8) -> str:
   if d >= 4 * m:
     return f"OPQ{m}_{4 * m},PQ{m}"
   return f"OPQ{m},PQ{m}"
-
-
-def index_code_bits(index) -> int:
-  """Code size in bits of one vector in a trained (or untrained) faiss index."""
-  if hasattr(index, "sa_code_size"):
-    try:
-      return int(index.sa_code_size()) * 8
-    except RuntimeError:
-      pass
-  return int(index.code_size) * 8
-
-
-# The largest number a factory string may hold (IVF lists, PQ sub-quantizers, output
-# dimensions, code bits), and the most floats one such number may make faiss allocate on d
-# dims (number x d: IVF centroids, OPQ/PCA/LSH matrices): 4 GiB.
-MAX_FACTORY_NUMBER = 1 << 22
-_MAX_FACTORY_FLOATS = 1 << 30
-# PQ/RQ bits per sub-quantizer ("PQ8x12"): 2^bits centroids each.
-_MAX_FACTORY_NBITS = 16
-
-
-def _check_factory_sizes(factory: str, d: int) -> None:
-  """ValueError for a factory string whose numbers would make faiss allocate without
-  bound before it fails (e.g. "IVF100000000,PQ8": 10^8 inverted lists)."""
-  import re  # pylint: disable=import-outside-toplevel
-  if not isinstance(factory, str) or len(factory) > 256:
-    raise ValueError(f"faiss factory string {str(factory)[:40]!r}... is not a short string")
-  for m in re.finditer(r"(x?)(\d+)", factory):
-    n = int(m.group(2))
-    if m.group(1) and n > _MAX_FACTORY_NBITS:
-      raise ValueError(f"faiss factory {factory!r}: x{n} bits per sub-quantizer is more than "
-                       f"{_MAX_FACTORY_NBITS} (2^bits centroids each)")
-    if n > MAX_FACTORY_NUMBER or n * max(int(d), 1) > _MAX_FACTORY_FLOATS:
-      raise ValueError(f"faiss factory {factory!r}: {n} is larger than this library builds "
-                       f"(at most {MAX_FACTORY_NUMBER}, and {n} x d={d} at most "
-                       f"{_MAX_FACTORY_FLOATS} floats)")
-
-
-def build_index(factory: str, d: int):
-  """A faiss index for ``factory`` on d dims: "LSH{b}" and "ITQ{b}" are handled here
-  (binary LSH with random rotation, and ITQ followed by sign bits); anything else goes
-  through ``faiss.index_factory``."""
-  _check_factory_sizes(factory, d)
-  faiss = _faiss()
-  if factory.startswith("LSH") and factory[3:].isdigit():
-    return faiss.IndexLSH(d, int(factory[3:]), True, False)  # random rotation, threshold 0
-  if factory.startswith("ITQ") and factory[3:].isdigit():
-    bits = int(factory[3:])
-    if bits > d:
-      raise ValueError(f"ITQ{bits} needs bits <= d={d}")
-    return faiss.index_factory(d, f"ITQ{bits},LSHt")
-  try:
-    return faiss.index_factory(d, factory)
-  except RuntimeError as e:
-    raise ValueError(f"faiss cannot build {factory!r} on d={d}: {e}") from e
 
 
 def code_bits(factory: str, d: int) -> int:
@@ -115,9 +53,7 @@ def evaluate_faiss(dataset, factory: str, transform: Transform | None = None, *,
   Returns:
     {k: recall}.
   """
-  ks = tuple(k for k in ks if k <= dataset.nb)
-  if not ks:
-    raise ValueError(f"no k fits a database of {dataset.nb} vectors")
+  ks = evaluate.fitting_ks(dataset.nb, ks)
   xt = _apply(transform, sampling.sample_rows(np.asarray(
       dataset.train if train_vectors is None else train_vectors), max_train, seed))
   xb, xq = _apply(transform, dataset.base), _apply(transform, dataset.query)

@@ -69,6 +69,12 @@ class Catalyzer(nn.Module):
   axis_name: str | None = None
   init_scheme: str = "torch"
 
+  @classmethod
+  def from_config(cls, config) -> "Catalyzer":
+    """The network a ``TrainConfig`` describes (d_out, hidden, init): the one place a
+    config becomes a module (training, a saved model's forward pass and loading)."""
+    return cls(d_out=config.d_out, hidden=tuple(config.hidden), init_scheme=config.init)
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """x: f32[n, d_in] -> f32[n, d_out] of unit norm."""

@@ -83,12 +83,12 @@ def demo(args):
 
   # The index as a user would ship it: build, save, reload, search.
   t = time.perf_counter()
-  index = SpreadingIndex(model, "zn", bits=64)
+  index = SpreadingIndex(model, "lattice", bits=64)
   index.add(ds.base)
   out = Path(args.out)
   index.save(out / "index")
   index = SpreadingIndex.load(out / "index")
-  ks = tuple(k for k in (1, 10, 100) if k <= ds.nb)
+  ks = evaluate.fitting_ks(ds.nb)
   _, ids = index.search(ds.query, max(ks))
   seconds["index"] = time.perf_counter() - t
   codec = index.quantizer.codec
@@ -324,8 +324,9 @@ def _configure_train(p):
   p.add_argument("--bits", type=int, default=None,
                  help="code budget in bits (default 64); the lattice radius is chosen to fit "
                  "(sets r2=None)")
-  p.add_argument("--quantizer", choices=("lattice", "sign"), default=None,
-                 help="the code the model is for (default lattice); sign fixes d_out = bits")
+  p.add_argument("--quantizer", default=None,
+                 help="the code the model is for: a quantizer name (default lattice; sign fixes "
+                 "d_out = bits)")
   p.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoints; resumes")
   p.add_argument("--log-dir", default=None,
                  help="write TensorBoard event files here: one step per epoch (loss, "
@@ -351,8 +352,12 @@ def train_cmd(args):
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if args.bits is not None:
     config = config.replace(bits=args.bits, r2=None)
-  if config.quantizer == "sign" and config.d_out is None:
-    config = config.replace(d_out=config.bits)  # one bit per output dimension
+  if config.d_out is None:
+    # A quantizer with one shape at this budget fixes d_out (sign: one bit per dimension).
+    from spreading_jax import quantizers
+    shapes = quantizers.quantizer_class(config.quantizer).candidate_shapes(config.bits, ())
+    if len(shapes) == 1:
+      config = config.replace(d_out=shapes[0][0])
   # The output and the checkpoint directory are checked before any data is read, so a
   # mistake there never costs a training run.
   _outputs.check_output_dir(args.out, "model",
@@ -395,16 +400,15 @@ def _configure_eval(p):
   p.add_argument("--root", default=None, help="data root (default: $SPREADING_DATA)")
 
 
-@command("eval", "recall table of a model on a dataset (lattice and sign codes)")
+@command("eval", "recall table of a model on a dataset (the quantizers training validates: "
+         "lattice and sign codes)")
 def eval_cmd(args):
-  from spreading_jax import datasets, evaluate
+  from spreading_jax import datasets, evaluate, quantizers
   model = _load_model(args.model)
   ds = datasets.load_dataset(args.dataset, args.root)
-  codec = model.codec()
-  rows = [{"method": f"catalyzer + Zn lattice (d={codec.d}, r2={codec.r2})",
-           "bits": codec.code_bits, "recall": evaluate.evaluate_lattice(ds, model.apply, codec)},
-          {"method": f"catalyzer + sign ({codec.d} bits)", "bits": codec.d,
-           "recall": evaluate.evaluate_sign(ds, model.apply)}]
+  rows = [{"method": f"catalyzer + {q.describe()}", "bits": q.code_bits,
+           "recall": evaluate.evaluate_quantizer(ds, model.apply, q)}
+          for q in quantizers.validation_quantizers(model.config)]
   print(evaluate.format_table(rows))
 
 
@@ -418,11 +422,14 @@ def _configure_encode(p):
                  "model and input; never one of the inputs)")
   p.add_argument("--key", default=None, help="HDF5 dataset name")
   p.add_argument("--chunk", type=int, default=65536, help="rows per batch (default 65536)")
+  p.add_argument("--quantizer", default="lattice",
+                 help="'lattice' (default: the model's own lattice, u32 words; 'zn' is read as "
+                 "'lattice') or 'sign' (u8 bytes)")
   _add_distributed_flags(p, "process i of P encodes rows [i*n/P, (i+1)*n/P) into its own "
                          "part file")
 
 
-@command("encode", "encode a vectors file to lattice codes (.npy, u32 words)")
+@command("encode", "encode a vectors file to lattice codes (.npy, u32 words) or sign codes")
 def encode_cmd(args):
   import jax
   from spreading_jax import sharding
@@ -431,11 +438,7 @@ def encode_cmd(args):
   _outputs.check_output_file(args.output, inputs=[args.model, args.input])
   _init_distributed(args)
   model = _load_model(args.model)
-  mesh = None
-  if jax.local_device_count() > 1:
-    import numpy as np
-    from jax.sharding import Mesh
-    mesh = Mesh(np.array(jax.local_devices()), (sharding.DATA_AXIS,))
+  mesh = sharding.local_mesh()  # each process encodes its own slice on its own devices
   output, row_range = args.output, None
   if args.distributed and jax.process_count() > 1:
     # Each process encodes its own contiguous slice into its own part file.
@@ -445,7 +448,7 @@ def encode_cmd(args):
     output = f"{args.output[:-4] if args.output.endswith('.npy') else args.output}" \
              f".part{i:05d}-of-{count:05d}.npy"
   encode_file(model, args.input, output, chunk=args.chunk, mesh=mesh, key=args.key,
-              row_range=row_range)
+              row_range=row_range, quantizer=args.quantizer)
   print(f"wrote {output}")
 
 
@@ -458,11 +461,12 @@ def _configure_build(p):
   p.add_argument("--out", required=True,
                  help="index directory to write: new, empty, or a saved index (replaced); "
                  "never a model or an input")
-  p.add_argument("--quantizer", default="zn",
-                 help="'zn' (lattice, default), 'sign', or a faiss index-factory string on the "
+  p.add_argument("--quantizer", default="lattice",
+                 help="'lattice' (default; 'zn' is read as 'lattice'), 'sign', or a faiss "
+                 "index-factory string on the "
                  "catalyzed vectors, e.g. 'OPQ8_32,PQ8' (then --train is required)")
   p.add_argument("--bits", type=int, default=None,
-                 help="code size (zn: default the model's own lattice; sign: d_out; faiss: "
+                 help="code size (lattice: default the model's own lattice; sign: d_out; faiss: "
                  "the factory's)")
   p.add_argument("--train", default=None,
                  help="training vectors file for a faiss quantizer (never the queries)")
@@ -506,7 +510,7 @@ def _configure_search(p):
 @command("search", "search an index with a query file")
 def search_cmd(args):
   import numpy as np
-  from spreading_jax import search
+  from spreading_jax import evaluate, search
   from spreading_jax._files import atomic_output
   from spreading_jax.vecs_io import read_vectors
   from spreading_jax import _outputs
@@ -527,7 +531,7 @@ def search_cmd(args):
   D, I = index.search(xq, args.k)
   recall = None
   if gt is not None:
-    ks = tuple(r for r in (1, 10, 100) if r <= args.k)
+    ks = evaluate.fitting_ks(args.k)
     recall = " ".join(f"R@{r}={v:.4f}" for r, v in search.recall_at(I, gt, ks).items())
   for suffix, arr in (("I", I), ("D", D)):
     with atomic_output(f"{args.out}_{suffix}.npy") as tmp:
@@ -547,7 +551,8 @@ def _configure_info(p):
 
 @command("info", "describe an index or a model directory")
 def info_cmd(args):
-  if os.path.isfile(os.path.join(args.path, "index.json")):
+  from spreading_jax import _outputs
+  if os.path.isfile(os.path.join(args.path, _outputs.KINDS["index"][0])):
     print(_load_index(args.path).info())
   else:
     m = _load_model(args.path)

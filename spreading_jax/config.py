@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from spreading_jax import lattice
+from spreading_jax import quantizers
+from spreading_jax.mining import METHODS as MINING_METHODS
 
 # Named recipe conventions and their accepted values (see TrainConfig's docstring).
 BN_MODES = ("separate", "joint")
 INITS = ("torch", "flax")
 INPUT_SCALINGS = ("none", "mean_norm")
-QUANTIZERS = ("lattice", "sign")
-MINING_METHODS = ("auto", "exact", "graph")
 
 
 def parse_lr_schedule(value) -> tuple[float, ...]:
@@ -82,10 +81,11 @@ class TrainConfig:
     r2: squared radius of the Zn lattice used for validation and end-to-end training;
       None (default) picks the largest one whose code fits ``bits``.
     bits: the code budget in bits.
-    quantizer: the code the model is for, "lattice" (Zn, asymmetric search) or "sign"
-      (one bit per output dimension): it ranks validation (the best epoch and, when
-      d_out/λ are chosen, the candidates) by that code's recall@10; sign codes fix
-      d_out = bits.
+    quantizer: the code the model is for, a registered quantizer name
+      (``quantizers.names()``): "lattice" (Zn, asymmetric search; "zn" is read as
+      "lattice") or "sign" (one bit per output dimension): it ranks validation (the best
+      epoch and, when d_out/λ are chosen, the candidates) by that code's recall@10
+      (``{quantizer}_R@10``); sign codes fix d_out = bits.
     val_every: validate every this many epochs (and after the last one); 0 disables.
     val_queries: validation queries held out of the training vectors (they never train).
     val_base: validation database: None (default) searches the validation queries among
@@ -138,8 +138,9 @@ class TrainConfig:
       raise ValueError(f"hidden={self.hidden!r} must be a sequence of layer widths")
     object.__setattr__(self, "hidden", tuple(self.hidden))
     _check_field_types(self)
+    object.__setattr__(self, "quantizer", quantizers.canonical_name(self.quantizer))
     for name, allowed in (("bn_mode", BN_MODES), ("init", INITS),
-                          ("input_scaling", INPUT_SCALINGS), ("quantizer", QUANTIZERS),
+                          ("input_scaling", INPUT_SCALINGS), ("quantizer", quantizers.names()),
                           ("mining", MINING_METHODS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -153,10 +154,6 @@ class TrainConfig:
   def shape_is_set(self) -> bool:
     """True when d_out and λ are given (nothing is left for ``selection.py`` to choose)."""
     return self.d_out is not None and self.lambda_koleo is not None
-
-  def lattice_r2(self) -> int:
-    """The lattice squared radius, from ``r2`` or from ``bits``."""
-    return make_codec(self).r2
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -203,14 +200,6 @@ def _check_field_types(config: TrainConfig) -> None:
     if not ok:
       raise ValueError(f"config field {f.name}={value!r} has the wrong type (expected "
                        f"{f.type})")
-
-
-def make_codec(config: TrainConfig) -> lattice.ZnSphereCodec:
-  """The Zn sphere codec of ``config``: ``r2``, or the largest sphere whose codes fit ``bits``
-  (raises if d_out and r2 do not fit the requested bits)."""
-  if config.d_out is None:
-    raise ValueError("d_out is not set: spreading_jax.fit chooses it (selection.py)")
-  return lattice.zn_codec(config.d_out, config.bits, config.r2)
 
 
 def replace_from_strings(config: TrainConfig, changes: dict[str, str]) -> TrainConfig:

@@ -24,18 +24,21 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import _signals, lattice, sharding
+from spreading_jax import _outputs, _signals, lattice, quantizers, sharding
+from spreading_jax._files import atomic_output, preallocate
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.config import make_codec
 from spreading_jax.model import TrainResult
+from spreading_jax.quantizers import make_codec
+from spreading_jax.vecs_io import read_vectors
 
 
-def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None = None,
+def make_encoder(params, batch_stats=None,
+                 codec: lattice.ZnSphereCodec | quantizers.Quantizer | None = None,
                  input_scale: float = 1.0, hidden: tuple[int, ...] = (1024, 1024),
                  d_out: int = 24) -> Callable[[jax.Array], jax.Array]:
   """A jitted encoder: raw vectors f32[n, d_in] (or any real dtype) -> codes
-  u32[n, codec.code_words].
+  u32[n, codec.code_words] (or the codes of the given quantizer).
 
   Catalyzer forward, lattice quantization and ranking are one compiled program: the
   program of ``EncodeStream`` (``encode_file``, ``SpreadingIndex.add``). Applied to blocks
@@ -47,21 +50,27 @@ def make_encoder(params, batch_stats=None, codec: lattice.ZnSphereCodec | None =
     params: catalyzer parameters, or a ``TrainResult`` (then the other arguments default
       to the model's batch statistics, input scale, architecture and lattice codec).
     batch_stats: BatchNorm statistics.
-    codec: the ``ZnSphereCodec`` of dimension d_out.
+    codec: the ``ZnSphereCodec`` of dimension d_out, or a ``Quantizer`` on d_out whose
+      encoder runs inside JAX (``encode_core``: "lattice", "sign").
     input_scale: inputs are divided by this before the catalyzer.
     hidden: hidden layer widths.
     d_out: output dimension.
   """
   if isinstance(params, TrainResult):
     model = params
-    params, batch_stats = model.params, model.batch_stats
-    input_scale, hidden, d_out = model.input_scale, tuple(model.config.hidden), model.config.d_out
+    params, batch_stats, input_scale = model.params, model.batch_stats, model.input_scale
+    module = model.module
     codec = codec or make_codec(model.config)
+  else:  # the architecture given as arguments
+    module = Catalyzer(d_out=d_out, hidden=tuple(hidden))
   if codec is None or batch_stats is None:
     raise ValueError("make_encoder needs batch_stats and codec (or a TrainResult)")
-  if codec.d != d_out:
-    raise ValueError(f"codec has d={codec.d} but d_out={d_out}")
-  program = _block_program(Catalyzer(d_out=d_out, hidden=tuple(hidden)), codec.encode_core)
+  if codec.d != module.d_out:
+    raise ValueError(f"codec has d={codec.d} but d_out={module.d_out}")
+  if codec.encode_core is None:
+    raise ValueError(f"quantizer {codec.name!r} encodes outside JAX: make_encoder needs an "
+                     "encode_core (lattice, sign)")
+  program = _block_program(module, codec.encode_core)
   variables = {"params": params, "batch_stats": batch_stats}
   scale = np.float32(input_scale)
 
@@ -481,11 +490,29 @@ def _read_progress(progress: str) -> dict:
                      "it to restart the encode") from e
 
 
+def _encoder_quantizer(model: TrainResult, quantizer) -> quantizers.Quantizer:
+  """The quantizer ``encode_file`` writes codes of; ValueError unless it encodes in JAX."""
+  if isinstance(quantizer, quantizers.Quantizer):
+    if quantizer.d != model.config.d_out:
+      raise ValueError(f"the quantizer works on d={quantizer.d} but the model's "
+                       f"d_out={model.config.d_out}")
+    q = quantizer
+  else:
+    q = quantizers.for_model(quantizer, model.config)
+  if q.encode_core is None:
+    raise ValueError(f"quantizer {q.name!r} encodes outside JAX; encode_file writes codes "
+                     "of quantizers with an encode_core (lattice, sign): use "
+                     "SpreadingIndex.add for it")
+  return q
+
+
 def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
                 mesh: Mesh | None = None, key: str | None = None,
                 max_rows: int | None = None,
-                row_range: tuple[int, int] | None = None) -> bool:
-  """Encodes a vectors file (fvecs/bvecs/npy/HDF5) to a .npy file of u32 lattice codes.
+                row_range: tuple[int, int] | None = None,
+                quantizer: str | quantizers.Quantizer = quantizers.LATTICE) -> bool:
+  """Encodes a vectors file (fvecs/bvecs/npy/HDF5) to a .npy file of codes (u32 lattice
+  codes by default).
 
   Codes go chunk by chunk into a hidden ``.NAME.<random>.partial`` file beside the output
   (a preallocated .npy memory map); after every chunk ``output_path + ".progress.json"``
@@ -516,6 +543,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     max_rows: stop after this many rows in this call (time-boxed jobs); run again to resume.
     row_range: encode only rows [start, stop) of the input (one process's slice of a
       multi-host job).
+    quantizer: a name for ``quantizers.for_model`` ("lattice": the model's own lattice,
+      "sign", ...) or a ``Quantizer`` on the model's d_out whose encoder runs inside JAX
+      (``encode_core``; faiss quantizers do not).
 
   Returns:
     True when the output is complete, False when stopped early by ``max_rows``.
@@ -525,9 +555,6 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       an output that is the input or a directory, a running encode to the same output, or
       a progress file of another model/input or a corrupt one.
   """
-  from spreading_jax import _outputs
-  from spreading_jax._files import atomic_output, preallocate
-  from spreading_jax.vecs_io import read_vectors
   output_path, input_path = os.fspath(output_path), os.fspath(input_path)
   chunk = check_int("chunk", chunk, minimum=1)
   if max_rows is not None:
@@ -541,8 +568,8 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
       raise ValueError(f"row_range={row_range} is outside [0, {x.shape[0]}]")
     x = x[lo:hi]
   check_vectors(input_path, x[:0], d=model.d_in, d_name="d")
-  codec = make_codec(model.config)
-  n, width = int(x.shape[0]), codec.code_words
+  q = _encoder_quantizer(model, quantizer)
+  n, width, dtype = int(x.shape[0]), q.code_width, np.dtype(q.code_dtype)
   # Never more rows a chunk than the input has (a huge --chunk would otherwise size its
   # buffers and padding by the request).
   chunk = min(chunk, max(n, 1))
@@ -552,6 +579,9 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
          "input": fingerprint,
          "row_range": list(row_range or (0, n)), "n": n, "code_words": width,
          "encoder": encoder_fingerprint(mesh)}
+  if q.meta() != quantizers.for_model(quantizers.LATTICE, model.config).meta():
+    # Another code than the model's own lattice (whose r2 the model fingerprint holds).
+    job["quantizer"] = q.meta()
 
   def save_progress(partial_name: str, done: int, hash_from: int, out) -> None:
     state = dict(job, partial=partial_name, rows_done=done, hash_from=hash_from,
@@ -581,7 +611,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
           raise ValueError(f"{partial} is corrupt ({e}); delete it and {progress} to "
                            "restart") from e
         done, hash_from = state["rows_done"], state["hash_from"]
-        if out.shape != (n, width) or out.dtype != np.uint32 or \
+        if out.shape != (n, width) or out.dtype != dtype or \
             not 0 <= hash_from <= done <= n or \
             _rows_sha256(out, hash_from, done) != state.get("rows_sha256"):
           raise ValueError(f"{partial} does not hold the {done} rows {progress} records; "
@@ -590,7 +620,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
         partial = None  # renamed into place just before a crash, or deleted: start over
     if partial is None:
       partial = _outputs.temp_name(output_path, ".partial")
-      out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint32, shape=(n, width))
+      out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(n, width))
       try:  # disk blocks reserved now: a full disk is ENOSPC here, not SIGBUS in a write
         preallocate(partial, report_as=output_path)
       except OSError:
@@ -602,7 +632,7 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
     stop = n if max_rows is None else min(n, done + max_rows)
     bar = tqdm(total=n, initial=done, desc="encode", unit="vec")
     try:
-      with EncodeStream(model, x, then=codec.encode_core, chunk=chunk, mesh=mesh,
+      with EncodeStream(model, x, then=q.encode_core, chunk=chunk, mesh=mesh,
                         start=done, stop=stop, name=input_path,
                         row_offset=row_range[0] if row_range else 0) as stream:
         for lo, hi, codes in stream:

@@ -1,9 +1,11 @@
 """Evaluation protocols: 1-recall@k of a quantizer applied to (catalyzed) vectors.
 
-Every protocol takes a ``Dataset`` and a ``transform`` (raw vectors -> vectors the quantizer
-sees: a trained catalyzer's ``apply``, a random projection, or None for the raw vectors),
-encodes the database, searches the queries and returns ``{k: recall}``. The paper's
-experiments that combine them live in ``experiments/`` (``experiments/run.py``).
+``evaluate_quantizer`` takes a ``Dataset`` and a ``transform`` (raw vectors -> vectors the
+quantizer sees: a trained catalyzer's ``apply``, a random projection, or None for the raw
+vectors), encodes the database, searches the queries and returns ``{k: recall}``;
+``quantizer_recalls`` is the same protocol on vectors already transformed (training's
+validation). The paper's experiments that combine them live in ``experiments/``
+(``experiments/run.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,16 @@ Transform = Callable[[np.ndarray], np.ndarray]
 KS = (1, 10, 100)
 
 
-def _ks(nb: int, ks: Sequence[int]) -> tuple[int, ...]:
+def fitting_ks(nb: int, ks: Sequence[int] = KS) -> tuple[int, ...]:
+  """The recall ranks of ``ks`` that a database (or a result list) of nb rows can report.
+
+  Raises:
+    ValueError: none fits.
+
+  Example:
+    >>> fitting_ks(50), fitting_ks(1000, (1, 10))
+    ((1, 10), (1, 10))
+  """
   out = tuple(k for k in ks if k <= nb)
   if not out:
     raise ValueError(f"no k in {tuple(ks)} fits a database of {nb} vectors")
@@ -52,13 +63,45 @@ def evaluate_quantizer(dataset: Dataset, transform: Transform | None,
   Returns:
     {k: 1-recall@k}.
   """
-  ks = _ks(dataset.nb, ks)
+  ks = fitting_ks(dataset.nb, ks)
   if quantizer.needs_training:
     quantizer.train(_apply(transform, sample_rows(dataset.train, max_train, seed)))
   codes = quantizers.encode_in_chunks(lambda x: quantizer.encode(_apply(transform, x)),
                                       dataset.base)
   _, ids = quantizer.search(_apply(transform, dataset.query), codes, max(ks), mesh=mesh)
   return recall_at(ids, dataset.groundtruth, ks)
+
+
+def quantizer_recalls(quantizer: quantizers.Quantizer, yq, yb, groundtruth, *,
+                      ks: Sequence[int] = KS, mesh: Mesh | None = None,
+                      hits: dict | None = None, max_train: int = 100_000,
+                      seed: int = 0) -> dict[str, float]:
+  """``evaluate_quantizer`` on vectors already transformed: the queries yq f32[nq, d]
+  searched among the quantized database yb f32[nb, d] (``Quantizer.search_vectors``).
+
+  Args:
+    quantizer: a ``quantizers.Quantizer``; one that ``needs_training`` is trained on at
+      most ``max_train`` rows of yb drawn with ``seed`` (never the queries).
+    groundtruth: i[nq, >=1] true neighbours of the queries in yb (column 0 counts).
+    ks: recall ranks; those above nb and above the groundtruth's width are dropped.
+    hits: when given, receives bool[nq] per key: whether each query's true nearest
+      neighbour is in its top k (paired comparisons, ``selection.paired_gain``).
+
+  Returns:
+    {"{name}_R@{k}": 1-recall@k} (``quantizers.metric_key``).
+  """
+  ks = fitting_ks(min(yb.shape[0], np.shape(groundtruth)[1]), ks)
+  if quantizer.needs_training:
+    quantizer.train(sample_rows(yb, max_train, seed))
+  _, ids = quantizer.search_vectors(yq, yb, max(ks), mesh=mesh)
+  per_query: dict = {}
+  out = {}
+  for k, v in recall_at(ids, groundtruth, ks, per_query).items():
+    key = quantizers.metric_key(quantizer.name, k)
+    out[key] = v
+    if hits is not None:
+      hits[key] = per_query[k]
+  return out
 
 
 def evaluate_lattice(dataset: Dataset, transform: Transform | None,

@@ -14,21 +14,20 @@ import shutil
 import socket
 import time
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from spreading_jax import quantizers, sharding
+from spreading_jax import _outputs, quantizers, sharding
 from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_dir,
                                   check_format_version, check_saved_dir, sha256_file)
 from spreading_jax._validation import check_int, check_vectors
+from spreading_jax.encode import EncodeStream
 from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
 from spreading_jax.sampling import sample_rows
 
 FORMAT_VERSION = 2
-_KIND = "spreading_jax.index"
-_META = "index.json"
+_META, _KIND = _outputs.KINDS["index"]  # the metadata file and its kind tag
 _CODES = "codes.npy"
 _MODEL = "model"
 _WRITER = ".writer.json"  # inside a save's temporary directory while it is being written
@@ -40,17 +39,18 @@ class SpreadingIndex:
   Args:
     model: a trained ``TrainResult``.
     quantizer: a ``quantizers.Quantizer`` on the model's d_out, or a name for
-      ``quantizers.for_model``: "zn" (Zn sphere lattice codes, asymmetric search on every
-      local device), "sign" (d_out sign bits, Hamming search on every local device), or a
+      ``quantizers.for_model``: "lattice" (alias "zn": Zn sphere lattice codes, asymmetric
+      search on every local device), "sign" (d_out sign bits, Hamming search on every local
+      device), or a
       faiss index-factory string such as "OPQ8_32,PQ8" or "PQ8" applied to the catalyzed
       vectors (needs ``train`` before ``add``; searched by faiss on the CPU).
-    bits: code size when ``quantizer`` is a name. "zn": a budget: the model's own lattice
-      when its codes fit (always when None), else the largest sphere that fits. "sign":
+    bits: code size when ``quantizer`` is a name. "lattice": a budget: the model's own
+      lattice when its codes fit (always when None), else the largest sphere that fits. "sign":
       must be d_out when given. faiss: must equal the factory's code size when given.
 
   Example::
 
-    index = SpreadingIndex(model, "zn", bits=64)
+    index = SpreadingIndex(model, "lattice", bits=64)
     index.add(xb)
     D, I = index.search(xq, 10)
 
@@ -59,7 +59,7 @@ class SpreadingIndex:
     opq.add(xb)
   """
 
-  def __init__(self, model: TrainResult, quantizer: str | quantizers.Quantizer = "zn",
+  def __init__(self, model: TrainResult, quantizer: str | quantizers.Quantizer = "lattice",
                bits: int | None = None):
     if not isinstance(model, TrainResult):
       raise ValueError(f"model must be a TrainResult, got {type(model).__name__}")
@@ -121,7 +121,7 @@ class SpreadingIndex:
 
   def train(self, x, max_train: int = 100_000, seed: int = 0) -> None:
     """Trains the quantizer on catalyzed training vectors x: [n, d_in] (at most
-    ``max_train`` rows, drawn with ``seed``). A no-op for parameter-free quantizers ("zn",
+    ``max_train`` rows, drawn with ``seed``). A no-op for parameter-free quantizers ("lattice",
     "sign"). Never pass the queries here."""
     check_vectors("x", x, d=self.d, d_name="d_in")
     if not self.quantizer.needs_training:
@@ -137,18 +137,17 @@ class SpreadingIndex:
 
     Rows stream through ``encode.EncodeStream`` (the pipeline of ``encode_file`` and the
     CLI): read and transferred ``chunk`` rows at a time while the previous chunk computes,
-    checked for NaN/Inf on the device, 8/16-bit integer inputs sent as they are. For "zn"
+    checked for NaN/Inf on the device, 8/16-bit integer inputs sent as they are. For "lattice"
     and "sign" the catalyzer and the encoder are one compiled program (only codes come
     back); faiss quantizers encode the catalyzed chunks on the host. Every row goes
     through the catalyzer in a block of ``encode.block_rows()`` rows per device, so a
-    vector's "zn"/"sign" code does not depend on ``chunk``, ``mesh`` or the batch it is
+    vector's "lattice"/"sign" code does not depend on ``chunk``, ``mesh`` or the batch it is
     added in, and equals ``encode_file``'s byte for byte (faiss quantizers get the same
     catalyzed floats). Raises ValueError naming the first row with NaN/Inf.
     """
     return self._encode(x, chunk, mesh, None)
 
   def _encode(self, x, chunk: int, mesh: Mesh | None, bar) -> np.ndarray:
-    from spreading_jax.encode import EncodeStream  # pylint: disable=import-outside-toplevel
     check_vectors("x", x, d=self.d, d_name="d_in", finite=False)  # finite: on the device
     chunk = check_int("chunk", chunk, minimum=1)
     core = self.quantizer.encode_core
@@ -191,10 +190,11 @@ class SpreadingIndex:
   def search(self, xq, k: int, mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest database vectors of raw queries xq: [nq, d_in] (nq = 0 gives empty results).
 
-    Returns (D, I): "zn": D f32[nq, k] inner products (descending), "sign": D i32[nq, k]
+    Returns (D, I): "lattice": D f32[nq, k] inner products (descending), "sign": D i32[nq, k]
     Hamming distances (ascending), faiss: D f32[nq, k] faiss' distances (squared L2 for
-    PQ/OPQ, ascending); I i32[nq, k]. "zn" and "sign" are sharded over ``mesh``, or over
-    all local devices when there are several; faiss searches on the CPU.
+    PQ/OPQ, ascending); I i32[nq, k]. "lattice" and "sign" are sharded over ``mesh``, or over
+    all of this process's devices (``sharding.local_mesh``) when it has several; faiss
+    searches on the CPU.
     """
     if self.ntotal == 0:
       raise ValueError("the index is empty: add vectors before searching")
@@ -202,8 +202,8 @@ class SpreadingIndex:
     k = check_int("k", k, minimum=1)
     if k > self.ntotal:
       raise ValueError(f"k={k} is larger than ntotal={self.ntotal}")
-    if mesh is None and jax.local_device_count() > 1:
-      mesh = sharding.make_mesh(jax.local_device_count())
+    if mesh is None:
+      mesh = sharding.local_mesh()
     return self.quantizer.search(self.model.apply(xq), self.codes, k, mesh=mesh)
 
   # -------------------------------------------------------------------------------------

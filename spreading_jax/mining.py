@@ -14,7 +14,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spreading_jax import knn_graph, search
-from spreading_jax.config import MINING_METHODS
 from spreading_jax._validation import check_int
 
 
@@ -104,6 +103,8 @@ def hard_negatives(yq, yb, rank_negative: int, *, include_self: bool = True,
 
 # Below this many training vectors an exact epoch of mining costs seconds on a CPU.
 _AUTO_GRAPH_MIN_ROWS = 100_000
+# The mining methods (``TrainConfig.mining``).
+METHODS = ("auto", "exact", "graph")
 
 
 def mining_method(method: str, num_train: int, backend: str | None = None) -> str:
@@ -117,8 +118,8 @@ def mining_method(method: str, num_train: int, backend: str | None = None) -> st
     >>> mining_method("auto", 500_000, "cpu"), mining_method("auto", 500_000, "gpu")
     ('graph', 'exact')
   """
-  if method not in MINING_METHODS:
-    raise ValueError(f"mining={method!r} must be one of {MINING_METHODS}")
+  if method not in METHODS:
+    raise ValueError(f"mining={method!r} must be one of {METHODS}")
   if method != "auto":
     return method
   backend = backend or jax.default_backend()

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spreading_jax import _files, lattice, sharding
+from spreading_jax import _files, _outputs, lattice, sharding
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer
-from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.config import TrainConfig
+from spreading_jax.quantizers import make_codec
 
 FORMAT_VERSION = 1
 
@@ -47,25 +48,26 @@ class TrainResult:
 
   @property
   def module(self) -> Catalyzer:
-    return Catalyzer(d_out=self.config.d_out, hidden=tuple(self.config.hidden))
+    return Catalyzer.from_config(self.config)
 
   @property
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
-  def apply(self, x, batch_size: int | None = None, then: Callable | None = None
-            ) -> np.ndarray:
+  def apply(self, x, batch_size: int | None = None) -> np.ndarray:
     """Catalyzes x: [n, d_in] -> f32[n, d_out] (unit rows), in chunks of ``batch_size``.
+
+    Codes straight from raw vectors (catalyzer and encoder in one program) come from the
+    one fused encode path, ``encode.EncodeStream`` (``encode.make_encoder``,
+    ``SpreadingIndex.encode``/``add``, ``encode_file``).
 
     Args:
       x: raw vectors, numpy (or a memory map) or jax, any real dtype.
       batch_size: rows per compiled chunk (default ``default_batch_size()``: 16384 on a
         CPU, 65536 on a GPU/TPU).
-      then: optional hashable traceable function of the catalyzed chunk, compiled into
-        the same program (e.g. ``codec.encode_core``: codes come back instead of floats).
 
     Returns:
-      numpy rows of the forward pass, or of ``then`` applied to it.
+      numpy rows f32[n, d_out] of the forward pass.
     """
     check_vectors("x", x, d=self.d_in, d_name="d_in")
     batch_size = check_int("batch_size",
@@ -75,8 +77,7 @@ class TrainResult:
     # read-back (reading each chunk back before dispatching the next left an accelerator
     # idle), and device memory stays bounded for any n.
     pending, finite = collections.deque(), []
-    for start, (y, ok) in self._forward_chunks(x, self.input_scale, batch_size, then,
-                                               check=True):
+    for start, (y, ok) in self._forward_chunks(x, self.input_scale, batch_size, check=True):
       if out is None:
         out = np.empty((x.shape[0],) + y.shape[1:], y.dtype)
       pending.append((start, y))
@@ -94,9 +95,7 @@ class TrainResult:
                          f"float32 forward pass (input_scale={self.input_scale:g}): its "
                          "output is not a finite unit vector; such inputs cannot be encoded")
     if out is None:  # no rows
-      shape = jax.eval_shape(lambda v, x: _forward_fn(self.module, then)(v, x, 1.0),
-                             self.variables, jax.ShapeDtypeStruct((1, self.d_in), jnp.float32))
-      out = np.empty((0,) + shape.shape[1:], shape.dtype)
+      out = np.empty((0, self.config.d_out), np.float32)
     return out
 
   def apply_device(self, x_scaled: jax.Array, batch_size: int | None = None) -> jax.Array:
@@ -104,14 +103,13 @@ class TrainResult:
     batch_size = default_batch_size() if batch_size is None else batch_size
     return jnp.concatenate([y for _, y in self._forward_chunks(x_scaled, 1.0, batch_size)])
 
-  def _forward_chunks(self, x, scale: float, batch_size: int, then: Callable | None = None,
-                      check: bool = False):
-    """Yields (start row, device array [m, ...]) over fixed-size chunks of x (one compiled
-    shape; the last chunk is padded and its padding dropped). Fewer rows than a batch are
-    padded to a power of two (at least 8), so that calls with varying row counts (query
-    batches) share a few compiled shapes instead of compiling one per size. With
+  def _forward_chunks(self, x, scale: float, batch_size: int, check: bool = False):
+    """Yields (start row, device array f32[m, d_out]) over fixed-size chunks of x (one
+    compiled shape; the last chunk is padded and its padding dropped). Fewer rows than a
+    batch are padded to a power of two (at least 8), so that calls with varying row counts
+    (query batches) share a few compiled shapes instead of compiling one per size. With
     ``check`` the array is a pair (output, bool[m]: the catalyzed row is finite)."""
-    fwd = _forward_fn(self.module, then, check)
+    fwd = _forward_fn(self.module, check)
     n = x.shape[0]
     chunk = min(batch_size, sharding.round_up_pow2(n, 8))
     for start in range(0, n, chunk):
@@ -128,18 +126,18 @@ class TrainResult:
   def save(self, path: str | os.PathLike) -> None:
     """Writes the model to the directory ``path`` atomically (params + JSON metadata)."""
     blob = flax.serialization.to_bytes(self.variables)
-    meta = {"format_version": FORMAT_VERSION, "kind": "spreading_jax.catalyzer",
+    meta = {"format_version": FORMAT_VERSION, "kind": _KIND,
             # Where the run wrote its TensorBoard events is not part of the model.
             "config": self.config.replace(log_dir=None).to_dict(), "d_in": self.d_in,
             "input_scale": self.input_scale, "selection": self.selection,
             "variables_bytes": len(blob),
             "variables_sha256": _files.sha256_bytes(blob)}
     with _files.atomic_output_dir(path) as tmp:
-      with open(os.path.join(tmp, "variables.msgpack"), "wb") as f:
+      with open(os.path.join(tmp, _VARIABLES), "wb") as f:
         f.write(blob)
-      with open(os.path.join(tmp, "model.json"), "w") as f:
+      with open(os.path.join(tmp, _META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-      with open(os.path.join(tmp, "history.json"), "w") as f:
+      with open(os.path.join(tmp, _HISTORY), "w") as f:
         json.dump(self.history, f)
 
   @classmethod
@@ -178,7 +176,7 @@ class TrainResult:
       return saved.read(prefix + name, sha256=sums.get(prefix + name), **kwargs)
 
     meta = _parse_json(meta_path, read(_META_FILE, max_size=_MAX_JSON_BYTES))
-    if not isinstance(meta, dict) or meta.get("kind") != "spreading_jax.catalyzer":
+    if not isinstance(meta, dict) or meta.get("kind") != _KIND:
       raise ValueError(f"{meta_path} does not describe a catalyzer")
     _files.check_format_version(saved.full(prefix) if prefix else saved.path, "model",
                                 meta.get("format_version"), FORMAT_VERSION)
@@ -224,7 +222,7 @@ class TrainResult:
       if saved.replaced():
         raise saved.changed()
       raise ValueError(f"{var_path} is truncated or corrupt (size/checksum mismatch)")
-    module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden))
+    module = Catalyzer.from_config(config)
     template = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, d_in)), train=False))
     try:
@@ -249,7 +247,9 @@ class TrainResult:
                history, selection)
 
 
-_META_FILE, _VARIABLES, _HISTORY = "model.json", "variables.msgpack", "history.json"
+# The metadata file and kind tag of a saved model (``_outputs.KINDS``), and its other files.
+_META_FILE, _KIND = _outputs.KINDS["model"]
+_VARIABLES, _HISTORY = "variables.msgpack", "history.json"
 # Loads retried when a concurrent save replaced the model while it was being read.
 _LOAD_TRIES = 5
 # Hidden layers a saved model may declare, and msgpack bytes per array beyond its data
@@ -300,18 +300,16 @@ def _copy_rows(out: np.ndarray, start: int, y: jax.Array) -> None:
 _FORWARD_CACHE: dict = {}
 
 
-def _forward_fn(module: Catalyzer, then: Callable | None = None, check: bool = False
-                ) -> Callable:
-  """A cached jitted eval-mode forward pass for ``module``, followed by ``then``; with
-  ``check`` it also returns bool[n]: each catalyzed row is a (finite) unit vector."""
-  key = (module.d_out, tuple(module.hidden), then, check)
+def _forward_fn(module: Catalyzer, check: bool = False) -> Callable:
+  """A cached jitted eval-mode forward pass for ``module``; with ``check`` it also returns
+  bool[n]: each catalyzed row is a (finite) unit vector."""
+  key = (module.d_out, tuple(module.hidden), check)
   if key not in _FORWARD_CACHE:
     @jax.jit
     def fwd(variables, x, scale):
       y = module.apply(variables, x / scale, train=False)
-      out = y if then is None else then(y)
       # Rows are unit vectors; an overflow inside gives NaN or, through the normalisation
       # of an infinite norm, a zero row.
-      return (out, jnp.sum(y * y, axis=1) > 0.5) if check else out
+      return (y, jnp.sum(y * y, axis=1) > 0.5) if check else y
     _FORWARD_CACHE[key] = fwd
   return _FORWARD_CACHE[key]

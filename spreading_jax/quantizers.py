@@ -1,24 +1,34 @@
 """Quantizers: catalyzed vectors (unit rows f32[n, d]) -> compact codes, and search over codes.
 
-One interface, ``Quantizer``, with three implementations:
+One interface, ``Quantizer``, and a registry of named implementations:
 
-- ``ZnQuantizer``: the spherical Zn lattice (``lattice.ZnSphereCodec``), exact integer codes
-  as u32 words, asymmetric search on every local device (the paper's main quantizer).
-- ``SignQuantizer``: one sign bit per dimension packed into u8 bytes, Hamming search.
-- ``FaissQuantizer``: any faiss standalone codec built from an index-factory string
-  ("PQ8", "OPQ8_32,PQ8", "SQ8", "IVF256,PQ8", "LSH64", "ITQ64"): the catalyzer as
+- "lattice", ``ZnQuantizer``: the spherical Zn lattice (``lattice.ZnSphereCodec``), exact
+  integer codes as u32 words, asymmetric search on every local device (the paper's main
+  quantizer).
+- "sign", ``SignQuantizer``: one sign bit per dimension packed into u8 bytes, Hamming search.
+- any other name, ``FaissQuantizer``: a faiss standalone codec built from an index-factory
+  string ("PQ8", "OPQ8_32,PQ8", "SQ8", "IVF256,PQ8", "LSH64", "ITQ64"): the catalyzer as
   preprocessing for a learned quantizer. It needs ``train`` and searches on the CPU.
 
 A quantizer holds only its parameters; the codes live with the caller (``SpreadingIndex``,
 the evaluation protocols), so every quantizer is used the same way::
 
-  q = make_quantizer("zn", d=24, bits=64)
+  q = make_quantizer("lattice", d=24, bits=64)
   q.train(y_train)                        # a no-op unless q.needs_training
   codes = encode_in_chunks(q.encode, yb)  # u32[nb, 2]
   D, I = q.search(yq, codes, k=10)
 
-``make_quantizer`` is the one place that dispatches on a quantizer name; ``from_meta``
-rebuilds a quantizer from the JSON ``meta()`` it wrote (plus its ``save``d files).
+Names: one per quantizer, the same everywhere (``TrainConfig.quantizer``, training's
+validation metrics ``{name}_R@k``, ``SpreadingIndex``, the CLI, a saved index's
+``index.json``). "zn", the lattice quantizer's name in the index, the CLI and saved indexes
+before issue 29, is an alias (``ALIASES``): it is still accepted everywhere and saved
+indexes that say "zn" load; what is written says "lattice".
+
+A new quantizer is one ``Quantizer`` subclass in its own module, registered there with
+``register_quantizer(name, cls)``, plus the import of that module in
+``spreading_jax/__init__.py``: ``make_quantizer``, ``for_model`` and ``from_meta`` (the index,
+the CLI, ``encode_file``), ``TrainConfig.quantizer`` and training's validation, the
+screening of ``selection.py``, the logs, TensorBoard and the plots then know it by name.
 """
 from __future__ import annotations
 
@@ -29,10 +39,18 @@ from typing import Callable
 import numpy as np
 from jax.sharding import Mesh
 
-from spreading_jax import binary, lattice, search
+from spreading_jax import binary, faiss_factory, lattice, search
 from spreading_jax._validation import check_int, check_vectors
+from spreading_jax.catalyzer import l2_normalize
 
-ZN, SIGN = "zn", "sign"
+LATTICE, SIGN = "lattice", "sign"
+ZN = LATTICE  # the name before issue 29 (see ALIASES)
+# Old spellings -> names. "zn": the lattice quantizer in SpreadingIndex, the CLI's
+# --quantizer and index.json before issue 29.
+ALIASES = {"zn": LATTICE}
+# Quantizers that training validates besides its own (``TrainConfig.quantizer``), in the
+# order of the history's keys.
+VALIDATED = (LATTICE, SIGN)
 _FAISS_FILE = "quantizer.faiss"
 
 
@@ -74,6 +92,40 @@ class Quantizer(abc.ABC):
   name: str
   d: int
   state_files: tuple[str, ...] = ()  # what ``save`` writes into a directory
+
+  # -- construction (what the registry calls) ----------------------------------------------
+  @classmethod
+  def make(cls, name: str, d: int, bits: int | None = None, **params) -> "Quantizer":
+    """The quantizer called ``name`` on d dimensions with a ``bits`` code (None: its
+    default); ``params`` are the extra fields of its ``meta()`` (e.g. "r2")."""
+    raise NotImplementedError
+
+  @classmethod
+  def for_config(cls, name: str, config, bits: int | None = None) -> "Quantizer":
+    """The quantizer a model trained with ``config`` (a ``TrainConfig``) uses on its d_out
+    outputs, for a ``bits`` code (None: the quantizer's default on d_out)."""
+    return cls.make(name, config.d_out, bits)
+
+  @classmethod
+  def shape_param(cls, d: int, bits: int) -> int | None:
+    """The ``TrainConfig.r2`` that goes with output dimension d at a ``bits`` code (raises
+    ValueError when there is none); None for quantizers without such a parameter."""
+    del d, bits
+    return None
+
+  @classmethod
+  def candidate_shapes(cls, bits: int, d_outs) -> list[tuple[int, int | None]]:
+    """(d_out, r2) pairs that ``selection.py`` screens at a ``bits`` code: each of
+    ``d_outs`` on which the quantizer makes ``bits``-bit codes, with its ``shape_param``."""
+    out = []
+    for d in d_outs:
+      try:
+        r2 = cls.shape_param(int(d), bits)
+        cls.make("", int(d), bits, **({} if r2 is None else {"r2": r2}))
+      except ValueError:
+        continue  # d does not fit this budget
+      out.append((int(d), r2))
+    return out
 
   # -- sizes ------------------------------------------------------------------------------
   @property
@@ -145,6 +197,13 @@ class Quantizer(abc.ABC):
       (D [nq, k], I i32[nq, k]); the order of D is the quantizer's (see each class).
     """
 
+  def search_vectors(self, yq, yb, k: int, mesh: Mesh | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest of catalyzed queries yq among the quantized database vectors yb:
+    f32[nb, d], whose codes are not kept (the evaluation protocols, training's
+    validation). Default: ``search(yq, encode(yb))``."""
+    return self.search(yq, encode_in_chunks(self.encode, yb), k, mesh=mesh)
+
   # -- persistence ------------------------------------------------------------------------
   def meta(self) -> dict:
     """JSON-able description that ``from_meta`` turns back into this quantizer."""
@@ -159,6 +218,10 @@ class Quantizer(abc.ABC):
     bytes of the saved file ``name`` (one of ``state_files``) of ``directory``."""
     del read, directory
 
+  def describe(self) -> str:
+    """A short description for result tables (e.g. "Zn lattice (d=24, r2=79)")."""
+    return f"{self.name} ({self.code_bits} bits)"
+
   def __repr__(self) -> str:
     return f"{type(self).__name__}(name={self.name!r}, d={self.d}, code_bits={self.code_bits})"
 
@@ -169,15 +232,49 @@ class ZnQuantizer(Quantizer):
 
   Example:
     >>> q = ZnQuantizer(lattice.zn_codec(24, 64))
-    >>> (q.code_bits, q.code_width, q.bytes_per_vector)
-    (64, 2, 8)
+    >>> (q.name, q.code_bits, q.code_width, q.bytes_per_vector)
+    ('lattice', 64, 2, 8)
   """
 
   def __init__(self, codec: lattice.ZnSphereCodec, symmetric: bool = False):
     if not isinstance(codec, lattice.ZnSphereCodec):
       raise ValueError(f"codec must be a lattice.ZnSphereCodec, got {type(codec).__name__}")
     self.codec, self.symmetric = codec, bool(symmetric)
-    self.name, self.d = ZN, codec.d
+    self.name, self.d = LATTICE, codec.d
+
+  @classmethod
+  def make(cls, name: str, d: int, bits: int | None = None, r2: int | None = None
+           ) -> "ZnQuantizer":
+    """The sphere of squared radius ``r2``, or the largest whose codes fit ``bits``
+    (default 64 without ``r2``)."""
+    return cls(lattice.zn_codec(d, 64 if bits is None and r2 is None else bits, r2))
+
+  @classmethod
+  def for_config(cls, name: str, config, bits: int | None = None) -> "ZnQuantizer":
+    """The model's own lattice (``make_codec(config)``, the one it was validated or trained
+    end to end with) when its codes fit ``bits`` (or ``bits`` is None), else the largest
+    sphere whose codes fit ``bits``."""
+    own = make_codec(config)
+    if bits is None or own.code_bits <= check_int("bits", bits, minimum=1):
+      return cls(own)
+    return cls.make(name, config.d_out, bits)
+
+  @classmethod
+  def shape_param(cls, d: int, bits: int) -> int:
+    """The largest r² whose Zn codes of dimension d fit ``bits``."""
+    return lattice.zn_r2_for_bits(d, bits)
+
+  @classmethod
+  def candidate_shapes(cls, bits: int, d_outs) -> list[tuple[int, int]]:
+    """Each of ``d_outs`` with the largest r² whose code fits ``bits`` (dimensions where
+    none fits are skipped); no codec is built."""
+    out = []
+    for d in d_outs:
+      try:
+        out.append((int(d), lattice.zn_r2_for_bits(int(d), bits)))
+      except ValueError:
+        continue  # no sphere of Z^d fits this budget
+    return out
 
   @property
   def code_bits(self) -> int:
@@ -214,8 +311,24 @@ class ZnQuantizer(Quantizer):
                                  mesh=mesh)
     return np.asarray(D), np.asarray(I)
 
+  def search_vectors(self, yq, yb, k: int, mesh: Mesh | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric search among the normalized nearest lattice points of yb, found without
+    computing their codes (the protocol training has validated with since the first
+    release). The points are ``l2_normalize(quantize(yb))``; ``decode`` scales by
+    1/sqrt(r2) instead, which may differ in the last bit, so a near-tie can rank
+    differently from ``search(yq, encode(yb))``."""
+    if self.symmetric:
+      return super().search_vectors(yq, yb, k, mesh)
+    points = l2_normalize(self.codec.quantize(yb))
+    D, I = search.knn(yq, points, k, metric="ip", mesh=mesh)
+    return np.asarray(D), np.asarray(I)
+
   def meta(self) -> dict:
     return dict(super().meta(), r2=self.codec.r2)
+
+  def describe(self) -> str:
+    return f"Zn lattice (d={self.d}, r2={self.codec.r2})"
 
 
 class SignQuantizer(Quantizer):
@@ -229,6 +342,18 @@ class SignQuantizer(Quantizer):
 
   def __init__(self, d: int):
     self.name, self.d = SIGN, check_int("d", d, minimum=1)
+
+  @classmethod
+  def make(cls, name: str, d: int, bits: int | None = None) -> "SignQuantizer":
+    if bits is not None and bits != d:
+      raise ValueError(f"the sign quantizer has one bit per output dimension: bits={bits} "
+                       f"but d={d}")
+    return cls(d)
+
+  @classmethod
+  def candidate_shapes(cls, bits: int, d_outs=()) -> list[tuple[int, None]]:
+    """The one shape of a ``bits``-bit sign code: d_out = bits."""
+    return [(bits, None)]
 
   @property
   def code_bits(self) -> int:
@@ -268,21 +393,28 @@ class SignQuantizer(Quantizer):
 
 class FaissQuantizer(Quantizer):
   """A faiss standalone codec (``sa_encode``/``sa_decode``) from an index-factory string,
-  or "LSH{bits}" / "ITQ{bits}" (see ``baselines.build_index``); searched by faiss on the
+  or "LSH{bits}" / "ITQ{bits}" (see ``faiss_factory.build_index``); searched by faiss on the
   CPU over an index filled with the given codes. D: faiss' distances (squared L2 for
   PQ/OPQ/SQ, ascending).
   """
 
   state_files = (_FAISS_FILE,)
 
+  @classmethod
+  def make(cls, name: str, d: int, bits: int | None = None) -> "FaissQuantizer":
+    q = cls(name, d)
+    if bits is not None and bits != q.code_bits:
+      raise ValueError(f"faiss quantizer {name!r} on d={d} makes {q.code_bits}-bit codes, "
+                       f"not bits={bits}")
+    return q
+
   def __init__(self, factory: str, d: int):
-    from spreading_jax import baselines  # pylint: disable=import-outside-toplevel
     self.name, self.d = factory, check_int("d", d, minimum=1)
     try:
-      self.index = baselines.build_index(factory, self.d)
+      self.index = faiss_factory.build_index(factory, self.d)
       self._code_size = int(self.index.sa_code_size())
     except (ValueError, RuntimeError) as e:
-      raise ValueError(f"quantizer={factory!r} is neither 'zn', 'sign' nor a faiss "
+      raise ValueError(f"quantizer={factory!r} is neither one of {names()} nor a faiss "
                        f"index-factory string of a standalone codec on d={self.d}: {e}") from e
     self._filled: tuple[np.ndarray, object] | None = None
 
@@ -332,7 +464,7 @@ class FaissQuantizer(Quantizer):
   def _index_over(self, codes: np.ndarray):
     """A copy of the trained index holding ``codes`` (reused while the same array is
     searched again)."""
-    import faiss  # pylint: disable=import-outside-toplevel
+    faiss = faiss_factory.faiss_module()
     if self._filled is not None and self._filled[0] is codes:
       return self._filled[1]
     filled = faiss.deserialize_index(faiss.serialize_index(self.index))
@@ -362,11 +494,11 @@ class FaissQuantizer(Quantizer):
     return D, I.astype(np.int32)
 
   def save(self, directory: str) -> None:
-    import faiss  # pylint: disable=import-outside-toplevel
+    faiss = faiss_factory.faiss_module()
     faiss.write_index(self.index, os.path.join(directory, _FAISS_FILE))
 
   def load_state(self, read: Callable[[str], bytes], directory: str = "") -> None:
-    import faiss  # pylint: disable=import-outside-toplevel
+    faiss = faiss_factory.faiss_module()
     path = os.path.join(directory, _FAISS_FILE)
     try:
       stored = faiss.deserialize_index(np.frombuffer(read(_FAISS_FILE), np.uint8))
@@ -378,65 +510,131 @@ class FaissQuantizer(Quantizer):
     self.index, self._filled = stored, None
 
 
+# ---------------------------------------------------------------------------------------
+# The registry: the one place that maps names to quantizer classes.
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(name: str, cls: type[Quantizer]) -> type[Quantizer]:
+  """Makes ``cls`` the quantizer called ``name`` (returns ``cls``).
+
+  Raises:
+    ValueError: ``name`` is taken (by another class or an alias) or ``cls`` is not a
+      ``Quantizer`` subclass.
+  """
+  if not isinstance(name, str) or not name.isidentifier():
+    raise ValueError(f"quantizer name {name!r} must be an identifier")
+  if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+    raise ValueError(f"{cls!r} is not a Quantizer subclass")
+  if name in ALIASES or _REGISTRY.get(name, cls) is not cls:
+    raise ValueError(f"quantizer name {name!r} is taken")
+  _REGISTRY[name] = cls
+  return cls
+
+
+def names() -> tuple[str, ...]:
+  """The registered quantizer names (faiss factory strings are accepted besides them)."""
+  return tuple(_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+  """``name`` with an old spelling replaced by its name ("zn" -> "lattice").
+
+  Example:
+    >>> canonical_name("zn"), canonical_name("sign"), canonical_name("PQ8")
+    ('lattice', 'sign', 'PQ8')
+  """
+  return ALIASES.get(name, name)
+
+
+def quantizer_class(name: str) -> type[Quantizer]:
+  """The class of the quantizer ``name`` (an alias is resolved); ``FaissQuantizer`` for a
+  name that is not registered (a faiss index-factory string)."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"quantizer={name!r} must be one of {names()} or a faiss factory string")
+  return _REGISTRY.get(canonical_name(name), FaissQuantizer)
+
+
+def metric_key(name: str, k: int) -> str:
+  """The key of quantizer ``name``'s 1-recall@k in training histories and results.
+
+  Example:
+    >>> metric_key("zn", 10)
+    'lattice_R@10'
+  """
+  return f"{canonical_name(name)}_R@{k}"
+
+
 def make_quantizer(name: str, d: int, bits: int | None = None, *, r2: int | None = None
                    ) -> Quantizer:
   """The quantizer ``name`` on d-dimensional catalyzed vectors.
 
   Args:
-    name: "zn" (Zn sphere lattice), "sign" (one bit per dimension) or a faiss
-      index-factory string of a standalone codec ("PQ8", "OPQ8_32,PQ8", "LSH64", ...).
+    name: a registered name ("lattice" (alias "zn"): Zn sphere lattice, "sign": one bit per
+      dimension) or a faiss index-factory string of a standalone codec ("PQ8",
+      "OPQ8_32,PQ8", "LSH64", ...).
     d: input dimension (the catalyzer's d_out).
-    bits: code size. "zn": the budget (see ``lattice.zn_codec``; default 64 without
+    bits: code size. "lattice": the budget (see ``lattice.zn_codec``; default 64 without
       ``r2``). "sign": must be d when given. faiss: must equal the factory's code size.
-    r2: "zn" only: the lattice sphere's squared radius.
+    r2: "lattice" only: the lattice sphere's squared radius.
 
   Raises:
     ValueError: unknown name, or a size that does not match.
 
   Example:
-    >>> make_quantizer("zn", 24).meta()
-    {'name': 'zn', 'd': 24, 'code_bits': 64, 'r2': 79}
+    >>> make_quantizer("lattice", 24).meta()
+    {'name': 'lattice', 'd': 24, 'code_bits': 64, 'r2': 79}
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"quantizer={name!r} must be 'zn', 'sign' or a faiss factory string")
+  cls = quantizer_class(name)
+  name = canonical_name(name)
   d = check_int("d", d, minimum=1)
   if bits is not None:
     bits = check_int("bits", bits, minimum=1)
-  if r2 is not None and name != ZN:
-    raise ValueError(f"r2={r2} is a parameter of the 'zn' quantizer, not of {name!r}")
-  if name == ZN:
-    return ZnQuantizer(lattice.zn_codec(d, 64 if bits is None and r2 is None else bits, r2))
-  if name == SIGN:
-    if bits is not None and bits != d:
-      raise ValueError(f"the sign quantizer has one bit per output dimension: bits={bits} "
-                       f"but d={d}")
-    return SignQuantizer(d)
-  q = FaissQuantizer(name, d)
-  if bits is not None and bits != q.code_bits:
-    raise ValueError(f"faiss quantizer {name!r} on d={d} makes {q.code_bits}-bit codes, "
-                     f"not bits={bits}")
-  return q
+  if r2 is not None:
+    if cls is not ZnQuantizer:
+      raise ValueError(f"r2={r2} is a parameter of the 'lattice' quantizer, not of {name!r}")
+    return cls.make(name, d, bits, r2=r2)
+  return cls.make(name, d, bits)
+
+
+def make_codec(config) -> lattice.ZnSphereCodec:
+  """The Zn sphere codec of a ``TrainConfig``: ``zn_codec(d_out, bits, r2)``, i.e. ``r2``, or
+  the largest sphere whose codes fit ``bits`` (raises if d_out and r2 do not fit the
+  requested bits). The lattice a model validates and trains end to end with."""
+  if config.d_out is None:
+    raise ValueError("d_out is not set: spreading_jax.fit chooses it (selection.py)")
+  return lattice.zn_codec(config.d_out, config.bits, config.r2)
 
 
 def for_model(name: str, config, bits: int | None = None) -> Quantizer:
   """The quantizer ``name`` on a catalyzer's outputs (``config``: its ``TrainConfig``).
 
-  "zn" is the model's own lattice (``zn_codec(d_out, config.bits, config.r2)``, the one it
-  was validated or trained end to end with) when its codes fit ``bits`` (or ``bits`` is
-  None), else the largest sphere whose codes fit ``bits``. Other names:
+  "lattice" is the model's own lattice (``make_codec(config)``) when its codes fit ``bits``
+  (or ``bits`` is None), else the largest sphere whose codes fit ``bits``. Other names:
   ``make_quantizer(name, d_out, bits)``.
   """
-  if name == ZN:
-    own = lattice.zn_codec(config.d_out, config.bits, config.r2)
-    if bits is None or own.code_bits <= check_int("bits", bits, minimum=1):
-      return ZnQuantizer(own)
-  return make_quantizer(name, config.d_out, bits)
+  if bits is not None:
+    bits = check_int("bits", bits, minimum=1)
+  return quantizer_class(name).for_config(canonical_name(name), config, bits)
+
+
+def validation_quantizers(config) -> list[Quantizer]:
+  """The quantizers training validates a model of ``config`` with: ``VALIDATED`` (the
+  lattice at the model's own sphere and the sign bits), then ``config.quantizer`` when it
+  is another one. Their recalls are the history's ``{name}_R@k``."""
+  want = list(VALIDATED)
+  own = canonical_name(config.quantizer)
+  if own not in want:
+    want.append(own)
+  return [for_model(name, config) for name in want]
 
 
 def from_meta(meta: dict, read: Callable[[str], bytes] | None = None,
               directory: str = "") -> Quantizer:
   """Rebuilds a quantizer from its ``meta()`` and, when it saved files, their bytes
-  (``read(name)``: the content of the saved file ``name`` of ``directory``).
+  (``read(name)``: the content of the saved file ``name`` of ``directory``). A "name"
+  written before issue 29 ("zn") is read as its name now ("lattice").
 
   Raises:
     ValueError: the description is malformed or does not match the rebuilt quantizer.
@@ -447,13 +645,18 @@ def from_meta(meta: dict, read: Callable[[str], bytes] | None = None,
   if not isinstance(name, str) or not isinstance(d, int) or not isinstance(bits, int):
     raise ValueError(f"quantizer description {meta!r} needs a string 'name' and integer "
                      "'d' and 'code_bits'")
+  lattice_q = quantizer_class(name) is ZnQuantizer
   r2 = meta.get("r2")
-  if name == ZN and not isinstance(r2, int):
+  if lattice_q and not isinstance(r2, int):
     raise ValueError(f"quantizer description {meta!r} needs an integer 'r2'")
-  q = make_quantizer(name, d, None if name == ZN else bits, r2=r2 if name == ZN else None)
+  q = make_quantizer(name, d, None if lattice_q else bits, r2=r2 if lattice_q else None)
   if q.code_bits != bits:
     raise ValueError(f"quantizer description says {bits}-bit codes but {name!r} on d={d} "
                      f"makes {q.code_bits}-bit codes")
   if read is not None:
     q.load_state(read, directory)
   return q
+
+
+register_quantizer(LATTICE, ZnQuantizer)
+register_quantizer(SIGN, SignQuantizer)

@@ -17,15 +17,39 @@ from spreading_jax import search
 from spreading_jax.datasets import Dataset
 
 
-def environment() -> dict:
-  """Versions and device of this process: {"jax", "numpy", "faiss" (or None), "device"}."""
+def environment(machine: bool = False) -> dict:
+  """Versions and device of this process: {"jax", "numpy", "faiss" (or None), "device"};
+  with ``machine`` (what timings are measured on, the benchmarks' JSON) also "backend",
+  "devices", "cpu_count", "machine", "processor", "date" and "load_average_at_end"."""
   try:
     import faiss  # pylint: disable=import-outside-toplevel
     faiss_version = faiss.__version__
   except ImportError:
     faiss_version = None
-  return {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version,
-          "device": jax.devices()[0].device_kind}
+  env = {"jax": jax.__version__, "numpy": np.__version__, "faiss": faiss_version,
+         "device": jax.devices()[0].device_kind}
+  if machine:
+    import platform  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    env.update(backend=jax.default_backend(), devices=[d.device_kind for d in jax.devices()],
+               cpu_count=os.cpu_count(), machine=platform.machine(), processor=_cpu_model(),
+               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               # 1/5/15-minute load when the result is written: other jobs on the cores
+               # distort rates
+               load_average_at_end=os.getloadavg())
+  return env
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=import-outside-toplevel
+  return platform.processor()
 
 
 # Flags whose absolute-path value gets another placeholder than the flag's own name.
@@ -142,18 +166,21 @@ def nn_distance_histogram(dataset: Dataset, transform: Callable[[np.ndarray], np
 
 
 def plot_training(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
-  """PNG of training curves: loss per epoch (left) and validation lattice R@10 / sign R@10
-  (right), one line per named history (``TrainResult.history``). Returns ``path``."""
+  """PNG of training curves: loss per epoch (left) and the validation R@10 of every
+  quantizer the history holds (``{name}_R@10``: lattice, sign, ...; right), one colour per
+  named history (``TrainResult.history``). Returns ``path``."""
   fig, (ax1, ax2) = _pyplot().subplots(1, 2, figsize=(10, 4))
   for name, history in histories.items():
     ax1.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker=".",
              label=name)
-    val = [h for h in history if "lattice_R@10" in h]
-    if val:
-      line, = ax2.plot([h["epoch"] for h in val], [h["lattice_R@10"] for h in val], marker="o",
-                       label=f"{name} lattice R@10")
-      ax2.plot([h["epoch"] for h in val], [h["sign_R@10"] for h in val], marker="x",
-               linestyle="--", color=line.get_color(), label=f"{name} sign R@10")
+    keys = list(dict.fromkeys(k for h in history for k in h if k.endswith("_R@10")))
+    color = None
+    for j, key in enumerate(keys):  # the first quantizer solid, the others dashed
+      val = [h for h in history if key in h]
+      line, = ax2.plot([h["epoch"] for h in val], [h[key] for h in val],
+                       marker="o" if j == 0 else "x", linestyle="-" if j == 0 else "--",
+                       color=color, label=f"{name} {key[:-len('_R@10')]} R@10")
+      color = line.get_color()
   ax1.set_xlabel("epoch")
   ax1.set_title("training loss (triplet + λ·KoLeo)")
   ax2.set_xlabel("epoch")

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spreading_jax import lattice
+from spreading_jax import quantizers
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.config import TrainConfig
 from spreading_jax.train import train_many
@@ -132,27 +132,22 @@ class Selection:
 
 def candidate_shapes(bits: int, quantizer: str = "lattice",
                      d_outs: Sequence[int] = D_OUT_CANDIDATES) -> list[tuple[int, int | None]]:
-  """(d_out, r2) pairs a ``bits``-bit code can hold: for lattice codes each d_out with the
-  largest r² whose code fits (dimensions where none fits are skipped); for sign codes the
-  single shape d_out = bits.
+  """(d_out, r2) pairs a ``bits``-bit code of ``quantizer`` can hold
+  (``Quantizer.candidate_shapes``): for lattice codes each d_out with the largest r² whose
+  code fits (dimensions where none fits are skipped); for sign codes the single shape
+  d_out = bits.
 
   Examples:
     >>> candidate_shapes(64, d_outs=(24, 32, 40))
     [(24, 79), (32, 36), (40, 24)]
   """
   bits = check_int("bits", bits, minimum=1)
-  if quantizer == "sign":
-    return [(bits, None)]
-  if quantizer != "lattice":
-    raise ValueError(f"quantizer={quantizer!r} must be 'lattice' or 'sign'")
-  out = []
-  for d in d_outs:
-    try:
-      out.append((int(d), lattice.zn_r2_for_bits(int(d), bits)))
-    except ValueError:
-      continue  # no sphere of Z^d fits this budget
+  if quantizers.canonical_name(quantizer) not in quantizers.names():
+    raise ValueError(f"quantizer={quantizer!r} must be one of {quantizers.names()}")
+  out = quantizers.quantizer_class(quantizer).candidate_shapes(bits, d_outs)
   if not out:
-    raise ValueError(f"no output dimension among {tuple(d_outs)} has a Zn code of {bits} bits")
+    raise ValueError(f"no output dimension among {tuple(d_outs)} has a {quantizer} code of "
+                     f"{bits} bits")
   return out
 
 
@@ -268,8 +263,8 @@ def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | 
 
   Only what ``config`` leaves unset (None) is chosen: d_out when ``config.d_out`` is None
   (then r² too), λ when ``config.lambda_koleo`` is None. The code budget is
-  ``config.bits`` of ``config.quantizer`` ("lattice": Zn codes, ranked by validation
-  lattice recall@10; "sign": d_out = bits, ranked by sign recall@10).
+  ``config.bits`` of ``config.quantizer`` (ranked by its validation recall@10,
+  ``{quantizer}_R@10``; "lattice": Zn codes, "sign": d_out = bits).
 
   Args:
     config: the recipe to screen with (its other fields are kept).
@@ -288,12 +283,13 @@ def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | 
   check_vectors("training vectors", x, min_rows=2)
   n = int(x.shape[0])
   quantizer = config.quantizer
-  metric = f"{quantizer}_R@10"
+  metric = quantizers.metric_key(quantizer, 10)
   d_outs = D_OUT_CANDIDATES if d_outs is None else tuple(d_outs)
   inc_d, inc_r2 = incumbent_shape(config.bits, quantizer)
   if config.d_out is not None:
-    if config.r2 is None and quantizer == "lattice":
-      shapes = [(config.d_out, lattice.zn_r2_for_bits(config.d_out, config.bits))]
+    if config.r2 is None:  # the quantizer's r2 (if it has one) for this d_out and budget
+      shapes = [(config.d_out, quantizers.quantizer_class(quantizer).shape_param(
+          config.d_out, config.bits))]
     else:
       shapes = [(config.d_out, config.r2)]
   elif config.r2 is not None:

@@ -31,6 +31,25 @@ def make_mesh(num_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mes
   return Mesh(np.asarray(devices[:num_devices]), (axis_name,))
 
 
+def local_mesh(axis_name: str = DATA_AXIS) -> Mesh | None:
+  """A 1-D mesh over this process's devices (``jax.local_devices()``), or None when it has
+  one device: the mesh for work that each process does on its own (searching an index,
+  encoding its slice of a file).
+
+  ``jax.devices()[:jax.local_device_count()]`` is not this: on a multi-process job it
+  names process 0's devices on every process.
+
+  Example:
+    >>> mesh = local_mesh()
+    >>> mesh is None or mesh.devices.size == jax.local_device_count()
+    True
+  """
+  devices = jax.local_devices()
+  if len(devices) < 2:
+    return None
+  return Mesh(np.asarray(devices), (axis_name,))
+
+
 def mesh_size(mesh: Mesh | None) -> int:
   """Number of devices along the data axis (1 without a mesh)."""
   if mesh is None:

@@ -8,9 +8,11 @@ Per epoch (Sablayrolles et al. 2019, section 4; the original code where the pape
   2. one ``lax.scan`` of ``train_step`` over shuffled batches, then the final partial batch;
      each anchor's positive is drawn among its ``rank_positive`` exact input-space
      neighbours (computed once);
-  3. every ``val_every`` epochs, 1-recall@1/10/100 of catalyzer + Zn lattice (and + sign
-     bits) on a validation split carved from the training vectors; the best model by
-     lattice recall@10 is kept.
+  3. every ``val_every`` epochs, 1-recall@1/10/100 of catalyzer + each quantizer of
+     ``quantizers.validation_quantizers`` (the Zn lattice and the sign bits, and
+     ``config.quantizer``) on a validation split carved from the training vectors
+     (``evaluate.quantizer_recalls``); the best model by ``{config.quantizer}_R@10`` is
+     kept.
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import _tensorboard, binary, lattice, mining, sampling, search, sharding
+from spreading_jax import (_tensorboard, evaluate, lattice, mining, quantizers, sampling, search,
+                           sharding)
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
-from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.config import TrainConfig
 from spreading_jax.losses import spreading_loss
 from spreading_jax.model import TrainResult
+from spreading_jax.quantizers import make_codec
 
 __all__ = ["Batch", "Recipe", "TrainConfig", "TrainResult", "TrainState", "make_codec",
            "make_epoch_fn", "make_optimizer", "make_train_state", "split_indices", "train",
@@ -130,7 +134,7 @@ def make_train_state(config: TrainConfig, d_in: int, steps_per_epoch: int, key: 
   if not config.shape_is_set:
     raise ValueError(f"make_train_state needs d_out and lambda_koleo (got d_out={config.d_out}, "
                      f"lambda_koleo={config.lambda_koleo}); train() chooses unset ones")
-  module = Catalyzer(d_out=config.d_out, hidden=tuple(config.hidden), init_scheme=config.init)
+  module = Catalyzer.from_config(config)
   variables = module.init(key, jnp.zeros((2, d_in)), train=False)
   tx, schedule = make_optimizer(config, steps_per_epoch)
   recipe = Recipe(module, config.bn_mode, make_codec(config) if config.end_to_end else None,
@@ -353,34 +357,31 @@ def split_train_validation(x, config: TrainConfig, mesh: Mesh | None = None):
   return np.asarray(x[train_idx], np.float32), val
 
 
-def validate(result: TrainResult, val: ValidationSplit, codec, mesh: Mesh | None = None,
+def validate(result: TrainResult, val: ValidationSplit, validators, mesh: Mesh | None = None,
              hits: dict | None = None) -> dict:
-  """1-recall@{1,10,100} of catalyzer + Zn lattice (asymmetric) and + sign bits (Hamming);
-  ``hits`` as for ``validation_recalls``."""
-  return validation_recalls(result.apply(val.query), result.apply(val.base), val, codec, mesh,
-                            hits)
+  """1-recall@{1,10,100} of catalyzer + each quantizer of ``validators`` (see
+  ``validation_recalls``)."""
+  return validation_recalls(result.apply(val.query), result.apply(val.base), val, validators,
+                            mesh, hits)
 
 
-def validation_recalls(yq, yb, val: ValidationSplit, codec, mesh: Mesh | None = None,
+def validation_recalls(yq, yb, val: ValidationSplit, validators, mesh: Mesh | None = None,
                        hits: dict | None = None) -> dict:
-  """The recalls of ``validate`` from catalyzed queries yq f32[nq, d_out] and database yb.
+  """The recalls of ``validate`` from catalyzed queries yq f32[nq, d_out] and database yb:
+  ``evaluate.quantizer_recalls`` of each quantizer, keys ``{name}_R@k``.
 
-  ``hits``, when given, receives bool[nq] per metric: whether each query's true nearest
-  neighbour is in its top k (the recall is their mean; paired comparisons of two models on
-  the same queries use them, see ``selection.paired_gain``).
+  Args:
+    validators: the quantizers (``quantizers.validation_quantizers(config)``), or a Zn
+      codec, which stands for that lattice and the sign bits (the default validation).
+    hits: when given, receives bool[nq] per metric: whether each query's true nearest
+      neighbour is in its top k (the recall is their mean; paired comparisons of two
+      models on the same queries use them, see ``selection.paired_gain``).
   """
-  k = val.groundtruth.shape[1]
-  ks = tuple(x for x in (1, 10, 100) if x <= k)
-  points = l2_normalize(codec.quantize(yb))
+  if isinstance(validators, lattice.ZnSphereCodec):
+    validators = [quantizers.ZnQuantizer(validators), quantizers.SignQuantizer(yq.shape[1])]
   out = {}
-  for name, (_, ids) in (
-      ("lattice", search.knn(yq, points, k, metric="ip", mesh=mesh)),
-      ("sign", search.hamming_knn(binary.sign_codes(yq), binary.sign_codes(yb), k, mesh=mesh))):
-    per_query: dict = {}
-    for r, v in search.recall_at(ids, val.groundtruth, ks, per_query).items():
-      out[f"{name}_R@{r}"] = v
-      if hits is not None:
-        hits[f"{name}_R@{r}"] = per_query[r]
+  for q in validators:
+    out.update(evaluate.quantizer_recalls(q, yq, yb, val.groundtruth, mesh=mesh, hits=hits))
   return out
 
 
@@ -542,7 +543,8 @@ def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
   nt = xt.shape[0]
   _check_train_size(config, nt)
   codec = make_codec(config)
-  metric = f"{config.quantizer}_R@10"
+  validators = quantizers.validation_quantizers(config)
+  metric = quantizers.metric_key(config.quantizer, 10)
   scale = 1.0
   if config.input_scaling == "mean_norm":
     scale = float(np.mean(np.linalg.norm(xt, axis=1))) or 1.0
@@ -635,7 +637,7 @@ def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
         if val is not None and ((epoch + 1) % config.val_every == 0
                                 or epoch + 1 == config.epochs):
           hits: dict = {}
-          record.update(validate(result, val, codec, mesh, hits=hits))
+          record.update(validate(result, val, validators, mesh, hits=hits))
           if record.get(metric, -1.0) > best["metric"]:
             # A copy: the next epoch donates (and may overwrite) the state's buffers.
             params, stats = jax.tree_util.tree_map(jnp.copy, (result.params, result.batch_stats))
@@ -675,9 +677,10 @@ def _log_epoch(record: dict, config: TrainConfig, bar, model: int | None = None)
   if "mining_recall" in record:
     how = "exact" if record["mining_exact"] else f"graph, recall {record['mining_recall']:.2f}"
     line += f" (mining {record['mining_s']:.1f}s, {how})"
-  if "lattice_R@10" in record:
-    recalls = "/".join(f"{record[k]:.3f}" for k in record if k.startswith("lattice_R@"))
-    line += f" | val lattice R@1/10/100 {recalls}"
+  head = quantizers.metric_key(config.quantizer, "")
+  if head + "10" in record:
+    recalls = "/".join(f"{record[k]:.3f}" for k in record if k.startswith(head))
+    line += f" | val {config.quantizer} R@1/10/100 {recalls}"
   logger.info(line)
   if config.verbose:
     bar.write(line)

@@ -23,7 +23,8 @@ import pytest
 from spreading_jax import _signals, encode, sharding
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.cli import main
-from spreading_jax.config import TrainConfig, make_codec
+from spreading_jax.config import TrainConfig
+from spreading_jax.quantizers import make_codec
 from spreading_jax.index import SpreadingIndex
 from spreading_jax.model import TrainResult
 from spreading_jax.vecs_io import write_bvecs, write_fvecs

@@ -129,7 +129,7 @@ def test_paper_config_holds_the_paper_recipe():
   """Catches a change to the paper's recipe file (the former paper.json, whose fields it
   keeps), or a CLI that cannot read it."""
   from spreading_jax.cli import load_config
-  from spreading_jax.config import make_codec
+  from spreading_jax.quantizers import make_codec
   config = load_config(PAPER)
   assert set(config) == {"train"}
   c = config["train"]

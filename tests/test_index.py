@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import chex
 import jax
 import numpy as np
 import pytest
@@ -190,7 +189,7 @@ def test_quantizer_interface(model, mini):
     assert ids.shape == (5, 1)
     with pytest.raises(ValueError, match="codes"):
       q.check_codes("codes", codes[:, :1].astype(np.float32))
-  with pytest.raises(ValueError, match="r2=10 is a parameter of the 'zn' quantizer"):
+  with pytest.raises(ValueError, match="r2=10 is a parameter of the 'lattice' quantizer"):
     quantizers.make_quantizer("sign", 8, r2=10)
   chunks = quantizers.encode_in_chunks(quantizers.SignQuantizer(8).encode, y, chunk=7)
   np.testing.assert_array_equal(chunks, quantizers.SignQuantizer(8).encode(y))
@@ -303,36 +302,145 @@ def test_encode_file_row_ranges(model, mini, tmp_path):
 
 
 def test_fused_encode_matches_the_two_step_path(model, mini):
-  # index.encode compiles the catalyzer and the encoder into one program per chunk, with
-  # chunks dispatched ahead of the read-back: same codes as catalyzing, then encoding.
+  # index.encode and make_encoder compile the catalyzer and the encoder into one program
+  # (the block program of EncodeStream): same codes as catalyzing, then encoding.
+  from spreading_jax.encode import make_encoder
   x = np.asarray(mini.base[:203], np.float32)
-  for kind in ("zn", "sign"):
+  for kind in ("lattice", "sign"):
     index = SpreadingIndex(model, kind)
     q = index.quantizer
     y = model.apply(x)
     ref = q.encode(y)
     # One fused program per chunk against two steps: equal up to rounding ties.
     assert_codes_equal_up_to_ties(index.encode(x), ref, y, q)
-    # 203 rows in chunks of 16: 13 chunks, more than are kept in flight; rows in order.
-    chunked = model.apply(x, batch_size=16, then=q.encode_core)
-    assert chunked.dtype == q.code_dtype
-    assert_codes_equal_up_to_ties(chunked, ref, y, q)
+    fused = np.asarray(make_encoder(model, codec=q)(x))
+    assert fused.dtype == q.code_dtype
+    assert_codes_equal_up_to_ties(fused, ref, y, q)
     empty = index.encode(x[:0])
     assert empty.shape == (0, q.code_width) and empty.dtype == q.code_dtype
+  # 203 rows in chunks of 16: 13 chunks, more than are kept in flight; rows in order.
   np.testing.assert_allclose(model.apply(x, batch_size=16), model.apply(x), atol=1e-5)
   assert model.apply(x[:0]).shape == (0, model.config.d_out)
 
 
 def test_forward_compiles_once_per_size_bucket(model, mini):
   # Query batches of varying size share the program of their power-of-two bucket: one
-  # trace for 65..128 rows (then is traced once per compiled program).
+  # compiled shape for 65..128 rows.
   x = np.asarray(mini.base[:128], np.float32)
-  core = chex.assert_max_traces(SpreadingIndex(model, "zn").quantizer.encode_core, n=1)
+  fwd = model_module._forward_fn(model.module, check=True)
+  model.apply(x[:100])
+  before = fwd._cache_size()
   for n in (100, 65, 128, 121):
-    assert model.apply(x[:n], then=core).shape[0] == n
+    assert model.apply(x[:n]).shape[0] == n
+  assert fwd._cache_size() == before
 
 
 def test_forward_batch_by_backend(monkeypatch):
   assert model_module.default_batch_size() == 16384
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert model_module.default_batch_size() == 65536
+
+
+def test_default_search_mesh_is_this_process_devices(zn_index, mini, monkeypatch):
+  """``SpreadingIndex.search`` without a mesh shards over ``jax.local_devices()``. Simulates
+  process 1 of a 2-process job with 2 devices each (the 4 forced host devices split in
+  two): the mesh must name devices 2 and 3, and the results must equal an unsharded
+  search. Red with the old default ``jax.devices()[:jax.local_device_count()]``, which
+  names process 0's devices 0 and 1 on every process."""
+  from spreading_jax import sharding
+  devices = jax.devices()
+  if len(devices) < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+  ours = devices[2:4]
+  monkeypatch.setattr(jax, "local_devices", lambda *a, **k: list(ours))
+  monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: len(ours))
+  monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
+  monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
+  assert list(sharding.local_mesh().devices.flat) == ours
+  seen = []
+  search_fn = zn_index.quantizer.search
+
+  def spy(yq, codes, k, mesh=None):
+    seen.append(mesh)
+    return search_fn(yq, codes, k, mesh=mesh)
+
+  monkeypatch.setattr(zn_index.quantizer, "search", spy)
+  xq = np.asarray(mini.query[:16], np.float32)
+  D, I = zn_index.search(xq, 10)
+  assert list(seen[0].devices.flat) == ours
+  D1, I1 = zn_index.search(xq, 10, mesh=sharding.make_mesh(1))
+  np.testing.assert_array_equal(I, I1)
+  np.testing.assert_array_equal(D, D1)
+  monkeypatch.setattr(jax, "local_devices", lambda *a, **k: devices[:1])
+  assert sharding.local_mesh() is None  # one local device: no mesh
+
+
+class _HalfSign(quantizers.SignQuantizer):
+  """A quantizer defined outside quantizers.py: the sign bits of the first half of the
+  dimensions (what a new quantizer's own module would hold)."""
+
+  def __init__(self, d: int):
+    super().__init__(d)
+    self.name = "half_sign"
+
+  def encode(self, y) -> np.ndarray:
+    half = np.asarray(y, np.float32).copy()
+    half[:, self.d // 2:] = 1.0
+    return super().encode(half)
+
+
+def test_a_registered_quantizer_is_known_everywhere(model, mini, tmp_path, monkeypatch):
+  """One class plus ``register_quantizer`` is all a new quantizer needs: the index builds,
+  saves and reloads it by name, TrainConfig accepts the name, training validates it under
+  ``half_sign_R@k`` and keeps its per-query hits for selection, selection screens its
+  shapes. Red when any of these dispatches on a hard-coded name list again (seen red with
+  TrainConfig's old ("lattice", "sign") check)."""
+  from spreading_jax import selection
+  from spreading_jax import train as T
+  monkeypatch.setitem(quantizers._REGISTRY, "half_sign", _HalfSign)  # register_quantizer
+  assert "half_sign" in quantizers.names()
+  xb = np.asarray(mini.base[:500], np.float32)
+  index = SpreadingIndex(model, "half_sign")
+  index.add(xb)
+  assert isinstance(index.quantizer, _HalfSign)
+  index.save(tmp_path / "idx")
+  loaded = SpreadingIndex.load(tmp_path / "idx")
+  assert loaded.quantizer.name == "half_sign"
+  np.testing.assert_array_equal(loaded.codes, index.codes)
+  assert selection.candidate_shapes(16, "half_sign") == [(16, None)]
+
+  config = T.TrainConfig(d_out=8, bits=16, hidden=(16,), lambda_koleo=0.05, epochs=2,
+                         batch_size=32,
+                         val_every=1, val_queries=50, quantizer="half_sign", verbose=False)
+  assert [q.name for q in quantizers.validation_quantizers(config)] == [
+      "lattice", "sign", "half_sign"]
+  result = T.train(config, np.asarray(mini.train[:400], np.float32))
+  assert {"lattice_R@10", "sign_R@10", "half_sign_R@10"} <= set(result.history[-1])
+  assert set(result.validation_hits) >= {"half_sign_R@10"}
+
+  with pytest.raises(ValueError, match="quantizer='nope' must be one of"):
+    T.TrainConfig(quantizer="nope")
+  with pytest.raises(ValueError, match="is taken"):
+    quantizers.register_quantizer("sign", _HalfSign)
+  with pytest.raises(ValueError, match="is taken"):
+    quantizers.register_quantizer("zn", _HalfSign)
+
+
+def test_old_name_zn_still_reads(zn_index, model, tmp_path):
+  """"zn", the lattice quantizer's name before it was "lattice" everywhere, still works:
+  a saved index whose index.json says "zn" loads (as "lattice", same codes), and the name
+  is accepted by SpreadingIndex, make_quantizer and TrainConfig. Red when the alias is
+  dropped from quantizers.ALIASES."""
+  assert zn_index.quantizer.name == "lattice"
+  zn_index.save(tmp_path / "idx")
+  meta_path = tmp_path / "idx" / "index.json"
+  meta = json.loads(meta_path.read_text())
+  assert meta["quantizer"]["name"] == "lattice"
+  meta["quantizer"]["name"] = "zn"  # what a save before the rename wrote
+  meta_path.write_text(json.dumps(meta))
+  old = SpreadingIndex.load(tmp_path / "idx")
+  assert old.quantizer.name == "lattice" and old.quantizer.codec == zn_index.quantizer.codec
+  np.testing.assert_array_equal(old.codes, zn_index.codes)
+  assert SpreadingIndex(model, "zn").quantizer.meta() == SpreadingIndex(model).quantizer.meta()
+  assert quantizers.make_quantizer("zn", 24).name == "lattice"
+  assert model.config.replace(quantizer="zn").quantizer == "lattice"
