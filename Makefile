@@ -20,10 +20,15 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m spreading_jax demo
 
-# Lint (ruff, configured in pyproject.toml), then the tests and the package's doctests.
+# Test processes (pytest-xdist): one per core, at most 4 (each holds a jax runtime, ~1 GB).
+TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); \
+                  [ "$$n" -gt 4 ] && n=4; [ "$$n" -lt 1 ] && n=1; echo $$n)
+
+# Lint (ruff, configured in pyproject.toml), then the tests and the package's doctests,
+# spread over TEST_WORKERS processes a test file at a time (a file's fixtures are built once).
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Every benchmark; bench_accel.py runs only where JAX sees a GPU/TPU (it says so otherwise).
 bench: $(VENV)/.installed

@@ -132,11 +132,14 @@ def test_lr_schedule_drives_the_optimizer(small_train):
   assert [h["lr"] for h in two.history] == [pytest.approx(0.05), 0.0]
   init = T.make_train_state(TINY, x.shape[1], 1, jax.random.split(jax.random.PRNGKey(0))[0])
   leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
-  for a, b in zip(leaves(one.params), leaves(two.params)):
-    # Two compiled programs (their schedules differ) may round epoch 1 differently in the
-    # last bits; a shifted schedule moves the parameters by a whole epoch at lr 0.05.
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  assert any(not np.array_equal(a, b) for a, b in zip(leaves(one.params), leaves(init.params)))
+  gap = lambda s, t: max(float(np.abs(a - b).max())  # noqa: E731
+                         for a, b in zip(leaves(s.params), leaves(t.params)))
+  # Two compiled programs (their schedules differ) may round epoch 1 differently: measured
+  # 0 to 8e-5 (XLA:CPU emitters, optimization levels), 3e-4 of the 0.28 an epoch at lr 0.05
+  # moves the parameters; a schedule shifted by an epoch leaves a gap of 2.5 epochs' moves.
+  moved = gap(one, init)
+  assert moved > 0.01
+  assert gap(one, two) < 0.01 * moved, (gap(one, two), moved)
 
 
 def test_mining_ranks():
