@@ -297,8 +297,9 @@ def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
                    "lambda": paper.lambda_koleo,
                    "train_seconds": round(time.perf_counter() - t, 1)})
       models[f"{quantizer}_paper"] = ref
-    for name in (("opq", "lsq") if quantizer == "lattice" else ("lsh", "itq")):
-      _faiss_row(rows, name.upper(), name, dataset, bits)
+    for name in (("opq_paper", "lsq") if quantizer == "lattice" else ("lsh", "itq")):
+      label = f"OPQ{bits // 8}_{bits},PQ{bits // 8}" if name == "opq_paper" else name.upper()
+      _faiss_row(rows, label, name, dataset, bits)
   models["catalyzer"] = models["lattice_default"]
   return rows, models
 

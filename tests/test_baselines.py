@@ -23,6 +23,8 @@ def test_code_bits(factory, bits):
 def test_opq_factory_falls_back_for_small_d():
   assert baselines.opq_factory(128, 8) == "OPQ8_32,PQ8"
   assert baselines.opq_factory(16, 8) == "OPQ8,PQ8"
+  with pytest.raises(ValueError, match="only d=24"):
+    baselines.opq_paper_factory(24, 64)
 
 
 def test_pq_recall_in_range(small):
