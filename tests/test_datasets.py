@@ -405,9 +405,12 @@ def test_shipped_dataset_is_real_disjoint_and_exact(mini):
   assert len(np.unique(a["train_ids"])) == 20000 and len(np.unique(a["query_ids"])) == 1000
   # Mean pixel of Fashion-MNIST's training set is 72.94 (0.2860 on [0, 1]).
   assert abs(mini.train.mean() - 72.94) < 1.0
-  # The shipped groundtruth is the exact 100-NN: recomputed here, tie rule included.
-  np.testing.assert_array_equal(groundtruth.exact_groundtruth(mini.query, mini.base, 100),
-                                mini.groundtruth)
+  # The shipped groundtruth is the exact 100-NN: recomputed here, tie rule included, for
+  # every 4th query (the file is pinned by its checksum, so a wrong generation shows in any
+  # sample; all 1,000 took a minute of the suite's 2-core budget).
+  some = np.arange(0, 1000, 4)
+  np.testing.assert_array_equal(groundtruth.exact_groundtruth(mini.query[some], mini.base, 100),
+                                mini.groundtruth[some])
   # Pixel differences square to exact integers; summing them in float64 is exact.
   for i in (0, 999):
     dist = np.square(mini.base - mini.query[i]).sum(1, dtype=np.float64)

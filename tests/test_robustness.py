@@ -321,7 +321,7 @@ def _train_files(d: Path) -> list:
   rng = np.random.default_rng(2)
   np.save(d / "xt.npy", rng.standard_normal((960, D_IN)).astype(np.float32))
   (d / "cfg.json").write_text(json.dumps(
-      {"d_out": 8, "r2": 10, "bits": 32, "hidden": [16, 16], "epochs": 30, "val_every": 0,
+      {"d_out": 8, "r2": 10, "bits": 32, "hidden": [16, 16], "epochs": 12, "val_every": 0,
        "lambda_koleo": 0.05, "verbose": False, "batch_size": 64}))
   return ["train", str(d / "xt.npy"), "--config", str(d / "cfg.json"),
           "--checkpoint-dir", str(d / "ck"), "--out", str(d / "m")]
@@ -383,7 +383,7 @@ def test_sigint_and_sigterm_end_train_and_encode_with_one_line(saved, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "spreading_jax", *argv], cwd=tmp_path,
                         env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]  # resumes from the last checkpoint
-  assert len(TrainResult.load(tmp_path / "m").history) == 30
+  assert len(TrainResult.load(tmp_path / "m").history) == 12
   # encode: SIGTERM at a seeded point, one line, then the resume completes.
   xb = tmp_path / "xb.npy"
   np.save(xb, np.random.default_rng(3).standard_normal((20000, D_IN)).astype(np.float32))
