@@ -407,7 +407,7 @@ def test_shipped_dataset_is_real_disjoint_and_exact(mini):
   assert abs(mini.train.mean() - 72.94) < 1.0
   # The shipped groundtruth is the exact 100-NN: recomputed here, tie rule included, for
   # every 4th query (the file is pinned by its checksum, so a wrong generation shows in any
-  # sample; all 1,000 took a minute of the suite's 2-core budget).
+  # sample; all 1,000 took 30 s of the suite's 2-core budget).
   some = np.arange(0, 1000, 4)
   np.testing.assert_array_equal(groundtruth.exact_groundtruth(mini.query[some], mini.base, 100),
                                 mini.groundtruth[some])
