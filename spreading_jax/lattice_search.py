@@ -14,11 +14,6 @@ from spreading_jax._validation import check_vectors
 from spreading_jax.topk import Tiles
 
 
-def _ip_score(xq, xb):
-  # search.ip_score's product (search.py sits above this module and re-exports it).
-  return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST)
-
-
 @functools.lru_cache(maxsize=None)
 def _decode_fn(codec):
   """One decode function per codec (hashable, so the compiled search is reused)."""
@@ -59,7 +54,7 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
     xq = codec.decode(codec.encode(xq))
   # Decoding costs more than scoring: each segment of codes is decoded once and then
   # scored against every query block like a float database.
-  return topk.topk_search(_ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
+  return topk.topk_search(topk.ip_score, xq, (jnp.asarray(codes),), k, mesh=mesh,
                           query_block=query_block, base_block=base_block,
                           prepare_fn=_decode_fn(codec), super_block=super_block,
                           tiles=tiles)

@@ -35,7 +35,7 @@ from spreading_jax._validation import check_vectors, is_concrete
 from spreading_jax.hamming import hamming_knn  # noqa: F401
 from spreading_jax.lattice_search import search_lattice  # noqa: F401
 from spreading_jax.metrics import recall_at  # noqa: F401
-from spreading_jax.topk import Tiles, topk_search  # noqa: F401
+from spreading_jax.topk import Tiles, ip_score, topk_search  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,11 +52,6 @@ def _l2_score_centred(xq, xb, half_norm, centre):
   # l2_score of the rows moved by -centre: the subtraction fuses into the copy of each
   # block into the tile, so the database is never copied whole.
   return l2_score(xq, xb - centre, half_norm)
-
-
-def ip_score(xq, xb):
-  """f32[qb, d], f32[bb, d] -> f32[qb, bb] inner products, at full float32 precision."""
-  return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def _bf16_split(x):

@@ -48,6 +48,12 @@ from spreading_jax._validation import check_int
 CHUNK = 32
 
 
+def ip_score(xq, xb):
+  """f32[qb, d], f32[bb, d] -> f32[qb, bb] inner products, at full float32 precision (the
+  score of float kNN by inner product and of lattice-code search)."""
+  return jnp.dot(xq, xb.T, precision=jax.lax.Precision.HIGHEST)
+
+
 class Tiles(NamedTuple):
   """Size limits of the engine (and of ``search.knn`` above it) on one kind of backend."""
   elements: int      # scores in one (query block x database block) tile
