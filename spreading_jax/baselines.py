@@ -93,7 +93,7 @@ BASELINES: dict[str, Baseline] = {
     "opq": Baseline("optimized PQ (rotation + PQ)", lambda d, b: opq_factory(d, b // 8),
                     (16, 32, 64, 128)),
     "opq_paper": Baseline("optimized PQ as in the paper (rotation to `bits` dims + PQ)",
-                          lambda d, b: opq_paper_factory(d, b), (16, 32, 64, 128)),
+                          opq_paper_factory, (16, 32, 64, 128)),
     "lsq": Baseline("local search quantization, 8-bit codebooks",
                     lambda d, b: f"LSQ{b // 8}x8", (16, 32, 64), LSQ_MAX_TRAIN),
     "lsh": Baseline("binary LSH: random rotation + sign", lambda d, b: f"LSH{b}",
