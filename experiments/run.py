@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from spreading_jax import datasets, evaluate, lattice, report, selection
+from spreading_jax import baselines, datasets, evaluate, lattice, report, selection
 from spreading_jax.autoshape import fit
 from spreading_jax.cli import load_config
 from spreading_jax.train import (TrainConfig, TrainResult, split_indices, train,
@@ -77,7 +77,6 @@ Models = dict[str, TrainResult]
 
 
 def _faiss_row(rows: Rows, method: str, name: str, dataset, bits: int, transform=None) -> None:
-  from spreading_jax import baselines  # pylint: disable=import-outside-toplevel
   try:
     rows.append({"method": method, "bits": bits,
                  "recall": baselines.evaluate_method(name, dataset, bits, transform)})
@@ -298,7 +297,7 @@ def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
                    "train_seconds": round(time.perf_counter() - t, 1)})
       models[f"{quantizer}_paper"] = ref
     for name in (("opq_paper", "lsq") if quantizer == "lattice" else ("lsh", "itq")):
-      label = f"OPQ{bits // 8}_{bits},PQ{bits // 8}" if name == "opq_paper" else name.upper()
+      label = baselines.opq_paper_factory(dataset.d, bits) if name == "opq_paper" else name.upper()
       _faiss_row(rows, label, name, dataset, bits)
   models["catalyzer"] = models["lattice_default"]
   return rows, models
