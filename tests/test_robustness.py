@@ -57,16 +57,27 @@ _WRITER = """
 import os, sys, time
 from spreading_jax.index import SpreadingIndex
 a, b = SpreadingIndex.load(sys.argv[1]), SpreadingIndex.load(sys.argv[2])
-target, stop = sys.argv[3], sys.argv[4]
+target, stop, count = sys.argv[3], sys.argv[4], sys.argv[5]
 a.save(target)
 print("ready", flush=True)
 i = 0
 while not os.path.exists(stop):
   (b if i % 2 else a).save(target)
   i += 1
+  with open(count + ".tmp", "w") as f:
+    f.write(str(i))
+  os.replace(count + ".tmp", count)
   time.sleep(0.005)
 print(i, flush=True)
 """
+
+
+def _saves_so_far(count: Path) -> int:
+  """How many saves the writer reported (it replaces the file atomically after each)."""
+  try:
+    return int(count.read_text())
+  except (FileNotFoundError, ValueError):
+    return 0
 
 
 def _which(index: SpreadingIndex, refs) -> tuple:
@@ -84,17 +95,20 @@ def test_loads_during_concurrent_saves_are_never_mixed(two_indexes, tmp_path):
   loads in the issue's probe), or a misleading "checksum mismatch". Red with the files
   read by path (``_files._DIR_FD = False``): "checksum mismatch" errors."""
   refs = [SpreadingIndex.load(two_indexes / "i1"), SpreadingIndex.load(two_indexes / "i2")]
-  target, stop = tmp_path / "idx", tmp_path / "stop"
+  target, stop, count = tmp_path / "idx", tmp_path / "stop", tmp_path / "count"
   writer = subprocess.Popen(
       [sys.executable, "-c", _WRITER, str(two_indexes / "i1"), str(two_indexes / "i2"),
-       str(target), str(stop)], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+       str(target), str(stop), str(count)], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+      text=True)
   try:
     assert writer.stdout.readline().strip() == "ready"
     loads, changed, seen = 0, 0, set()
-    # Until 30 loads returned an index and both indexes were seen (a few seconds; the
-    # bound only stops a hung run).
+    # Until 30 loads returned an index, both indexes were seen and the writer finished 10
+    # saves meanwhile (a few seconds; on a loaded CI machine the writer can be slower than
+    # the loads, so its count is read, not assumed). The bound only stops a hung run.
     end = time.monotonic() + 120
-    while (loads < 30 or seen != {0, 1}) and time.monotonic() < end:
+    while ((loads < 30 or seen != {0, 1} or _saves_so_far(count) < 10)
+           and time.monotonic() < end):
       try:
         index = SpreadingIndex.load(target)
       except _files.ChangedWhileReading as e:
