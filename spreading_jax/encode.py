@@ -65,11 +65,7 @@ def make_encoder(params, batch_stats=None,
     module = Catalyzer(d_out=d_out, hidden=tuple(hidden))
   if codec is None or batch_stats is None:
     raise ValueError("make_encoder needs batch_stats and codec (or a TrainResult)")
-  if codec.d != module.d_out:
-    raise ValueError(f"codec has d={codec.d} but d_out={module.d_out}")
-  if codec.encode_core is None:
-    raise ValueError(f"quantizer {codec.name!r} encodes outside JAX: make_encoder needs an "
-                     "encode_core (lattice, sign)")
+  _check_jax_encoder(codec, module.d_out, "make_encoder")
   program = _block_program(module, codec.encode_core)
   variables = {"params": params, "batch_stats": batch_stats}
   scale = np.float32(input_scale)
@@ -492,18 +488,20 @@ def _read_progress(progress: str) -> dict:
 
 def _encoder_quantizer(model: TrainResult, quantizer) -> quantizers.Quantizer:
   """The quantizer ``encode_file`` writes codes of; ValueError unless it encodes in JAX."""
-  if isinstance(quantizer, quantizers.Quantizer):
-    if quantizer.d != model.config.d_out:
-      raise ValueError(f"the quantizer works on d={quantizer.d} but the model's "
-                       f"d_out={model.config.d_out}")
-    q = quantizer
-  else:
-    q = quantizers.for_model(quantizer, model.config)
-  if q.encode_core is None:
-    raise ValueError(f"quantizer {q.name!r} encodes outside JAX; encode_file writes codes "
-                     "of quantizers with an encode_core (lattice, sign): use "
-                     "SpreadingIndex.add for it")
+  q = (quantizer if isinstance(quantizer, quantizers.Quantizer)
+       else quantizers.for_model(quantizer, model.config))
+  _check_jax_encoder(q, model.config.d_out, "encode_file",
+                     "; use SpreadingIndex.add for it")
   return q
+
+
+def _check_jax_encoder(q, d_out: int, who: str, hint: str = "") -> None:
+  """ValueError unless the codec/quantizer q works on d_out and encodes inside JAX."""
+  if q.d != d_out:
+    raise ValueError(f"the quantizer works on d={q.d} but the model's d_out={d_out}")
+  if q.encode_core is None:
+    raise ValueError(f"quantizer {q.name!r} encodes outside JAX: {who} needs one with an "
+                     f"encode_core (lattice, sign){hint}")
 
 
 def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,

@@ -259,3 +259,22 @@ def test_resume_is_keyed_to_the_encoder_configuration(model, tmp_path, monkeypat
   assert encode.encoder_fingerprint(sharding.make_mesh()) == fp  # device count: no part
   codec = make_codec(model.config)
   assert np.load(out).shape == (3000, codec.code_words)
+
+
+def test_encoders_refuse_a_quantizer_they_cannot_run(model, tmp_path):
+  """make_encoder and encode_file refuse, with one message each, a quantizer on another
+  dimension than the model's d_out and one that encodes outside JAX (a faiss index), before
+  writing anything. Red with make_encoder's former wording ("codec has d=16 but d_out=8")."""
+  from spreading_jax import quantizers
+  d_out = model.config.d_out
+  np.save(tmp_path / "x.npy", np.zeros((10, D_IN), np.float32))
+  other_d = quantizers.make_quantizer("sign", d_out + 8, bits=d_out + 8)
+  outside = quantizers.make_quantizer("PQ2", d_out, bits=16)
+  for q, message in ((other_d, f"works on d={d_out + 8} but the model's d_out={d_out}"),
+                     (outside, "encodes outside JAX")):
+    with pytest.raises(ValueError, match=message):
+      encode.make_encoder(model.params, model.batch_stats, q, model.input_scale,
+                          model.config.hidden, d_out)
+    with pytest.raises(ValueError, match=message):
+      encode.encode_file(model, tmp_path / "x.npy", tmp_path / "codes.npy", quantizer=q)
+  assert sorted(os.listdir(tmp_path)) == ["x.npy"]
