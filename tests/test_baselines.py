@@ -50,3 +50,25 @@ def test_errors(small):
     baselines.evaluate_method("nope", small, 64)
   with pytest.raises(ValueError, match="not the budget"):
     baselines.evaluate_method("pq", small, 12)
+
+
+def test_baselines_skip_the_polysemous_relabelling_and_search_the_same():
+  """evaluate_faiss trains PQ without faiss' polysemous relabelling (seconds of CPU on
+  784-d inputs), which must not change what an ADC search returns: same distances and ids
+  as the factory's own index. Red when ``adc_only`` leaves the training on (the flag) or
+  touches another setting of the index (the results)."""
+  import faiss
+  import numpy as np
+  rng = np.random.default_rng(0)
+  xt, xb, xq = (rng.standard_normal((n, 64)).astype(np.float32) for n in (1500, 1000, 20))
+  results = []
+  for index in (baselines.build_index("OPQ4_32,PQ4x4", 64),
+                baselines.adc_only(baselines.build_index("OPQ4_32,PQ4x4", 64))):
+    index.train(xt)
+    index.add(xb)
+    results.append(index.search(xq, 10))
+    pq = faiss.downcast_index(faiss.downcast_index(index).index)
+    results[-1] += (pq.do_polysemous_training,)
+  assert results[0][2] and not results[1][2]
+  np.testing.assert_array_equal(results[0][1], results[1][1])
+  np.testing.assert_array_equal(results[0][0], results[1][0])

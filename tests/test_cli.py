@@ -56,16 +56,15 @@ def test_build_faiss_quantizer(model_dir, mini, tmp_path, capsys):
 
 def test_demo_runs_on_the_shipped_data(tmp_path, capsys, one_faiss_thread, monkeypatch):
   """`make demo` end to end (1 epoch): train, index save/reload/search, table, plot. The
-  demo's faiss row asks for OPQ8_64,PQ8 and gets PQ8np here (the same product quantizer
-  without faiss' polysemous relabelling of the codes): training the 784-d rotation took 18 s
-  of the suite's 2-core budget and PQ8's polysemous step 13 s (OPQ itself is tested in
-  test_baselines, and `make demo` on a fresh clone runs it for real)."""
+  demo's faiss row asks for OPQ8_64,PQ8 and gets PQ8 here: training the 784-d rotation took
+  18 s of the suite's 2-core budget (OPQ itself is tested in test_baselines, and `make demo`
+  on a fresh clone runs it for real)."""
   from spreading_jax import baselines
   asked, evaluate_faiss = [], baselines.evaluate_faiss
 
   def cheaper(ds, factory, *args, **kwargs):
     asked.append(factory)
-    return evaluate_faiss(ds, "PQ8np", *args, **kwargs)
+    return evaluate_faiss(ds, "PQ8", *args, **kwargs)
 
   monkeypatch.setattr(baselines, "evaluate_faiss", cheaper)
   # 1,460 rows: 500 validation queries, 192 database, 768 training rows (12 full batches).
