@@ -33,6 +33,18 @@ def _temp_name(path: Path, suffix: str) -> Path:
   return Path(_outputs.temp_name(path, suffix))
 
 
+def _make_temp(path: Path, suffix: str, make) -> Path:
+  """A new temporary name beside ``path`` made by ``make(name)``, which must fail with
+  FileExistsError rather than reuse another writer's file or directory (a name drawn again)."""
+  while True:
+    tmp = _temp_name(path, suffix)
+    try:
+      make(tmp)
+      return tmp
+    except FileExistsError:
+      continue
+
+
 def fsync_path(path: PathLike) -> None:
   """Flushes a file or directory to disk (best effort where the OS refuses directories)."""
   try:
@@ -92,14 +104,9 @@ def atomic_output(path: PathLike) -> Iterator[str]:
     raise ValueError(f"{path}: is a directory; use atomic_output_dir to replace a directory")
   _outputs.check_regular_or_absent(path)  # never a device, a FIFO or a socket
   path.parent.mkdir(parents=True, exist_ok=True)
-  while True:
-    tmp = _temp_name(path, ".tmp" + path.suffix)
-    try:
-      # O_EXCL: never clobber another writer's file; mode 0o666 lets the umask apply.
-      os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-      break
-    except FileExistsError:
-      continue
+  # O_EXCL: never clobber another writer's file; mode 0o666 lets the umask apply.
+  tmp = _make_temp(path, ".tmp" + path.suffix, lambda name: os.close(
+      os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
   try:
     try:
       yield str(tmp)
@@ -204,13 +211,8 @@ def atomic_output_dir(path: PathLike) -> Iterator[str]:
                      "directories only")
   _outputs.check_output_dir(path)  # only an absent/empty dir or a saved model/index
   path.parent.mkdir(parents=True, exist_ok=True)
-  while True:
-    tmp = _temp_name(path, ".tmp")
-    try:
-      os.mkdir(tmp, 0o777)  # the umask applies, unlike tempfile.mkdtemp's 0o700
-      break
-    except FileExistsError:
-      continue
+  # The umask applies, unlike tempfile.mkdtemp's 0o700.
+  tmp = _make_temp(path, ".tmp", lambda name: os.mkdir(name, 0o777))
   try:
     try:
       yield str(tmp)

@@ -546,3 +546,28 @@ def test_kill9_train_resumes_byte_identical(work, tmp_path):
   with _compilation_cache(work):
     assert main(_train_argv(work, tmp_path / "m", tmp_path / "ck")) == 0
   assert _model_bytes(tmp_path / "m") == reference
+
+
+def test_a_temporary_name_another_writer_holds_is_never_reused(tmp_path, monkeypatch):
+  """atomic_output and atomic_output_dir draw a new temporary name when the drawn one
+  exists (another writer's file or directory), and never write into it. Red when the
+  exclusive create is dropped (the other writer's file is truncated or its directory
+  reused)."""
+  from spreading_jax import _files
+  target = tmp_path / "out.npy"
+  taken = [tmp_path / ".out.npy.taken.tmp.npy", tmp_path / ".d.taken.tmp"]
+  taken[0].write_bytes(b"another writer")
+  taken[1].mkdir()
+  (taken[1] / "theirs").write_bytes(b"x")
+  draws = iter([str(taken[0]), str(tmp_path / ".out.npy.fresh.tmp.npy"),
+                str(taken[1]), str(tmp_path / ".d.fresh.tmp")])
+  monkeypatch.setattr(_outputs, "temp_name", lambda path, suffix: next(draws))
+  with _files.atomic_output(target) as tmp:
+    assert Path(tmp).name == ".out.npy.fresh.tmp.npy"
+    Path(tmp).write_bytes(b"ours")
+  with _files.atomic_output_dir(tmp_path / "d") as tmp:
+    assert Path(tmp).name == ".d.fresh.tmp"
+    (Path(tmp) / "ours").write_bytes(b"y")
+  assert target.read_bytes() == b"ours" and taken[0].read_bytes() == b"another writer"
+  assert sorted(os.listdir(taken[1])) == ["theirs"]
+  assert sorted(os.listdir(tmp_path / "d")) == ["ours"]
