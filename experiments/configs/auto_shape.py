@@ -13,28 +13,27 @@ Command (one per dataset):
 The real datasets are found through --set root=DIR or $SPREADING_DATA; fashion-mnist trains
 on its first 20k images (as crossval_lambda does).
 
-Expected runtime (2-core CPU shared with other jobs): siftsmall 9 min (measured: 524 s),
-fashion-mnist-mini 9 min (528 s), wordllama-256 9 min (545 s), fashion-mnist 25 min (2416 s
-wall, of which about 15 min paused while the test suite was timed; its 10k queries x 60k
-database evaluations and LSQ dominate).
+Expected runtime (2-core CPU): siftsmall, fashion-mnist-mini and wordllama-256 about 5 min
+each (measured: 265 s and 252 s for the last two; siftsmall 821 s wall of which about 9 min
+paused while the test suite was timed), fashion-mnist 25 min (2416 s wall, of which about
+15 min paused; its 10k queries x 60k database evaluations and LSQ dominate).
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/auto_shape.json;
 at 10 epochs the budget rule screens nothing, so the default is the paper's shape):
   siftsmall: catalyzer + lattice, default (chosen: d_out=24 lambda=0.05) = 53.0/88.0/99.0
-  siftsmall: OPQ 64b = 52.0/90.0/100.0
+  siftsmall: OPQ8_64,PQ8 64b = 53.0/90.0/100.0
   siftsmall: catalyzer + sign, default (chosen: d_out=64 lambda=0.05) = 37.0/62.0/84.0
   siftsmall: ITQ 64b = 21.0/57.0/92.0
   fashion-mnist-mini: catalyzer + lattice, default (chosen: d_out=24 lambda=0.05) = 35.9/87.0/99.4
-  fashion-mnist-mini: OPQ 64b = 28.8/83.9/99.9
+  fashion-mnist-mini: OPQ8_64,PQ8 64b = 32.7/89.0/100.0
   wordllama-256: catalyzer + lattice, default (chosen: d_out=24 lambda=0.05) = 52.7/82.9/93.3
+  wordllama-256: OPQ8_64,PQ8 64b = 55.5/88.9/97.1
   wordllama-256: LSQ 64b = 53.0/92.6/98.5
   fashion-mnist: catalyzer + lattice, default (chosen: d_out=24 lambda=0.05) = 30.6/80.5/98.7
   fashion-mnist: OPQ8_64,PQ8 64b = 24.8/74.4/99.0
   fashion-mnist: LSQ 64b = 29.5/79.6/99.4
   fashion-mnist: catalyzer + sign, default (chosen: d_out=64 lambda=0.05) = 17.4/54.7/89.4
   fashion-mnist: ITQ 64b = 7.5/30.0/67.7
-(The three earlier records' OPQ row is opq_factory's OPQ8_32,PQ8; fashion-mnist's is the
-paper's OPQ8_64,PQ8.)
 """
 from spreading_jax.config import TrainConfig
 
