@@ -16,7 +16,8 @@ The real datasets are found through --set root=DIR or $SPREADING_DATA; fashion-m
 on its first 20k images.
 
 Expected runtime (2-core CPU shared with other jobs): siftsmall 33 min (measured: 2003 s),
-fashion-mnist-mini 35 min (2108 s).
+fashion-mnist-mini 35 min (2108 s), wordllama-256 14 min (1459 s wall, of which about 10 min
+paused while the test suite was timed).
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/
 validation_ranking.json; the Spearman rows are in the same files and the README):
@@ -24,6 +25,8 @@ validation_ranking.json; the Spearman rows are in the same files and the README)
   siftsmall: d_out=24 r2=79 lambda=0.005 (val R@10 small database 0.892, large 0.908) = 51.0/90.0/100.0
   fashion-mnist-mini: d_out=24 r2=79 lambda=0.005 (val R@10 small database 0.939, large 0.840) = 31.6/86.1/99.8
   fashion-mnist-mini: d_out=24 r2=79 lambda=0.01 (val R@10 small database 0.932, large 0.861) = 33.0/86.3/99.9
+  wordllama-256: d_out=24 r2=79 lambda=0.05 (val R@10 small database 0.623, large 0.766) = 50.3/81.3/92.7
+  wordllama-256: d_out=40 r2=24 lambda=0.05 (val R@10 small database 0.722, large 0.835) = 55.8/89.6/97.1
 """
 from spreading_jax.config import TrainConfig
 
