@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 
 from spreading_jax.config import TrainConfig
 
@@ -41,7 +43,11 @@ class EpochWriter:
 
   A resumed run (``first_epoch`` > 1) asks TensorBoard to hide the events an interrupted
   run wrote for epochs from ``first_epoch`` on (tensorboardX's ``purge_step``), so the
-  curves show each epoch once.
+  curves show each epoch once. TensorBoard reads a directory's event files in the order of
+  their names, which carry the creation time to the second and the host; a writer that
+  finds an event file of this second (or a later one: another host's clock) in ``log_dir``
+  waits for the next second before it creates its own, so that its file neither replaces
+  that one (same name) nor is read before it (the purge would then hide nothing).
 
   Args:
     config: the run's config (``log_dir`` None: the writer is a no-op).
@@ -62,6 +68,7 @@ class EpochWriter:
                         f"tensorboardX): {e}") from e
     if os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
       raise ValueError(f"log_dir {config.log_dir} exists and is not a directory")
+    _wait_for_a_later_second(config.log_dir)
     self._writer = SummaryWriter(config.log_dir,
                                  purge_step=first_epoch if first_epoch > 1 else None)
     # Four leading spaces: TensorBoard renders text as Markdown, this keeps it verbatim.
@@ -89,3 +96,24 @@ class EpochWriter:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+
+
+# tensorboardX names a file events.out.tfevents.<10-digit unix second>.<host><suffix>.
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d{10})\.")
+
+
+def _wait_for_a_later_second(log_dir: str, max_wait_s: float = 5.0) -> None:
+  """Sleeps until the clock's second is past that of every event file in ``log_dir``
+  (at most ``max_wait_s``: a file stamped further ahead, from a host whose clock runs
+  fast, is left to sort by host name)."""
+  try:
+    names = os.listdir(log_dir)
+  except FileNotFoundError:
+    return
+  stamps = [int(m.group(1)) for m in map(_EVENT_FILE.match, names) if m]
+  if not stamps:
+    return
+  latest = max(stamps)
+  deadline = time.time() + max_wait_s
+  while int(time.time()) <= latest and time.time() < deadline:
+    time.sleep(max(0.001, min(latest + 1 - time.time(), deadline - time.time())))

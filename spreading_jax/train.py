@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -477,7 +478,8 @@ def train_many(configs, dataset, mesh: Mesh | None = None,
 
   Args:
     configs: TrainConfigs with d_out and lambda_koleo set; none may checkpoint when a group
-      has more than one model (train them one by one to checkpoint).
+      has more than one model (train them one by one to checkpoint), and no two may share
+      a log_dir.
     dataset, mesh, validation: as for ``train``.
     callback: called with each model's epoch record (with a "model" key, its index in
       ``configs``) after every epoch.
@@ -493,6 +495,11 @@ def train_many(configs, dataset, mesh: Mesh | None = None,
     if not c.shape_is_set:
       raise ValueError(f"train_many needs d_out and lambda_koleo in every config (got "
                        f"d_out={c.d_out}, lambda_koleo={c.lambda_koleo})")
+  log_dirs = [os.path.abspath(c.log_dir) for c in configs if c.log_dir is not None]
+  shared = sorted({d for d in log_dirs if log_dirs.count(d) > 1})
+  if shared:
+    raise ValueError(f"train_many: several configs log to {shared[0]}; give each model its own "
+                     "log_dir (one directory's events are read as one run's curves)")
   n = int(getattr(dataset, "train", dataset).shape[0])
   groups: dict[Any, list[int]] = {}
   for i, c in enumerate(configs):

@@ -299,6 +299,11 @@ def test_train_many_groups_and_refusals(xt, tmp_path):
   with pytest.raises(ValueError, match="d_out and lambda_koleo"):
     T.train_many([BASE], xt[:256])
   assert not (tmp_path / "c").exists()
+  # Two models' curves in one directory would read as one run (and their writers, created
+  # in one second, would share a file name).
+  with pytest.raises(ValueError, match="own log_dir"):
+    T.train_many([c.replace(log_dir=str(tmp_path / "tb")) for c in configs[::2]], xt[:256])
+  assert not (tmp_path / "tb").exists()
 
 
 def _imports(path: Path) -> set[str]:

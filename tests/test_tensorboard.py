@@ -1,6 +1,8 @@
 """TensorBoard event files of training (``TrainConfig.log_dir``, ``train --log-dir``), read
 back with TensorBoard's own reader and compared with ``TrainResult.history``."""
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -57,8 +59,11 @@ def test_events_match_the_history_also_after_a_resume(mini, tmp_path):
     T.train(config, x, callback=stop_after_two)
   # What a run killed during epoch 3, after logging it but before its checkpoint
   # committed, leaves behind: resuming redoes epoch 3 and must hide these.
+  # A killed run's late events sit in its own file; this stand-in gets a name of its own
+  # (tensorboardX names files by the second, and one created in the interrupted run's
+  # second under the same name would replace that run's file).
   from tensorboardX import SummaryWriter
-  with SummaryWriter(str(tmp_path / "tb")) as stale:
+  with SummaryWriter(str(tmp_path / "tb"), filename_suffix=".stale") as stale:
     stale.add_scalar("train/loss", 1e9, 3)
     stale.add_scalar("train/loss", 1e9, 4)
   result = T.train(config, x)
@@ -70,6 +75,27 @@ def test_events_match_the_history_also_after_a_resume(mini, tmp_path):
           "validation/lattice_R_10", "seconds/mining", "seconds/sgd"} <= set(scalars)
   # The config as text, once per run (the resumed run writes its own).
   assert [json.loads(t) for t in texts] == [config.to_dict()] * 2
+
+
+def test_a_resumed_writer_is_read_after_the_files_of_its_second(tmp_path):
+  """Catches: a writer whose event file takes the name of an existing one (and truncates it:
+  tensorboardX names files by the second and host) or sorts before it, as for a run resumed
+  within a second of the interrupted one: the earlier epochs vanish, or the purge is read
+  first and hides nothing. The existing file is stamped two seconds ahead, so a writer that
+  does not wait lands on or before it every time."""
+  from tensorboardX import SummaryWriter
+  log = tmp_path / "tb"
+  with SummaryWriter(str(log)) as old:
+    for step in (1, 2, 3):
+      old.add_scalar("train/loss", float(step), step)
+  (old_file,) = log.iterdir()
+  ahead = int(time.time()) + 2
+  old_file.rename(log / re.sub(r"tfevents\.\d{10}\.", f"tfevents.{ahead}.", old_file.name))
+  writer = _tensorboard.EpochWriter(SMALL.replace(log_dir=str(log)), first_epoch=3)
+  writer({"epoch": 3, "loss": 0.5})
+  writer.close()
+  assert len(list(log.iterdir())) == 2
+  assert _read(log)[0] == {"train/loss": [(1, 1.0), (2, 2.0), (3, 0.5)]}
 
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):
