@@ -222,7 +222,7 @@ def validation_ranking(dataset, config: TrainConfig, grid=None) -> tuple[Rows, M
   base = tc.replace(val_every=0)
   paper_d, paper_r2 = selection.incumbent_shape(config.bits)
   shapes = dict(selection.candidate_shapes(config.bits, "lattice",
-                                           grid or selection.D_OUT_CANDIDATES))
+                                           grid or selection.D_OUT_GRID))
   shapes[paper_d] = paper_r2
   runs = [("lambda", paper_d, lam) for lam in selection.PAPER_LAMBDAS] + [
       ("d_out", d, selection.PAPER_LAMBDA) for d in shapes if d != paper_d]

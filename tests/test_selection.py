@@ -66,10 +66,14 @@ def test_a_budget_for_one_stage_screens_d_out_before_lambda():
   """Catches the budget rule of the previous round, which screened nothing at 20k rows x
   10 epochs and so kept d_out=24 on wordllama-256 where d_out=40 reads 8.3 R@10 points more
   (README): the runs shorten to 4 epochs before a stage is dropped, and d_out alone goes
-  before λ alone. λ alone is screened when there is one d_out (sign codes)."""
-  plan = selection.plan_screening(20_000, 10, 6, 6)
-  assert (plan["stages"], plan["epochs"], plan["rows"]) == (("d_out",), 4, 4166)
+  before λ alone. λ alone is screened when there is one d_out (sign codes). Also catches a
+  candidate list that grows back to six dimensions (d_out=16 included): 19k training rows
+  (20k less the final run's validation queries, as in auto_shape) then screen nothing."""
+  dims = len(selection.candidate_shapes(64))
+  plan = selection.plan_screening(19_000, 10, dims, 6)
+  assert (plan["stages"], plan["epochs"], plan["rows"]) == (("d_out",), 4, 4750)
   assert "screening d_out only: d_out and lambda did not fit" in plan["reason"]
+  assert selection.plan_screening(19_000, 10, 6, 6)["stages"] == ()
   assert selection.plan_screening(20_000, 10, 1, 6)["stages"] == ("lambda",)
   assert selection.plan_screening(20_000, 10, 6, 1)["stages"] == ("d_out",)
   longer = selection.plan_screening(60_000, 10, 6, 6)  # 300k row-epochs
