@@ -260,7 +260,8 @@ def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
   """The library's default (``fit``: the paper's shape unless a screened candidate beats it
   beyond the validation noise) against the paper's shape and faiss, for 64-bit lattice codes
   (vs OPQ8_64,PQ8 and LSQ) and 64-bit sign codes (vs LSH and ITQ); the selection's choice,
-  reason and cost are in each row."""
+  reason, cost and screening table (validation recalls, gain and its bootstrap lower bound
+  per candidate) are in each default row."""
   del grid
   rows, models = [], {}
   bits = config.bits
@@ -283,7 +284,8 @@ def auto_shape(dataset, config: TrainConfig, grid=None) -> tuple[Rows, Models]:
                  f"lambda={c.lambda_koleo:g})", "bits": bits, "recall": recall(model),
                  "d_out": c.d_out, "r2": c.r2, "lambda": c.lambda_koleo,
                  "train_seconds": round(seconds, 1), "selection_s": sel.get("cost_s"),
-                 "selection_row_epochs": sel.get("row_epochs"), "reason": sel.get("reason")})
+                 "selection_row_epochs": sel.get("row_epochs"), "reason": sel.get("reason"),
+                 "selection_table": sel.get("table")})
     models[f"{quantizer}_default"] = model
     if (c.d_out, c.lambda_koleo) == (paper.d_out, paper.lambda_koleo):
       rows.append({**rows[-1], "method": f"catalyzer + {quantizer}, the paper's shape (the "
