@@ -49,8 +49,9 @@ D_OUT_GRID = (16, 24, 32, 40, 48, 64)
 # Output dimensions screened for lattice codes: the grid from the paper's 24 up. d_out=16
 # never beat 24 in the sweeps (test R@10 at 10 epochs, 16 vs 24: fashion-mnist 77.2 vs 80.1,
 # fashion-mnist-mini 85.9 vs 85.9, siftsmall 82 vs 91, wordllama-256 71.8 vs 81.3), and
-# the budget its run took buys longer screens of the rest: 20k rows x 10 epochs screen
-# five dimensions at 4 epochs x 4.7k rows, where six did not fit.
+# the budget its run took buys longer screens of the rest: 19k rows x 10 epochs (auto_shape's
+# runs after their validation split) screen five dimensions at 4 epochs x 4,750 rows, where
+# six did not fit (3,958 rows a run).
 D_OUT_CANDIDATES = (24, 32, 40, 48, 64)
 # The paper's shape: d_out=24 (with the largest r² that fits the budget), and λ=0.05, the
 # original code's default.
