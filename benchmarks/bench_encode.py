@@ -3,7 +3,7 @@ and the streaming batch-encode pipeline from files (--pipeline, --files).
 
     python benchmarks/bench_encode.py                        # 200k vectors, d=96, 3 runs
     python benchmarks/bench_encode.py --n 50000 --repeats 2  # quick
-    python benchmarks/bench_encode.py --pipeline             # host costs, pipelined rates
+    python benchmarks/bench_encode.py --pipeline --repeats 3 # host costs, pipelined rates
     python benchmarks/bench_encode.py --files                # 10M-row files (accelerators)
 
 Ours: ``encode.make_encoder`` (catalyzer 96->1024->1024->24 forward + Zn lattice
@@ -15,8 +15,10 @@ Deep1M-shaped synthetic vectors (``_common.deep_like``). Writes
 experiments/results/bench_encode.json.
 
 --pipeline (``pipeline_main``): for d_in in --dims, float32 (.fvecs) and uint8 (.bvecs)
-files of --n rows written under --tmp and read once (page-cached), with the paper-sized
-catalyzer (d_in -> 1024 -> 1024 -> 24, r2=79; untrained weights: the costs depend on the
+files of --n rows (default 1M: 16 chunks, so that a job's fixed costs, such as hashing a
+file of up to 64 MiB whole for the resume fingerprint, do not pass for a per-row rate; about
+10 min with --repeats 3 on 2 idle cores) written under --tmp and read once (page-cached),
+with the paper-sized catalyzer (d_in -> 1024 -> 1024 -> 24, r2=79; untrained weights: the costs depend on the
 shapes only):
 
 * host-side cost per 1M vectors of each step, chunk by chunk (65536 rows), before (the
@@ -64,7 +66,7 @@ from spreading_jax.quantizers import make_codec  # noqa: E402
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--n", type=int, default=None,
-                 help="vectors encoded per run (default 200000; 131072 with --pipeline)")
+                 help="vectors encoded per run (default 200000; 1048576 with --pipeline)")
   p.add_argument("--d", type=int, default=96)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -231,7 +233,7 @@ def _interleaved_wall_cpu(cases: dict, repeats: int):
 
 def pipeline_main(args):
   from spreading_jax.model import _forward_fn
-  n = args.n or 131072
+  n = args.n or 1 << 20  # 16 chunks: a job's fixed costs (fingerprint, files) amortized
   tmp = args.tmp or tempfile.gettempdir()
   block = encode.block_rows()
   results, rows = [], []
