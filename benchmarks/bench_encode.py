@@ -18,8 +18,8 @@ experiments/results/bench_encode.json.
 files of --n rows (default 1M: 16 chunks, so that a job's fixed costs, such as hashing a
 file of up to 64 MiB whole for the resume fingerprint, do not pass for a per-row rate; about
 10 min with --repeats 3 on 2 idle cores) written under --tmp and read once (page-cached),
-with the paper-sized catalyzer (d_in -> 1024 -> 1024 -> 24, r2=79; untrained weights: the costs depend on the
-shapes only):
+with the paper-sized catalyzer (d_in -> 1024 -> 1024 -> 24, r2=79; untrained weights: the
+costs depend on the shapes only):
 
 * host-side cost per 1M vectors of each step, chunk by chunk (65536 rows), before (the
   unpipelined encoder of the previous round: read, convert to float32, NaN/Inf check,
