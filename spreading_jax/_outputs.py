@@ -64,7 +64,9 @@ def _contains(outer: str, inner: str) -> bool:
   return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
-def _same(a: PathLike, b: PathLike) -> bool:
+def same_path(a: PathLike, b: PathLike) -> bool:
+  """True when a and b name the same file or directory (through links too; by resolved
+  path where either does not exist yet)."""
   with contextlib.suppress(OSError):
     return os.path.samefile(a, b)
   return _real(a) == _real(b)
@@ -102,7 +104,7 @@ def _check_inputs_apart(path: PathLike, inputs) -> None:
     if given is None or not os.path.lexists(os.fspath(given)):
       continue
     src = _real(given)
-    if _same(path, given) if os.path.lexists(os.fspath(path)) else out == src:
+    if same_path(path, given) if os.path.lexists(os.fspath(path)) else out == src:
       raise ValueError(f"output {os.fspath(path)} is the input {os.fspath(given)}; choose "
                        "another output")
     if _contains(out, src):

@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -33,8 +32,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from spreading_jax import (_tensorboard, evaluate, lattice, mining, quantizers, sampling, search,
-                           sharding)
+from spreading_jax import (_outputs, _tensorboard, evaluate, lattice, mining, quantizers,
+                           sampling, search, sharding)
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.catalyzer import Catalyzer, l2_normalize
 from spreading_jax.checkpoint import Checkpointer, fingerprint
@@ -495,11 +494,11 @@ def train_many(configs, dataset, mesh: Mesh | None = None,
     if not c.shape_is_set:
       raise ValueError(f"train_many needs d_out and lambda_koleo in every config (got "
                        f"d_out={c.d_out}, lambda_koleo={c.lambda_koleo})")
-  log_dirs = [os.path.abspath(c.log_dir) for c in configs if c.log_dir is not None]
-  shared = sorted({d for d in log_dirs if log_dirs.count(d) > 1})
-  if shared:
-    raise ValueError(f"train_many: several configs log to {shared[0]}; give each model its own "
-                     "log_dir (one directory's events are read as one run's curves)")
+  log_dirs = [c.log_dir for c in configs if c.log_dir is not None]
+  for i, log_dir in enumerate(log_dirs):
+    if any(_outputs.same_path(log_dir, other) for other in log_dirs[:i]):
+      raise ValueError(f"train_many: several configs log to {log_dir}; give each model its "
+                       "own log_dir (one directory's events are read as one run's curves)")
   n = int(getattr(dataset, "train", dataset).shape[0])
   groups: dict[Any, list[int]] = {}
   for i, c in enumerate(configs):
