@@ -588,17 +588,20 @@ def _train_group(configs: list[TrainConfig], dataset, mesh, callback, validation
   epoch_fn = make_epoch_fn(nt, config.batch_size, config.drop_remainder, models=multi)
   views = list(range(len(configs))) if multi else [None]
 
-  results = [TrainResult(_model_view(state.params, i), _model_view(state.batch_stats, i), c,
-                         d_in, scale, []) for c, i in zip(configs, views)]
   bests = [{"metric": -1.0, "params": None, "batch_stats": None} for _ in configs]
-  start = 0
+  start, history = 0, []
   if checkpointer is not None:
-    arrays, bests[0], results[0].history, start = checkpointer.restore(state.arrays(), bests[0])
+    arrays, bests[0], history, start = checkpointer.restore(state.arrays(), bests[0])
     if mesh is not None and start:  # orbax commits restored arrays to one device
       arrays = sharding.replicate(arrays, mesh)
     state = state.replace(**arrays)
     if start:
       logger.info("resumed from %s at epoch %d", config.checkpoint_dir, start)
+  # From the restored state: a run whose checkpoint already holds every epoch trains
+  # nothing and returns these.
+  results = [TrainResult(_model_view(state.params, i), _model_view(state.batch_stats, i), c,
+                         d_in, scale, []) for c, i in zip(configs, views)]
+  results[0].history = history
 
   # One writer per model (a no-op without log_dir).
   writers = [_tensorboard.EpochWriter(c, first_epoch=start + 1) for c in configs]

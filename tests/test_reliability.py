@@ -532,20 +532,45 @@ def _model_bytes(path: Path) -> tuple:
   return (path / "variables.msgpack").read_bytes(), meta
 
 
-def test_kill9_train_resumes_byte_identical(work, tmp_path):
-  # A random point after the first epoch's history line: before, during or after its
-  # checkpoint commits, or in the second epoch. The uninterrupted reference is the
-  # fixture's model (same config, its own checkpoint directory).
-  rng = np.random.default_rng(15)
-  reference = _model_bytes(work / "model")
-  history = tmp_path / "ck" / "history.jsonl"
-  proc = _spawn(_train_argv(work, tmp_path / "m", tmp_path / "ck"), tmp_path, cache_of=work)
-  assert _kill_when(proc, lambda: history.exists() and history.read_text().strip(),
-                    delay=float(rng.uniform(0, 0.5)))
-  assert not (tmp_path / "m").exists()
+def test_train_on_a_finished_checkpoint_returns_the_trained_model(work, tmp_path):
+  """Catches a run whose checkpoint already holds every epoch (killed after its last
+  checkpoint committed but before the model was written, or simply run again) returning
+  the untrained initial parameters: nothing is left to train, and the model must be the
+  checkpoint's. (The results were built from the initial state before the restore.)"""
+  shutil.copytree(work / "ck_ref", tmp_path / "ck")
   with _compilation_cache(work):
     assert main(_train_argv(work, tmp_path / "m", tmp_path / "ck")) == 0
-  assert _model_bytes(tmp_path / "m") == reference
+  assert _model_bytes(tmp_path / "m") == _model_bytes(work / "model")
+
+
+def test_kill9_train_resumes_byte_identical(work, tmp_path):
+  """Catches a kill -9 that leaves a half-written model or a checkpoint that does not resume
+  to the uninterrupted model (the fixture's, same config, its own checkpoint directory).
+
+  Kill points: the moment the first epoch's history line appears, then a random point up to
+  0.5 s after it (before, during or after a checkpoint commits, in the second epoch, or
+  after the model is saved: a fast, idle machine finishes this 2-epoch run within that
+  delay). Either outcome is checked: no model, and the resumed run writes the reference
+  byte for byte; or the whole reference model. The first kill lands mid-run on any machine
+  that needs more than the 2 ms poll interval for an epoch and two checkpoint commits."""
+  rng = np.random.default_rng(15)
+  reference = _model_bytes(work / "model")
+  mid_run = 0
+  for i, delay in enumerate([0.0, float(rng.uniform(0, 0.5))]):
+    out, ck = tmp_path / f"m{i}", tmp_path / f"ck{i}"
+    history = ck / "history.jsonl"
+    proc = _spawn(_train_argv(work, out, ck), tmp_path, cache_of=work)
+    assert _kill_when(proc, lambda: history.exists() and history.read_text().strip(),
+                      delay=delay)
+    if out.exists():  # killed after the model was saved: it is whole
+      assert _model_bytes(out) == reference
+      shutil.rmtree(out)
+    else:
+      mid_run += 1
+    with _compilation_cache(work):
+      assert main(_train_argv(work, out, ck)) == 0
+    assert _model_bytes(out) == reference
+  assert mid_run >= 1
 
 
 def test_a_temporary_name_another_writer_holds_is_never_reused(tmp_path, monkeypatch):
