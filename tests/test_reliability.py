@@ -465,6 +465,23 @@ def _kill_when(proc, ready, delay: float, timeout: float = 180) -> bool:
   return proc.returncode == -signal.SIGKILL
 
 
+def _kill_frozen_when(proc, ready, timeout: float = 180) -> bool:
+  """SIGKILLs proc at the first state where ready() holds, observed with proc stopped
+  (SIGSTOP), so the kill lands exactly there however fast the machine; the process runs
+  in slices of about a millisecond between looks. False if it finished first."""
+  t0 = time.monotonic()
+  while proc.poll() is None:
+    proc.send_signal(signal.SIGSTOP)
+    if ready():
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return proc.returncode == -signal.SIGKILL
+    proc.send_signal(signal.SIGCONT)
+    assert time.monotonic() - t0 < timeout, "kill point never reached"
+    time.sleep(0.001)
+  return False
+
+
 def _rows_done(progress: Path) -> int:
   try:
     return json.loads(progress.read_text())["rows_done"]
@@ -473,23 +490,28 @@ def _rows_done(progress: Path) -> int:
 
 
 def test_kill9_encode_resumes_byte_identical(work, tmp_path):
+  """Catches an encode that a kill -9 leaves half-written, or whose resume differs from
+  the uninterrupted codes. The input is 8 encode blocks (progress records every 2,048
+  rows); each kill lands at a seeded progress point in the first six blocks, taken with
+  the process stopped, so it is mid-run on a machine of any speed (with a random delay
+  after the record, an idle machine finished the last blocks first)."""
   rng = np.random.default_rng(13)
-  argv = lambda out: ["encode", str(work / "model"), str(work / "xb.npy"), str(out),
-                      "--chunk", "64"]
+  xb = tmp_path / "xb.npy"
+  np.save(xb, np.tile(np.load(work / "xb.npy"), (4, 1))[:8 * 2048])
+  argv = lambda out: ["encode", str(work / "model"), str(xb), str(out), "--chunk", "64"]
   with _compilation_cache(work):
     assert main(argv(tmp_path / "ref.npy")) == 0
   reference = (tmp_path / "ref.npy").read_bytes()
   out, progress = tmp_path / "codes.npy", tmp_path / "codes.npy.progress.json"
   killed = 0
-  for target in sorted(rng.integers(0, 4000, size=3)):
+  for target in sorted(rng.integers(0, 6 * 2048, size=3)):
     proc = _spawn(argv(out), tmp_path, cache_of=work)
-    killed += _kill_when(proc, lambda: _rows_done(progress) >= target,
-                         delay=float(rng.uniform(0, 0.01)))
+    killed += _kill_frozen_when(proc, lambda: _rows_done(progress) >= target)
     assert not out.exists() or out.read_bytes() == reference  # never half-written
   assert killed >= 2
   assert main(argv(out)) == 0
   assert out.read_bytes() == reference
-  assert sorted(os.listdir(tmp_path)) == ["codes.npy", "ref.npy"]
+  assert sorted(os.listdir(tmp_path)) == ["codes.npy", "ref.npy", "xb.npy"]
 
 
 def _index_bytes(path: Path) -> dict:
