@@ -5,8 +5,8 @@
 
 Epoch 0 is y0, uniform unit vectors (the hardest case for any index: KoLeo spreads the
 catalyzer's outputs); each later epoch moves every vector, y_e = normalize(y_{e-1} + drift *
-noise), and the exact-neighbour overlap between consecutive epochs is reported (in real
-training it grows from ~0.2 after the first epoch to ~0.7; experiments/mining_methods.py).
+noise), and the exact-neighbour overlap between consecutive epochs is reported (real
+training's overlap is not recorded; experiments/mining_methods.py compares the miners there).
 
 Rows (each after a warm-up call on the same shapes, so compilation is not timed):
   exact   an exact search of every vector's 67 nearest among all (all n x n scores): what

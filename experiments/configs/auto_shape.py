@@ -14,9 +14,9 @@ The real datasets are found through --set root=DIR or $SPREADING_DATA; fashion-m
 on its first 20k images (as crossval_lambda does).
 
 Expected runtime (2-core CPU, nothing else running): fashion-mnist-mini and wordllama-256
-about 3.5 min each (measured: 201 s and 225 s wall, of which the d_out screening about 50 s),
+about 3.5 min each (measured: 189 s and 212 s wall, of which the d_out screening about 50 s),
 siftsmall about 5 min (an earlier run: 821 s wall, about 9 min of it paused), fashion-mnist
-about 10 min (590 s; its 10k queries x 60k database evaluations and LSQ dominate).
+about 10 min (555 s; its 10k queries x 60k database evaluations and LSQ dominate).
 
 Recorded runs (R@1/R@10/R@100 in %, rows of experiments/results/<dataset>/auto_shape.json).
 With 19k training rows (20k less the final run's validation queries) x 10 epochs the budget
