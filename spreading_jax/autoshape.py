@@ -17,7 +17,7 @@ from spreading_jax.checkpoint import fingerprint
 from spreading_jax.config import TrainConfig
 from spreading_jax.model import TrainResult
 from spreading_jax.selection import Selection, select_shape
-from spreading_jax.train import split_indices, train
+from spreading_jax.train import check_config, split_indices, train
 
 logger = logging.getLogger("spreading_jax")
 
@@ -50,6 +50,7 @@ def fit(config: TrainConfig, dataset, mesh=None, callback: Callable[[dict], Any]
   if config.shape_is_set:
     return train(config, dataset, mesh, callback, validation)
   x_all = check_vectors("dataset.train", getattr(dataset, "train", dataset), min_rows=1)
+  check_config(config)
   rows = split_indices(int(x_all.shape[0]),
                        config.replace(val_every=0) if validation is not None else config)[0]
   xt = np.asarray(x_all[rows], np.float32)

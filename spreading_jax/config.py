@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: global batch size (split across devices when a mesh is given).
     lr_schedule: learning rates, each held for an equal block of epochs (the original
       repeats each value epochs/len times); a tuple or a comma-separated string.
-    momentum: SGD momentum.
+    momentum: SGD momentum, in [0, 1).
     lambda_koleo: weight λ of the KoLeo regularizer; None (default): ``fit`` screens the
       paper's grid 0.001 ... 0.05 and keeps the original's default 0.05 unless beaten.
     rank_positive: positives are drawn uniformly among this many exact input-space
@@ -93,7 +93,8 @@ class TrainConfig:
       saturates and ranks models differently from the test); an integer uses a seeded
       sample of that many of them.
     num_train: cap on the number of training vectors (None: all that remain).
-    seed: seed of initialization, shuffling, positive draws and the validation split.
+    seed: seed of initialization, shuffling, positive draws and the validation split, in
+      [0, 2**32).
     checkpoint_dir: directory for per-epoch checkpoints and history.jsonl; a run finds
       its last checkpoint there and resumes from it.
     log_dir: directory for TensorBoard event files, one step per epoch (the numbers of

@@ -37,7 +37,7 @@ import numpy as np
 from spreading_jax import quantizers
 from spreading_jax._validation import check_int, check_vectors
 from spreading_jax.config import TrainConfig
-from spreading_jax.train import train_many
+from spreading_jax.train import check_config, train_many
 
 logger = logging.getLogger("spreading_jax")
 
@@ -303,6 +303,7 @@ def select_shape(config: TrainConfig, train_vectors, *, d_outs: Sequence[int] | 
   t0 = time.perf_counter()
   x = getattr(train_vectors, "train", train_vectors)
   check_vectors("training vectors", x, min_rows=2)
+  check_config(config)
   n = int(x.shape[0])
   quantizer = config.quantizer
   metric = quantizers.metric_key(quantizer, 10)

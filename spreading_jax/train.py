@@ -390,6 +390,14 @@ def validation_recalls(yq, yb, val: ValidationSplit, validators, mesh: Mesh | No
 
 def _check_inputs(config: TrainConfig, x, ndev: int) -> None:
   check_vectors("dataset.train", x, min_rows=1)
+  check_config(config, ndev)
+
+
+def check_config(config: TrainConfig, ndev: int = 1) -> None:
+  """Raises ValueError naming the first field of ``config`` that cannot train (before any
+  compute): non-positive sizes, a shape that does not fit its bits, momentum outside
+  [0, 1), a negative or non-finite λ, a seed outside [0, 2**32), a batch that ``ndev``
+  devices cannot split. Fields left None (d_out, λ: chosen by ``fit``) are not checked."""
   if config.d_out is not None:
     check_int("d_out", config.d_out, minimum=1)
     make_codec(config)  # d_out/r2/bits that do not fit fail here, before any compute
@@ -398,6 +406,12 @@ def _check_inputs(config: TrainConfig, x, ndev: int) -> None:
   check_int("rank_positive", config.rank_positive, minimum=1)
   check_int("rank_negative", config.rank_negative, minimum=1)
   check_int("val_every", config.val_every, minimum=0)
+  # jax.random.PRNGKey keeps the low 32 bits without x64: a larger seed would silently
+  # repeat another seed's run (PRNGKey(2**32) == PRNGKey(0)).
+  check_int("seed", config.seed, minimum=0, maximum=2**32 - 1)
+  if not (math.isfinite(config.momentum) and 0.0 <= config.momentum < 1.0):
+    raise ValueError(f"momentum={config.momentum} must be a number in [0, 1) (SGD with heavy-ball "
+                     "momentum diverges at 1 and above)")
   if not config.hidden or any(int(h) < 1 for h in config.hidden):
     raise ValueError(f"hidden={config.hidden} must be a non-empty tuple of positive widths")
   if config.lambda_koleo is not None and (not math.isfinite(config.lambda_koleo)

@@ -140,6 +140,10 @@ def test_save_load_round_trip_and_corruption(small_train, small_run, tmp_path):
     (dict(d_out=40, r2=79, bits=64), "ok", "bits=64"),
     (dict(batch_size=30), "ok4", "divisible"),
     (dict(lambda_koleo=-1.0), "ok", "lambda_koleo"),
+    (dict(momentum=-0.5), "ok", "momentum=-0.5"),
+    (dict(momentum=1.0), "ok", "momentum=1.0"),
+    (dict(seed=-1), "ok", "seed=-1"),
+    (dict(seed=2**32), "ok", "seed=4294967296"),  # PRNGKey(2**32) would repeat seed 0
 ])
 def test_bad_input_is_rejected_before_compute(change, data, match):
   rng = np.random.default_rng(0)
@@ -156,6 +160,16 @@ def test_bad_input_is_rejected_before_compute(change, data, match):
   cfg = SMALL.replace(val_every=0, **change)
   with pytest.raises(ValueError, match=match):
     T.train(cfg, x, mesh=mesh)
+
+
+@pytest.mark.parametrize("change", [dict(momentum=2.0), dict(seed=-3)])
+def test_fit_checks_the_config_before_choosing_a_shape(change):
+  # fit's split and screening seed numpy and jax before train would check the config.
+  from spreading_jax.autoshape import fit
+  x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+  field = next(iter(change))
+  with pytest.raises(ValueError, match=f"{field}="):
+    fit(SMALL.replace(d_out=None, lambda_koleo=None, val_every=0, **change), x)
 
 
 def test_inference_imports_neither_optax_nor_orbax():
