@@ -10,15 +10,48 @@ References:
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 
+from spreading_jax._validation import is_concrete
+
+# Shapes, dtypes and a concrete λ are checked when the function is traced (free under jit);
+# values inside arrays are not: a NaN row gives NaN values, as in any jax loss.
+
+
+def _batch(name: str, x) -> jax.Array:
+  """``x`` as a float array of shape (n, d) with d >= 1, or a ValueError/TypeError naming it."""
+  x = jnp.asarray(x)
+  if x.ndim != 2 or x.shape[1] < 1:
+    raise ValueError(f"{name} must be 2-D (n, d) with d >= 1, got shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+  return x
 
 
 def _check_pair(name_a, a, name_b, b):
-  if a.ndim != 2 or a.shape != b.shape:
+  if a.shape != b.shape:
     raise ValueError(f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}; "
                      "expected equal 2-D shapes (n, d)")
+
+
+def _check_lambda(lam):
+  """A concrete λ must be a finite number >= 0; a traced one (a λ grid under vmap) a scalar."""
+  if isinstance(lam, (bool, str, bytes)) or not (
+      isinstance(lam, numbers.Real) or hasattr(lam, "dtype")):
+    raise TypeError(f"lambda_koleo must be a number, got {lam!r}")
+  if hasattr(lam, "dtype"):
+    if jnp.ndim(lam) != 0 or not jnp.issubdtype(lam.dtype, jnp.number):
+      raise TypeError(f"lambda_koleo must be a scalar number, got {jnp.dtype(lam.dtype)} "
+                      f"of shape {jnp.shape(lam)}")
+    if not is_concrete(lam):
+      return
+  value = float(lam)
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"lambda_koleo={value} must be a finite number >= 0")
 
 
 def _safe_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -50,6 +83,8 @@ def triplet_rank(anchor: jax.Array, positive: jax.Array, negative: jax.Array,
   References:
     Sablayrolles et al., ICLR 2019, eq. (6).
   """
+  anchor, positive, negative = (_batch(name, v) for name, v in (
+      ("anchor", anchor), ("positive", positive), ("negative", negative)))
   _check_pair("anchor", anchor, "positive", positive)
   _check_pair("anchor", anchor, "negative", negative)
   d_pos = _safe_norm(anchor - positive, eps)
@@ -81,13 +116,17 @@ def koleo(y: jax.Array, eps: float = 1e-8, *, axis_name: str | None = None) -> j
   References:
     Sablayrolles et al., ICLR 2019, eq. (3)-(4); Kozachenko & Leonenko, 1987.
   """
-  if y.ndim != 2:
-    raise ValueError(f"y must be 2-D (n, d), got shape {y.shape}")
+  y = _batch("y", y)
   n_local = y.shape[0]
   if axis_name is None:
     ref, offset = y, 0
   else:
-    ref = jax.lax.all_gather(y, axis_name, tiled=True)
+    try:
+      ref = jax.lax.all_gather(y, axis_name, tiled=True)
+    except NameError:  # jax's "unbound axis name": not inside shard_map over that axis
+      raise ValueError(f"axis_name={axis_name!r} is not an axis of the surrounding shard_map "
+                       "(call koleo inside jax.shard_map over a mesh with that axis, or "
+                       "leave axis_name=None for an unsharded batch)") from None
     offset = jax.lax.axis_index(axis_name) * n_local
   n = ref.shape[0]
   if n < 2:
@@ -109,12 +148,19 @@ def spreading_loss(anchor: jax.Array, positive: jax.Array, negative: jax.Array,
   Args:
     anchor, positive, negative: f32[n, d] catalyzed vectors (in end-to-end training the
       positives and negatives are already quantized with a straight-through estimator).
-    lambda_koleo: weight λ of the KoLeo term.
+    lambda_koleo: weight λ of the KoLeo term: a finite number >= 0, or a traced scalar
+      (e.g. a λ grid under ``jax.vmap``).
     axis_name: mesh axis of a sharded batch (see ``koleo``); the means are then global.
+
+  Raises:
+    ValueError/TypeError, when traced: shapes that differ or are not (n, d), integer
+    arrays, a λ that is not a number or is negative or not finite. Values inside the
+    arrays are not checked (a NaN row gives a NaN loss).
 
   Returns:
     (loss f32[], parts) where parts = {"triplet", "koleo", "violations"} (global values).
   """
+  _check_lambda(lambda_koleo)
   t, violations = triplet_rank(anchor, positive, negative)
   k = koleo(anchor, axis_name=axis_name)
   t_mean, k_mean = jnp.mean(t), jnp.mean(k)

@@ -107,3 +107,29 @@ def test_catalyzer_outputs_unit_vectors_and_tracks_batch_stats():
   assert any(not np.allclose(b, a) for b, a in zip(before, after))
   shapes = jax.tree_util.tree_map(lambda v: v.shape, variables["params"])
   assert shapes["Dense_0"]["kernel"] == (13, 32) and shapes["Dense_2"]["kernel"] == (16, 8)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda a: spreading_loss(a, a, a, "0.1"), TypeError, "lambda_koleo must be a number"),
+    (lambda a: spreading_loss(a, a, a, float("nan")), ValueError, "lambda_koleo=nan"),
+    (lambda a: spreading_loss(a, a, a, -1.0), ValueError, "lambda_koleo=-1.0"),
+    (lambda a: spreading_loss(a, a, a, jnp.ones(2)), TypeError, "scalar"),
+    (lambda a: koleo(a[:, :0]), ValueError, r"y must be 2-D \(n, d\) with d >= 1"),
+    (lambda a: koleo(a[0]), ValueError, "y must be 2-D"),
+    (lambda a: koleo(a.astype(jnp.int32)), TypeError, "y must be a floating-point array"),
+    (lambda a: koleo(a, axis_name="data"), ValueError, "axis_name='data' is not an axis"),
+    (lambda a: triplet_rank(a, a[:, :3], a), ValueError, "positive has shape"),
+    (lambda a: triplet_rank(a, a, a[:5]), ValueError, "negative has shape"),
+])
+def test_losses_name_bad_input(call, error, match):
+  a = jnp.asarray(unit_rows(np.random.default_rng(4), 8, 4))
+  with pytest.raises(error, match=match):
+    call(a)
+
+
+def test_losses_take_array_likes_and_a_traced_lambda():
+  rows = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]
+  np.testing.assert_allclose(koleo(rows), koleo(jnp.asarray(rows)))
+  a, p, n = (unit_rows(np.random.default_rng(5), 16, 4) for _ in range(3))
+  grid = jax.vmap(lambda lam: spreading_loss(a, p, n, lam)[0])(jnp.array([0.0, 0.05]))
+  np.testing.assert_allclose(grid[1], spreading_loss(a, p, n, 0.05)[0], rtol=1e-6)
