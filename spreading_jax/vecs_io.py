@@ -123,8 +123,18 @@ def is_real_dtype(dtype: np.dtype) -> bool:
                                 or np.issubdtype(dtype, np.integer))
 
 
+# The suffixes that name another format than the writer's: read_vectors would misread them.
+_OTHER_FORMATS = (".fvecs", ".ivecs", ".bvecs", ".npy", ".hdf5", ".h5")
+
+
 def _write_vecs(path: PathLike, x, dtype, fn: str) -> None:
   name = os.fspath(path)
+  own = "." + fn.split("_")[-1]
+  suffix = Path(name).suffix.lower()
+  if suffix != own and suffix in _OTHER_FORMATS:
+    raise ValueError(f"{fn}({name}): the name ends in {suffix} but {fn} writes the {own} "
+                     f"format, which read_vectors would misread; name the file *{own}"
+                     + (" or use numpy.save" if suffix == ".npy" else ""))
   dtype = np.dtype(dtype).newbyteorder("<")
   x = np.asarray(x)
   if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
@@ -167,7 +177,8 @@ def write_fvecs(path: PathLike, x) -> None:
 
   Raises:
     ValueError: x is not 2-D real with n, d >= 1, or holds NaN/Inf (also after the cast
-      to float32, so float64 overflow is caught).
+      to float32, so float64 overflow is caught); the path names another vector format
+      (.npy, .bvecs, .ivecs, .hdf5, .h5): any other name is written as given.
   """
   _write_vecs(path, x, np.float32, "write_fvecs")
 

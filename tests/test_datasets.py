@@ -185,6 +185,11 @@ def test_bad_writes_are_rejected_and_leave_no_file(tmp_path):
   ]:
     with pytest.raises(ValueError, match=match):
       write(tmp_path / "y.vecs", x)
+  # A name of another format would be misread by read_vectors (fvecs bytes in a .npy file).
+  for write, name in [(vecs_io.write_fvecs, "w.npy"), (vecs_io.write_ivecs, "g.fvecs"),
+                      (vecs_io.write_bvecs, "b.H5")]:
+    with pytest.raises(ValueError, match=rf"ends in \.{name.split('.')[1].lower()} but"):
+      write(tmp_path / name, np.ones((2, 2), np.int32))
   assert sorted(os.listdir(tmp_path)) == ["x.fvecs"]
 
 
