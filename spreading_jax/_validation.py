@@ -91,3 +91,19 @@ def _finite_sum(x):
 @jax.jit
 def _all_finite_entries(x):
   return jax.numpy.all(jax.numpy.isfinite(x))
+
+
+def check_mesh(mesh, name: str = "mesh"):
+  """Returns ``mesh`` (None or a 1-D ``jax.sharding.Mesh``) unchanged.
+
+  Raises TypeError naming ``name`` when it is something else (e.g. a device name such as
+  "cpu"), ValueError when the mesh has more than one axis. A static check: no device work.
+  """
+  if mesh is None:
+    return None
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"{name} must be a jax.sharding.Mesh (see sharding.make_mesh) or None, "
+                    f"got {type(mesh).__name__} {mesh!r:.60}")
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f"{name} must be a 1-D mesh, got axes {tuple(mesh.axis_names)}")
+  return mesh

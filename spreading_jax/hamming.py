@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from spreading_jax import binary, topk
+from spreading_jax._validation import check_mesh
 from spreading_jax.topk import Tiles
 
 
@@ -41,14 +42,23 @@ def hamming_knn(query_codes, base_codes, k: int, *, mesh: Mesh | None = None,
   Ties are broken by lower index. Sharded over ``mesh`` like ``search.knn``; ``query_block``,
   ``base_block``, ``recall_target`` and ``tiles`` as in ``topk.topk_search``.
 
+  Raises:
+    ValueError: codes that are not 2-D uint8, query and base codes of different widths, k
+      not an int in [1, nb].
+    TypeError: ``mesh`` is not a ``jax.sharding.Mesh`` or None.
+
   Example:
     >>> codes = binary.sign_codes(jnp.array([[1., 1.], [1., -1.], [-1., -1.]]))
     >>> D, I = hamming_knn(codes[2:], codes, 3)
     >>> D.tolist(), I.tolist()
     ([[0, 1, 2]], [[2, 1, 0]])
   """
+  mesh = check_mesh(mesh)
   binary.check_codes("base_codes", base_codes)
-  binary.check_codes("query_codes", query_codes, base_codes.shape[1])
+  binary.check_codes("query_codes", query_codes)
+  if query_codes.shape[1] != base_codes.shape[1]:
+    raise ValueError(f"query_codes have {query_codes.shape[1]} bytes per code but base_codes "
+                     f"have {base_codes.shape[1]}: codes of different lengths")
   k = topk.check_k(k, base_codes.shape[0])
   q, b = _pack_words(jnp.asarray(query_codes)), _pack_words(jnp.asarray(base_codes))
   s, i = topk.topk_search(hamming_score, q, (b,), k, mesh=mesh, query_block=query_block,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from spreading_jax import _outputs, quantizers, sharding
 from spreading_jax._files import (ChangedWhileReading, SavedDir, atomic_output_dir,
                                   check_format_version, check_saved_dir, sha256_file)
-from spreading_jax._validation import check_int, check_vectors
+from spreading_jax._validation import check_int, check_mesh, check_vectors
 from spreading_jax.encode import EncodeStream
 from spreading_jax.model import _MAX_JSON_BYTES, TrainResult, _parse_json
 from spreading_jax.sampling import sample_rows
@@ -143,13 +143,15 @@ class SpreadingIndex:
     through the catalyzer in a block of ``encode.block_rows()`` rows per device, so a
     vector's "lattice"/"sign" code does not depend on ``chunk``, ``mesh`` or the batch it is
     added in, and equals ``encode_file``'s byte for byte (faiss quantizers get the same
-    catalyzed floats). Raises ValueError naming the first row with NaN/Inf.
+    catalyzed floats). Raises ValueError naming the first row with NaN/Inf, TypeError when
+    ``mesh`` is not a ``jax.sharding.Mesh`` or None.
     """
     return self._encode(x, chunk, mesh, None)
 
   def _encode(self, x, chunk: int, mesh: Mesh | None, bar) -> np.ndarray:
     check_vectors("x", x, d=self.d, d_name="d_in", finite=False)  # finite: on the device
     chunk = check_int("chunk", chunk, minimum=1)
+    mesh = check_mesh(mesh)
     core = self.quantizer.encode_core
     out = self.quantizer.empty_codes()
     with EncodeStream(self.model, x, then=core, chunk=chunk, mesh=mesh) as stream:
@@ -165,8 +167,10 @@ class SpreadingIndex:
   def add(self, x, chunk: int = 65536, mesh: Mesh | None = None) -> None:
     """Encodes and appends x: [n, d_in] (numpy or memory map), ``chunk`` rows at a time
     (see ``encode``: the codes do not depend on ``chunk`` or on how x is split over calls).
-    A row with NaN/Inf raises ValueError naming it, and nothing is appended."""
+    A row with NaN/Inf raises ValueError naming it, and nothing is appended; a ``mesh``
+    that is not a ``jax.sharding.Mesh`` or None raises TypeError."""
     check_vectors("x", x, d=self.d, d_name="d_in", finite=False)
+    mesh = check_mesh(mesh)
     if not self.is_trained:
       raise ValueError(f"quantizer {self.quantizer.name!r} is not trained: call "
                        "index.train(training_vectors) before add")
@@ -195,7 +199,13 @@ class SpreadingIndex:
     PQ/OPQ, ascending); I i32[nq, k]. "lattice" and "sign" are sharded over ``mesh``, or over
     all of this process's devices (``sharding.local_mesh``) when it has several; faiss
     searches on the CPU.
+
+    Raises:
+      ValueError: the index is empty, xq is not [nq, d_in] finite real vectors, k is not
+        an int in [1, ntotal].
+      TypeError: ``mesh`` is not a ``jax.sharding.Mesh`` or None.
     """
+    mesh = check_mesh(mesh)
     if self.ntotal == 0:
       raise ValueError("the index is empty: add vectors before searching")
     check_vectors("xq", xq, d=self.d, d_name="d_in")

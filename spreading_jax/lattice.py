@@ -388,6 +388,7 @@ class ZnSphereCodec:
     return _in_chunks(self._quantize, jnp.asarray(x, jnp.float32), self._search_chunk)
 
   def _quantize(self, x):
+    x = _rescaled_rows(x)
     atom, rank = self._search(x)
     vals = jnp.asarray(self._atoms.reshape(-1))[atom[:, None] * self.d + rank]
     return jnp.where(x < 0, -vals, vals)
@@ -399,7 +400,10 @@ class ZnSphereCodec:
     and equal scores pick the first atom in decreasing lexicographic order; a zero row
     maps to the first atom placed on the leading coordinates with positive signs (e.g.
     (1, 1, 1, 0, ...) for r2=3). NaN/Inf rows raise on concrete input; inside ``jit``
-    they cannot be checked and give unspecified points.
+    they cannot be checked and give unspecified points. The point does not depend on a
+    row's scale, for any finite magnitude (subnormal rows included): a row whose largest
+    |x_i| lies outside [2^-64, 2^64) is first multiplied by a power of two (exact) that
+    brings it into that range.
 
     Args:
       x: f32[n, d] vectors (need not be normalized).
@@ -481,7 +485,9 @@ class ZnSphereCodec:
                       self._search_chunk)
 
   def encode(self, x) -> jax.Array:
-    """Quantizes and ranks: the code of the nearest lattice point.
+    """Quantizes and ranks: the code of the nearest lattice point (``quantize``: the
+    code ignores each row's scale; a zero row gets the code of the point ``quantize``
+    documents for it).
 
     Args:
       x: f32[n, d] vectors.
@@ -728,7 +734,6 @@ def _rebuild(d, r2, tail):
   return ZnSphereCodec(d, r2, tail=tail)
 
 
-@functools.lru_cache(maxsize=64)
 def zn_codec(d: int, bits: int | None = None, r2: int | None = None) -> ZnSphereCodec:
   """The Zn sphere codec of ``d`` dims for a bit budget: the one place a codec is chosen.
 
@@ -742,14 +747,24 @@ def zn_codec(d: int, bits: int | None = None, r2: int | None = None) -> ZnSphere
     A ``ZnSphereCodec``, shared between callers (its tables are built once per process).
 
   Raises:
-    ValueError: neither ``bits`` nor ``r2`` is given, the sphere ``r2`` needs more than
-      ``bits`` bits, or no radius of ``d`` dims fits ``bits``.
+    ValueError: ``d``, ``bits`` or ``r2`` is not a positive int (or None for bits and r2),
+      neither ``bits`` nor ``r2`` is given, the sphere ``r2`` needs more than ``bits``
+      bits, or no radius of ``d`` dims fits ``bits``.
 
   Example:
     >>> zn_codec(24, 64).r2, zn_codec(24, r2=79).code_bits, zn_codec(8, 64, r2=10).r2
     (79, 64, 10)
   """
+  # Checked before the cache, which needs hashable arguments (a list would fail there).
   d = check_int("d", d, minimum=1)
+  bits = None if bits is None else check_int("bits", bits, minimum=1)
+  r2 = None if r2 is None else check_int("r2", r2, minimum=1)
+  return _zn_codec(d, bits, r2)
+
+
+@functools.lru_cache(maxsize=64)
+def _zn_codec(d: int, bits: int | None, r2: int | None) -> ZnSphereCodec:
+  """``zn_codec`` of checked ints, cached."""
   if r2 is None:
     if bits is None:
       raise ValueError("zn_codec needs bits or r2 (or both)")
@@ -775,6 +790,47 @@ def quantize_ste(y: jax.Array, r2: int) -> jax.Array:
   if shape is None or len(shape) != 2:
     raise ValueError(f"y must be 2-D (n, d), got shape {shape}")
   return zn_codec(int(shape[1]), r2=r2).quantize_ste(y)
+
+
+# Largest-magnitude coordinates that the atom search takes as they are: 2^-64 <= max |x_i|
+# < 2^64. Its products and sums (atom values below 2^8, d below 2^10 terms) then stay normal
+# float32 numbers, far from underflow (flushed to zero on CPUs and GPUs) and overflow.
+_SCALE_EXP = 64
+
+
+def _rescaled_rows(x):
+  """f32[n, d] rows whose largest |x_i| lies outside [2^-64, 2^64) multiplied by a power of
+  two that brings it into that range; other rows (and zero rows) unchanged, bit for bit.
+
+  Exact (only exponents move) except for coordinates that end below float32's normal range
+  relative to their row's maximum (2^-126 of it or less), which become 0: as the search
+  would read them anyway, since XLA flushes subnormals. Computed on the float bits with
+  integer arithmetic, so that subnormal rows (max |x_i| < 2^-126, which float arithmetic
+  flushes to zero) are scaled too. NaN/Inf rows stay unspecified.
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  mag = bits & 0x7FFFFFFF
+  top = jnp.max(mag, axis=1, keepdims=True)  # bits of max |x_i|: ordered like the values
+  field = top >> 23
+  # Exponent e of max |x_i| = 2^e * [1, 2): subnormals are m 2^-149, e = floor(log2 m) - 149.
+  e = jnp.where(field > 0, field - 127,
+                31 - jax.lax.clz(jnp.maximum(top, 1)) - 149)
+  shift = jnp.clip(e, -_SCALE_EXP, _SCALE_EXP - 1) - e
+  shift = jnp.where(top > 0, shift, 0)  # a zero row stays zero
+
+  def rescale(x):
+    # |x_i| = sig 2^p (sig < 2^24, an exact float32) -> (sig 2^-24) 2^(p + 24 + shift); the
+    # power of two is built from its bits (0.0 below the normal range: such values flush).
+    ex = mag >> 23
+    sig = jnp.where(ex > 0, (mag & 0x7FFFFF) | 0x800000, mag)
+    p = jnp.where(ex > 0, ex - 150, -149) + 24 + shift
+    pow2 = jax.lax.bitcast_convert_type(jnp.clip(p + 127, 0, 254) << 23, jnp.float32)
+    scaled = sig.astype(jnp.float32) * jnp.float32(2.0 ** -24) * pow2
+    scaled = jnp.where(bits < 0, -scaled, scaled)
+    return jnp.where(shift == 0, x, scaled)
+
+  # Ordinary batches (no row to move) skip the element-wise work.
+  return jax.lax.cond(jnp.any(shift != 0), rescale, lambda x: x, x)
 
 
 def _in_chunks(fn, x, chunk: int, streams: int = 1):

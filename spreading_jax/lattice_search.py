@@ -10,7 +10,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spreading_jax import topk
-from spreading_jax._validation import check_vectors
+from spreading_jax._validation import check_mesh, check_vectors
+from spreading_jax.lattice import ZnSphereCodec
 from spreading_jax.topk import Tiles
 
 
@@ -45,7 +46,17 @@ def search_lattice(xq, codes, codec, k: int, *, symmetric: bool = False,
 
   Returns:
     (scores f32[nq, k] descending inner products, ids i32[nq, k]); ties to the lower id.
+
+  Raises:
+    TypeError: ``codec`` is not a ``ZnSphereCodec``, ``mesh`` not a ``jax.sharding.Mesh``
+      or None.
+    ValueError: xq not 2-D of dimension codec.d or with NaN/Inf values, codes not the
+      codec's, k not an int in [1, nb].
   """
+  if not isinstance(codec, ZnSphereCodec):
+    raise TypeError(f"codec must be a lattice.ZnSphereCodec (e.g. lattice.zn_codec(d, bits)), "
+                    f"got {type(codec).__name__}")
+  mesh = check_mesh(mesh)
   check_vectors("xq", xq, d=codec.d)
   codec.check_codes(codes)
   k = topk.check_k(k, codes.shape[0])

@@ -381,10 +381,14 @@ class SignQuantizer(Quantizer):
 
   def search(self, yq, codes, k: int, mesh: Mesh | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-    """D: i32[nq, k] Hamming distances, ascending."""
+    """D: i32[nq, k] Hamming distances, ascending.
+
+    Raises ValueError naming ``yq`` or ``codes`` (the database codes) when either has the
+    wrong shape or dtype."""
     check_vectors("yq", yq, d=self.d)
+    # The database codes first: a wrong width must name them, not the queries' codes.
+    self.check_codes("codes", codes)
     if yq.shape[0] == 0:  # no queries: empty results (k still checked against the codes)
-      self.check_codes("codes", codes)
       k = check_int("k", k, minimum=1, maximum=codes.shape[0])
       return np.zeros((0, k), np.int32), np.zeros((0, k), np.int32)
     D, I = search.hamming_knn(self.encode(yq), codes, k, mesh=mesh)

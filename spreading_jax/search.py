@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spreading_jax import sharding, topk
-from spreading_jax._validation import check_vectors, is_concrete
+from spreading_jax._validation import check_mesh, check_vectors, is_concrete
 # Re-exported: the searches that live beneath this module.
 from spreading_jax.hamming import hamming_knn  # noqa: F401
 from spreading_jax.lattice_search import search_lattice  # noqa: F401
@@ -197,6 +197,11 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
     tiles: size limits of the engine and of the re-rank, and where the bfloat16 screen
       starts (default: ``topk.default_tiles()``, by backend).
 
+  Raises:
+    ValueError: a bad metric; xq or xb not 2-D real arrays of one dimension, empty xb,
+      NaN/Inf values; k not an int in [1, nb].
+    TypeError: ``mesh`` is not a ``jax.sharding.Mesh`` or None.
+
   Example:
     >>> xb = np.eye(3, dtype=np.float32)
     >>> D, I = knn(xb[:1], xb, 2)
@@ -205,6 +210,7 @@ def knn(xq, xb, k: int, *, metric: str = "l2", mesh: Mesh | None = None,
   """
   if metric not in ("l2", "ip"):
     raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+  mesh = check_mesh(mesh)
   check_vectors("xb", xb, min_rows=1)
   check_vectors("xq", xq, d=xb.shape[1])
   k = topk.check_k(k, xb.shape[0])

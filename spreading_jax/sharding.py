@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from spreading_jax._validation import check_mesh
+
 DATA_AXIS = "data"
 
 
@@ -51,9 +53,11 @@ def local_mesh(axis_name: str = DATA_AXIS) -> Mesh | None:
 
 
 def mesh_size(mesh: Mesh | None) -> int:
-  """Number of devices along the data axis (1 without a mesh)."""
+  """Number of devices along the data axis (1 without a mesh). TypeError when ``mesh`` is
+  not a ``jax.sharding.Mesh`` or None (``_validation.check_mesh``)."""
   if mesh is None:
     return 1
+  check_mesh(mesh)
   if len(mesh.axis_names) != 1:
     raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
   return int(mesh.devices.size)
@@ -61,6 +65,7 @@ def mesh_size(mesh: Mesh | None) -> int:
 
 def axis_name(mesh: Mesh) -> str:
   """The name of the (single) data axis of ``mesh``."""
+  check_mesh(mesh)
   if len(mesh.axis_names) != 1:
     raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
   return mesh.axis_names[0]

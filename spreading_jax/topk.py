@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from spreading_jax import sharding
-from spreading_jax._validation import check_int
+from spreading_jax._validation import check_int, check_mesh
 
 # Rows per chunk: the unit whose maximum stage 1 keeps.
 CHUNK = 32
@@ -453,6 +453,7 @@ def run(score_fn: ScoreFn, xq, db: Sequence, n_valid: int, plan: SearchPlan, *,
   if screen_fn is not None and plan.screen_chunks < plan.k:
     raise ValueError(f"a screened search re-scores at least k={plan.k} chunks, but the "
                      f"plan has screen_chunks={plan.screen_chunks}")
+  mesh = check_mesh(mesh)
   nq = xq.shape[0]
   xq = sharding.pad_rows(jnp.asarray(xq), sharding.round_up(nq, plan.query_block))
   if mesh is not None:
@@ -503,10 +504,12 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
       integer below 2^24 in magnitude); larger is better. It must be a module-level function
       (or otherwise stable) so that the compiled search is cached, and score a row the same
       way whatever block it is in.
-    xq: [nq, ...] queries.
-    db: tuple of arrays sharing a leading axis nb (e.g. vectors and their norms).
-    k: number of results, 1 <= k <= nb.
-    mesh: optional 1-D mesh; the database is sharded over its data axis.
+    xq: [nq, ...] queries (at least 2-D; nq may be 0).
+    db: a non-empty tuple of arrays sharing a leading axis nb (e.g. vectors and their
+      norms), not a bare array.
+    k: number of results, an int with 1 <= k <= nb. Every result is a real row: there is
+      no padding with id -1 (a sharded search pads shards internally and never returns it).
+    mesh: optional 1-D ``jax.sharding.Mesh``; the database is sharded over its data axis.
     query_block, base_block: tile sizes (defaults: a 1M-score tile and up to 512 queries
       on a CPU, a 32M-score tile and up to 2048 queries on a GPU/TPU; see ``Tiles``);
       base_block is rounded up to a multiple of 32 rows (a chunk).
@@ -523,15 +526,101 @@ def topk_search(score_fn: ScoreFn, xq, db: Sequence, k: int, *, mesh: Mesh | Non
 
   Returns:
     (scores f32[nq, k] descending, ids i32[nq, k]); ties are broken by lower id.
+
+  Raises:
+    ValueError: k is not an int in [1, nb]; ``xq`` is not at least 2-D; ``db`` is empty,
+      a bare array, or its arrays differ in rows; or ``score_fn`` (after ``prepare_fn``)
+      cannot score ``xq`` against ``db`` rows into a [queries, rows] matrix (e.g. the
+      dimensions differ). These checks are static (shapes and dtypes, one abstract trace
+      per signature, cached): no device work and no read back.
+    TypeError: ``mesh`` is not a ``jax.sharding.Mesh`` or None, or ``score_fn`` /
+      ``prepare_fn`` is not hashable.
+
+  Values are not scanned here (this is the hot path of every search): NaN scores rank in
+  an unspecified order. The public searches check their inputs first (``search.knn`` and
+  ``lattice_search.search_lattice`` reject NaN/Inf vectors; codes are integers).
   """
-  db = tuple(db)
+  db, nb = _check_db(db)
+  mesh = check_mesh(mesh)
+  xq_shape = getattr(xq, "shape", None)
+  if xq_shape is None or getattr(xq, "dtype", None) is None:
+    raise ValueError(f"xq must be an array [nq, ...], got {type(xq).__name__}")
+  if len(xq_shape) < 2:
+    raise ValueError(f"xq must be at least 2-D [nq, ...] (one row per query), got shape "
+                     f"{tuple(xq_shape)}")
+  k = check_k(k, nb)
   recall_target = check_recall_target(recall_target)
-  nb = db[0].shape[0]
-  width = 0
-  if prepare_fn is not None:
-    rows = tuple(jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype) for a in db)
-    width = sum(int(np.prod(o.shape)) for o in jax.eval_shape(prepare_fn, *rows))
+  width = _prepared_width(score_fn, prepare_fn, _signature(xq),
+                          tuple(_signature(a) for a in db))
   plan = make_plan(xq.shape[0], nb, k, mesh=mesh, query_block=query_block,
                    base_block=base_block, prepared_width=width, super_block=super_block,
                    recall_target=recall_target, tiles=tiles)
   return run(score_fn, xq, pad(db, plan), nb, plan, mesh=mesh, prepare_fn=prepare_fn)[:2]
+
+
+def _check_db(db) -> tuple[tuple, int]:
+  """``db`` as a tuple of arrays sharing their rows, and that row count (ValueError)."""
+  if hasattr(db, "shape"):
+    raise ValueError(f"db must be a tuple of arrays sharing their rows, e.g. (xb,), got a "
+                     f"bare array of shape {tuple(db.shape)}")
+  db = tuple(db)
+  if not db:
+    raise ValueError("db is empty: topk_search needs at least one database array")
+  for j, a in enumerate(db):
+    shape = getattr(a, "shape", None)
+    if shape is None or getattr(a, "dtype", None) is None:
+      raise ValueError(f"db[{j}] must be an array, got {type(a).__name__}")
+    if len(shape) < 1:
+      raise ValueError(f"db[{j}] must have a leading axis of rows, got a scalar")
+    if shape[0] != db[0].shape[0]:
+      raise ValueError(f"db arrays must share their rows: db[0] has {db[0].shape[0]}, "
+                       f"db[{j}] has {shape[0]}")
+  return db, int(db[0].shape[0])
+
+
+def _signature(a) -> tuple:
+  """(shape without rows, dtype): what a compiled search depends on besides the rows."""
+  return tuple(a.shape[1:]), np.dtype(a.dtype)
+
+
+def _prepared_width(score_fn, prepare_fn, xq_sig, db_sigs) -> int:
+  """Elements per prepared row (0 without ``prepare_fn``), after checking that score_fn
+  scores these shapes (``_check_scores``). Cached per signature: a hot path."""
+  for name, fn in (("score_fn", score_fn), ("prepare_fn", prepare_fn)):
+    try:
+      hash(fn)
+    except TypeError:
+      raise TypeError(f"{name} must be hashable (a module-level function), got "
+                      f"{type(fn).__name__}") from None
+  return _check_scores(score_fn, prepare_fn, xq_sig, db_sigs)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_scores(score_fn, prepare_fn, xq_sig, db_sigs) -> int:
+  # One abstract trace (jax.eval_shape: shapes only, nothing runs) of 2 queries against 3
+  # rows: distinct sizes, so that a score of the wrong orientation shows too.
+  qb, bb = 2, 3
+  rows = tuple(jax.ShapeDtypeStruct((bb,) + s, t) for s, t in db_sigs)
+  query = jax.ShapeDtypeStruct((qb,) + xq_sig[0], xq_sig[1])
+  db_desc = ", ".join(f"[nb, {', '.join(map(str, s))}] {t}" if s else f"[nb] {t}"
+                      for s, t in db_sigs)
+  xq_desc = f"[nq, {', '.join(map(str, xq_sig[0]))}] {xq_sig[1]}"
+  width = 0
+  if prepare_fn is not None:
+    try:
+      rows = tuple(jax.eval_shape(prepare_fn, *rows))
+    except Exception as e:  # noqa: BLE001 (re-raised with the shapes named)
+      raise ValueError(f"prepare_fn cannot prepare database rows {db_desc}: "
+                       f"{type(e).__name__}: {e}") from e
+    width = sum(int(np.prod(o.shape[1:])) for o in rows)
+  try:
+    out = jax.eval_shape(score_fn, query, *rows)
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"score_fn cannot score queries xq {xq_desc} against database rows "
+                     f"{db_desc} (are the dimensions the same?): {type(e).__name__}: {e}"
+                     ) from e
+  if getattr(out, "shape", None) != (qb, bb):
+    raise ValueError(f"score_fn must return a [queries, rows] matrix: {qb} queries xq "
+                     f"{xq_desc} against {bb} rows of {db_desc} gave shape "
+                     f"{getattr(out, 'shape', type(out).__name__)}")
+  return width

@@ -444,3 +444,25 @@ def test_old_name_zn_still_reads(zn_index, model, tmp_path):
   assert SpreadingIndex(model, "zn").quantizer.meta() == SpreadingIndex(model).quantizer.meta()
   assert quantizers.make_quantizer("zn", 24).name == "lattice"
   assert model.config.replace(quantizer="zn").quantizer == "lattice"
+
+
+def test_sign_search_names_the_database_codes():
+  q = quantizers.make_quantizer("sign", d=8)
+  y = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+  # The database codes are 3 bytes wide, the queries' 1: the error names the database's.
+  with pytest.raises(ValueError, match=r"codes has shape \(5, 3\).*sign codes are \[n, 1\]"):
+    q.search(y, np.zeros((5, 3), np.uint8), 2)
+  with pytest.raises(ValueError, match=r"codes has shape \(5, 3\)"):
+    q.search(y[:0], np.zeros((5, 3), np.uint8), 2)
+
+
+def test_index_mesh_must_be_a_mesh(zn_index, mini):
+  xq = np.asarray(mini.query[:2], np.float32)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh.*got str"):
+    zn_index.search(xq, 2, mesh="cpu")
+  ntotal = zn_index.ntotal
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    zn_index.add(xq, mesh="cpu")
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    zn_index.encode(xq, mesh="cpu")
+  assert zn_index.ntotal == ntotal  # nothing appended

@@ -304,3 +304,33 @@ def test_bad_codes_raise():
   with pytest.raises(ValueError, match="uint32"):
     jax.jit(codec.decode)(jnp.zeros((2, 2), jnp.int32))
   codec.decode(as_words([codec.num_points - 1], 2))  # the largest code is fine
+
+
+def test_encode_ignores_the_scale_of_a_row():
+  # Finite rows of extreme magnitude used to get other codes (products flushed to zero or
+  # overflowing): at 1e-38 most rows, at 1e-39 (subnormal) all rows got one code.
+  c = zn_codec(8, bits=16)
+  x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+  ref = np.asarray(c.encode(x))
+  unit = x / np.abs(x).max(axis=1, keepdims=True)
+  for scaled in (x * np.float32(1e-38), x * np.float32(1e-39), x * np.float32(2.0 ** -100),
+                 unit * np.float32(1e38), unit * np.float32(3.4e38), x * np.float32(2.0 ** 90)):
+    assert np.isfinite(scaled).all()
+    np.testing.assert_array_equal(np.asarray(c.encode(scaled)), ref)
+    np.testing.assert_array_equal(np.asarray(c.quantize(scaled)), np.asarray(c.quantize(x)))
+  # Subnormal rows of few significant bits: the code of the same values scaled up exactly.
+  tiny = x * np.float32(1e-44)
+  exact = (tiny.astype(np.float64) * 2.0 ** 149).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(c.encode(tiny)), np.asarray(c.encode(exact)))
+  # A zero row keeps its documented point: the first atom on the leading coordinates.
+  zero = np.zeros((1, 8), np.float32)
+  np.testing.assert_array_equal(np.asarray(c.quantize(zero))[0], [3, 2, 1, 1, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("args, match", [
+    (([8],), "d must be an integer, got \\[8\\]"),
+    ((8, [16]), "bits must be an integer"),
+])
+def test_zn_codec_checks_argument_types(args, match):
+  with pytest.raises(ValueError, match=match):
+    zn_codec(*args)

@@ -152,3 +152,47 @@ def test_training_with_graph_mining(mini):
     assert "mining_recall" in h and "mining_exact" in h
     # The input-space lists seed epoch 1: it refines them (and may fall back to exact).
     assert h["mining_recall"] is not None
+
+
+def _small_graph():
+  y = _sphere(64, 8, 3).astype(np.float32)
+  return y, _exact(y, 8).astype(np.int32)
+
+
+@pytest.mark.parametrize("bad_id", [10**6, -3])
+def test_refine_rejects_ids_outside_the_vectors(bad_id):
+  # A host graph's ids are range-checked (they used to come back as neighbours).
+  y, g = _small_graph()
+  g[5, 2] = bad_id
+  with pytest.raises(ValueError, match=f"graph holds id {bad_id} .row 5. outside \\[0, 64\\)"):
+    knn_graph.refine(y, y, g, fan=4, fan_nn=4, reverse=4)
+
+
+def test_refine_rejects_bad_shapes_and_types():
+  y, g = _small_graph()
+  with pytest.raises(ValueError, match="graph must be 2-D"):
+    knn_graph.refine(y, y, g[:, 0])
+  with pytest.raises(ValueError, match="yq must be an array, got list"):
+    knn_graph.refine(y.tolist(), y, g, fan=4, fan_nn=4)
+  with pytest.raises(ValueError, match="yq .64, 8. and yb .64, 4. must have the same shape"):
+    knn_graph.refine(y, y[:, :4], g, fan=4, fan_nn=4)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    knn_graph.refine(y, y, g, fan=4, fan_nn=4, mesh="cpu")
+  # A list graph is read as int32 ids, as before.
+  assert knn_graph.refine(y, y, g.tolist(), fan=4, fan_nn=4).shape == (64, 8)
+
+
+@pytest.mark.parametrize("k, rows, match", [
+    (20, np.arange(5), "k=20 is larger than the graph's width 8"),
+    (4, np.array([500]), "rows holds 500, outside \\[0, 64\\)"),
+    (4, np.array([-1]), "rows holds -1, outside"),
+    (4, np.arange(0), "rows is empty"),
+    (4, np.array([1.0]), "rows must be a 1-D integer array"),
+])
+def test_sampled_recall_rejects_bad_input(k, rows, match):
+  # Each of these returned a recall (1.0, or NaN for no rows) instead of an error.
+  y, g = _small_graph()
+  with pytest.raises(ValueError, match=match):
+    knn_graph.sampled_recall(jnp.asarray(y), jnp.asarray(y), g, k, rows)
+  assert knn_graph.sampled_recall(jnp.asarray(y), jnp.asarray(y), jnp.asarray(g), 8,
+                                  np.arange(5)) == 1.0

@@ -559,3 +559,94 @@ def test_search_lattice_asymmetric_symmetric_and_sharded():
     np.testing.assert_array_equal(np.asarray(ib), ref_ids)
   with pytest.raises(ValueError, match="words"):
     search.search_lattice(xq, codes[:, :1], codec, 5)
+
+
+# -- input checks of the engine and its callers (static: shapes, dtypes, types) -----------
+
+def _tiny():
+  x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+  return jnp.asarray(x[:5]), jnp.asarray(x)
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(k=41), "k=41 is larger than the database size nb=40"),
+    (dict(k=0), "k=0 must be >= 1"),
+    (dict(k=2.5), "k must be an integer"),
+    (dict(xq="d8"), r"xq \[nq, 8\] float32 against database rows \[nb, 16\]"),
+    (dict(xq="1d"), "xq must be at least 2-D"),
+    (dict(db=()), "db is empty"),
+    (dict(db="bare"), "db must be a tuple of arrays"),
+    (dict(db="rows"), "db arrays must share their rows"),
+])
+def test_topk_search_rejects_bad_input(args, match):
+  # A k beyond the database used to pad with id -1 / score -inf; the others crashed deep
+  # inside JAX. No caller relies on the padding: knn, hamming_knn and search_lattice refuse
+  # k > nb, and shards pad internally.
+  xq, xb = _tiny()
+  xq = {"d8": xq[:, :8], "1d": xq[0], None: xq}[args.get("xq")]
+  db = {"bare": xb, "rows": (xb, xb[:10]), (): (), None: (xb,)}[args.get("db")]
+  with pytest.raises(ValueError, match=match):
+    topk.topk_search(topk.ip_score, xq, db, args.get("k", 3))
+
+
+def test_topk_search_rejects_a_score_of_the_wrong_shape():
+  xq, xb = _tiny()
+  with pytest.raises(ValueError, match=r"score_fn must return a \[queries, rows\] matrix"):
+    topk.topk_search(_transposed_score, xq, (xb,), 3)
+
+
+def _transposed_score(xq, xb):
+  return jnp.dot(xb, xq.T)
+
+
+def test_mesh_must_be_a_mesh():
+  xq, xb = _tiny()
+  codes = np.zeros((40, 2), np.uint8)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh.*got str"):
+    search.knn(xq, xb, 3, mesh="cpu")
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    search.hamming_knn(codes[:2], codes, 3, mesh="cpu")
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    topk.topk_search(topk.ip_score, xq, (xb,), 3, mesh=jax.devices())
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    sharding.mesh_size("cpu")
+
+
+def test_search_lattice_rejects_a_codec_that_is_not_one():
+  from spreading_jax.lattice import zn_codec
+  codec = zn_codec(8, bits=16)
+  xq = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+  codes = np.asarray(codec.encode(xq))
+  with pytest.raises(TypeError, match="codec must be a lattice.ZnSphereCodec.*NoneType"):
+    search.search_lattice(xq, codes, None, 2)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    search.search_lattice(xq, codes, codec, 2, mesh="cpu")
+
+
+def test_hamming_width_mismatch_names_both_arrays():
+  with pytest.raises(ValueError, match="query_codes have 1 bytes per code but base_codes have 3"):
+    search.hamming_knn(np.zeros((2, 1), np.uint8), np.zeros((5, 3), np.uint8), 1)
+
+
+@pytest.mark.parametrize("gt, ks, match", [
+    (np.zeros((3, 0), np.int64), (1,), "no column"),
+    (np.array([[1.5], [5], [7]]), (1,), "groundtruth must hold integer ids"),
+    (np.array([[1], [-1], [7]]), (1,), "negative id -1 .query 1."),
+    (np.array([[1], [5], [7]]), "3", "ks must be an int or a sequence"),
+])
+def test_recall_at_rejects_bad_groundtruth(gt, ks, match):
+  I = np.array([[3, 1, 2], [0, 2, 1], [7, 8, 9]])
+  with pytest.raises(ValueError, match=match):
+    search.recall_at(I, gt, ks=ks)
+
+
+def test_recall_at_edge_cases():
+  I = np.array([[3, 1, 2], [-1, -1, -1], [7, 8, 9]])  # -1: no result, a miss
+  gt = np.array([[1], [5], [7]])
+  assert search.recall_at(I, gt, ks=2) == {2: 2 / 3}  # one int
+  with pytest.raises(ValueError, match="no queries"):
+    search.recall_at(I[:0], gt[:0], ks=(1,))
+  with pytest.raises(ValueError, match="indices must hold integer ids"):
+    search.recall_at(I.astype(np.float32), gt, ks=(1,))
+  with pytest.raises(ValueError, match="recall@4 needs at least 4 results"):
+    search.recall_at(I, gt, ks=(1, 4))
