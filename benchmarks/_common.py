@@ -91,10 +91,13 @@ def device_batches(x, max_batch: int = 65536):
 def encode_cases(model, codec, batches) -> dict:
   """The batch-job encode path on device-resident ``batches`` and its two halves, as
   {name: fn} for ``timeit``/``interleaved``: "end-to-end" (``encode.make_encoder``: raw
-  vectors -> codes), "catalyzer forward" and "lattice encode" (quantize + rank)."""
+  vectors -> codes, with its default NaN/Inf check: one scalar read back per call),
+  "end-to-end, unchecked" (``check_finite=False``: calls dispatch asynchronously),
+  "catalyzer forward" and "lattice encode" (quantize + rank)."""
   from spreading_jax import encode
   from spreading_jax.model import _forward_fn
   enc = encode.make_encoder(model, codec=codec)
+  unchecked = encode.make_encoder(model, codec=codec, check_finite=False)
   fwd = _forward_fn(model.module)
 
   def forward():
@@ -103,6 +106,7 @@ def encode_cases(model, codec, batches) -> dict:
   ys = forward()
   lattice_encode = jax.jit(codec.encode_core)
   return {"end-to-end": lambda: jax.block_until_ready([enc(b) for b in batches]),
+          "end-to-end, unchecked": lambda: jax.block_until_ready([unchecked(b) for b in batches]),
           "catalyzer forward": forward,
           "lattice encode": lambda: jax.block_until_ready([lattice_encode(y) for y in ys])}
 

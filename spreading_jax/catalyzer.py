@@ -14,7 +14,27 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Rows of x scaled to unit L2 norm. f32[n, d] -> f32[n, d].
 
   A zero row stays zero (no NaN, finite gradient): the norm is floored at ``eps``.
+
+  Args:
+    x: [..., d] vectors: a jax or numpy array or a nested list (``jnp.asarray``); integer
+      values are normalized as float32.
+    eps: floor of the norm.
+
+  Raises:
+    ValueError: x is a scalar, or its dtype is bool, complex or not numeric.
   """
+  if not isinstance(x, jax.Array):  # a jax array or tracer is used as it is
+    try:
+      x = jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"l2_normalize needs an array of real vectors, got "
+                       f"{type(x).__name__} ({e})") from None
+  if x.ndim == 0:
+    raise ValueError("l2_normalize needs vectors [..., d], got a scalar")
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    x = x.astype(jnp.float32)
+  elif not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"l2_normalize needs real vectors, got dtype {x.dtype}")
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 

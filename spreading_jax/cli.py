@@ -473,24 +473,52 @@ def _configure_build(p):
   p.add_argument("--key", default=None, help="HDF5 dataset name")
 
 
+def _check_file_vectors(path, x, d_in: int, taker: str, finite: bool = True) -> None:
+  """UserError naming the file ``path`` unless its vectors x suit ``taker`` (the model or
+  index whose input dimension is d_in): 2-D, real, d_in columns, finite (scanned on the
+  host; ``finite=False`` leaves it to the device-side check of the encode)."""
+  from spreading_jax._validation import check_vectors
+  if len(getattr(x, "shape", ())) == 2 and x.shape[1] != d_in:  # also a width of 0
+    raise UserError(f"{path} has vectors of dimension d_in={x.shape[1]}, but {taker} takes "
+                    f"d_in={d_in}")
+  check_vectors(path, x, finite=finite)  # rank, dtype (and values), named by the file
+
+
 @command("build", "build an index (model + codes) from a vectors file")
 def build_cmd(args):
   from spreading_jax.vecs_io import read_vectors
   from spreading_jax import _outputs
+  from spreading_jax.encode import NonFiniteRowError, _first_bad_column
   from spreading_jax.index import SpreadingIndex
   _outputs.check_output_dir(args.out, "index", inputs=[args.model, args.input, args.train])
-  index = SpreadingIndex(_load_model(args.model), args.quantizer, args.bits)
+  model = _load_model(args.model)
+  taker = f"the model {args.model}"
+  # The database is checked (shape, rows; values on the device) before any training. An
+  # empty index is only a library object's state before its first add: saved, it could
+  # never be searched nor added to from the command line.
+  xb = read_vectors(args.input, key=args.key)
+  _check_file_vectors(args.input, xb, model.d_in, taker, finite=False)
+  if xb.shape[0] == 0:
+    raise UserError(f"{args.input} has no rows: an index of no vectors cannot be searched")
+  index = SpreadingIndex(model, args.quantizer, args.bits)
   if not index.is_trained:
     if args.train is None:
       raise UserError(f"quantizer {args.quantizer!r} must be trained: pass --train FILE")
+    xt = read_vectors(args.train, key=args.key)
+    _check_file_vectors(args.train, xt, model.d_in, taker)
     try:
-      index.train(read_vectors(args.train, key=args.key))
+      index.train(xt)
     except RuntimeError as e:
       if _faiss_message(e) is None:
         raise
       raise UserError(f"faiss could not train {args.quantizer!r} on {args.train}: "
                       f"{_faiss_message(e)}") from e
-  index.add(read_vectors(args.input, key=args.key))
+  try:
+    index.add(xb)
+  except NonFiniteRowError as e:  # found on the device; its message calls the input "x"
+    raise UserError(f"{args.input} row {e.row} contains NaN or Inf (or a value beyond "
+                    f"float32), first at column {_first_bad_column(xb[e.row])}; nothing "
+                    "was written") from None
   index.save(args.out)
   print(index.info())
 
@@ -502,7 +530,9 @@ def _configure_search(p):
   p.add_argument("index", help="index directory")
   p.add_argument("queries", help="query vectors file")
   p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
-  p.add_argument("--out", required=True, help="prefix: writes PREFIX_I.npy and PREFIX_D.npy")
+  p.add_argument("--out", required=True,
+                 help="file prefix, e.g. results/run1: writes PREFIX_I.npy and PREFIX_D.npy "
+                 "(never a directory, nor a name ending in /)")
   p.add_argument("--key", default=None, help="HDF5 dataset name of the queries")
   p.add_argument("--groundtruth", default=None, help="ivecs/npy ground truth: print recall")
 
@@ -515,10 +545,17 @@ def search_cmd(args):
   from spreading_jax.vecs_io import read_vectors
   from spreading_jax import _outputs
   inputs = [args.index, args.queries, args.groundtruth]
+  if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+    # A prefix naming a directory would put "_I.npy"/"_D.npy" (or DIR_I.npy beside it)
+    # into a directory the command does not own.
+    raise UserError(f"--out {args.out} is a directory; --out is a file prefix (writes "
+                    f"PREFIX_I.npy and PREFIX_D.npy), e.g. --out "
+                    f"{os.path.join(args.out, 'result')}")
   for suffix in ("I", "D"):
     _outputs.check_output_file(f"{args.out}_{suffix}.npy", inputs=inputs)
   index = _load_index(args.index)
   xq = read_vectors(args.queries, key=args.key)
+  _check_file_vectors(args.queries, xq, index.d, f"the index {args.index}")
   if xq.shape[0] == 0:  # the library answers (0, k); on the command line it is a mistake
     raise UserError(f"{args.queries} has no rows: there is nothing to search")
   gt = None

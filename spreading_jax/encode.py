@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from spreading_jax import _outputs, _signals, lattice, quantizers, sharding
 from spreading_jax._files import atomic_output, preallocate
-from spreading_jax._validation import check_int, check_vectors
+from spreading_jax._validation import check_int, check_vectors, is_concrete
 from spreading_jax.catalyzer import Catalyzer
 from spreading_jax.model import TrainResult
 from spreading_jax.quantizers import make_codec
@@ -36,7 +36,8 @@ from spreading_jax.vecs_io import read_vectors
 def make_encoder(params, batch_stats=None,
                  codec: lattice.ZnSphereCodec | quantizers.Quantizer | None = None,
                  input_scale: float = 1.0, hidden: tuple[int, ...] = (1024, 1024),
-                 d_out: int = 24) -> Callable[[jax.Array], jax.Array]:
+                 d_out: int = 24, check_finite: bool = True
+                 ) -> Callable[[jax.Array], jax.Array]:
   """A jitted encoder: raw vectors f32[n, d_in] (or any real dtype) -> codes
   u32[n, codec.code_words] (or the codes of the given quantizer).
 
@@ -55,6 +56,21 @@ def make_encoder(params, batch_stats=None,
     input_scale: inputs are divided by this before the catalyzer.
     hidden: hidden layer widths.
     d_out: output dimension.
+    check_finite: raise on a row with NaN/Inf (or a value beyond float32). The test runs
+      inside the compiled program (as in ``EncodeStream``) but reading its result back
+      makes each call wait for its program to finish (one scalar device->host read per
+      call); pass False only for inputs known to be finite, to keep consecutive calls
+      dispatching asynchronously (a bad row then gets an unspecified code).
+
+  The returned ``encode(x)`` takes x: [n, d_in] (numpy or jax, any real dtype; n = 0 gives
+  empty codes) and raises ``ValueError`` before any compute when x is not 2-D, has
+  another dimension than d_in, or has a bool or non-numeric dtype, and
+  ``NonFiniteRowError`` (a ValueError) naming the first row and column holding NaN/Inf
+  when ``check_finite``.
+
+  Raises:
+    ValueError: no batch statistics or codec, a codec of another dimension than d_out or
+      one that encodes outside JAX, or params without the catalyzer's first layer.
   """
   if isinstance(params, TrainResult):
     model = params
@@ -66,14 +82,48 @@ def make_encoder(params, batch_stats=None,
   if codec is None or batch_stats is None:
     raise ValueError("make_encoder needs batch_stats and codec (or a TrainResult)")
   _check_jax_encoder(codec, module.d_out, "make_encoder")
+  d_in = _params_d_in(params)
   program = _block_program(module, codec.encode_core)
   variables = {"params": params, "batch_stats": batch_stats}
   scale = np.float32(input_scale)
+  empty = []  # the codes of 0 rows, made on first use
 
   def encode(x):
-    return program(variables, x, scale)[0]
+    # Static checks only (shape and dtype: no pass over the values, no device sync).
+    check_vectors("x", x, d=d_in, d_name="d_in", finite=False)
+    if x.shape[0] == 0:  # the program's reductions need a row
+      if not empty:
+        spec = jax.ShapeDtypeStruct((1, d_in), np.float32)
+        out = jax.eval_shape(program, variables, spec, scale)[0]
+        empty.append(jnp.zeros((0,) + out.shape[1:], out.dtype))
+      return empty[0]
+    codes, bad = program(variables, x, scale)
+    if check_finite and is_concrete(bad):
+      bad = int(bad)  # the one device->host read: waits for this call's program
+      if bad < x.shape[0]:
+        raise NonFiniteRowError(
+            f"x row {bad} contains NaN or Inf (or a value beyond float32), first at column "
+            f"{_first_bad_column(x[bad])}", bad)
+    return codes
 
   return encode
+
+
+def _params_d_in(params) -> int:
+  """The input dimension of catalyzer parameters (the first Dense layer's fan-in)."""
+  try:
+    kernel = params["Dense_0"]["kernel"]
+    return int(kernel.shape[0])
+  except (KeyError, TypeError, AttributeError, IndexError):
+    raise ValueError("params are not a Catalyzer's parameters (no Dense_0 kernel); pass "
+                     "a TrainResult or its .params") from None
+
+
+def _first_bad_column(row) -> int:
+  """The first column of a row that is NaN/Inf in float32 (for error messages)."""
+  values = np.asarray(row, np.float64)
+  with np.errstate(over="ignore", invalid="ignore"):
+    return int(np.flatnonzero(~np.isfinite(values.astype(np.float32)))[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,13 +267,27 @@ class EncodeStream:
     start, stop: the rows to encode (default all).
     name: what error messages call x.
     row_offset: added to row numbers in error messages (x is a slice of a larger input).
+
+  Raises:
+    ValueError: (when constructed, before any compute) x is not a 2-D array of a real
+      numeric dtype with the model's d_in columns, ``start``/``stop`` are not integers
+      with 0 <= start <= stop <= n, or ``chunk`` < 1. ``NonFiniteRowError`` while
+      iterating (see above).
   """
 
   def __init__(self, model: TrainResult, x, then: Callable | None = None,
                chunk: int = 65536, mesh: Mesh | None = None, start: int = 0,
                stop: int | None = None, name: str = "x", row_offset: int = 0):
+    # Static checks only: the values are checked on the device, chunk by chunk.
+    check_vectors(name, x, d=model.d_in, d_name="d_in", finite=False)
+    n = x.shape[0]
+    start = check_int("start", start)
+    stop = n if stop is None else check_int("stop", stop)
+    if not 0 <= start <= stop <= n:
+      raise ValueError(f"rows [start, stop) = [{start}, {stop}) are not a range of the {n} "
+                       f"rows of {name} (0 <= start <= stop <= {n})")
     self.x, self.name, self.row_offset = x, name, row_offset
-    self.start, self.stop = start, x.shape[0] if stop is None else stop
+    self.start, self.stop = start, stop
     self.step = block_rows() * sharding.mesh_size(mesh)
     self.chunk = sharding.round_up(check_int("chunk", chunk, minimum=1), self.step)
     self.program = _block_program(model.module, then)
@@ -314,9 +378,7 @@ class EncodeStream:
       bad = int(bad)
       if bad < min(self.step, hi - lo - k * self.step):
         row = lo + k * self.step + bad
-        values = np.asarray(self.x[row], np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-          col = int(np.flatnonzero(~np.isfinite(values.astype(np.float32)))[0])
+        col = _first_bad_column(self.x[row])
         raise NonFiniteRowError(
             f"{self.name} row {row + self.row_offset} contains NaN or Inf (or a value beyond "
             f"float32), first at column {col}", row)

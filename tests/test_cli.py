@@ -1,4 +1,5 @@
 """CLI commands end to end through ``main([...])`` on the shipped dataset with a tiny model."""
+import importlib.util
 import json
 
 import numpy as np
@@ -79,3 +80,59 @@ def test_demo_runs_on_the_shipped_data(tmp_path, capsys, one_faiss_thread, monke
   assert all(0 < r["recall"]["100"] <= 1 for r in saved["rows"])
   assert (tmp_path / "training.png").stat().st_size > 0
   assert (tmp_path / "index" / "index.json").is_file()
+
+
+def _err(capsys) -> str:
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  return err[0]
+
+
+def test_build_and_search_refuse_bad_files_naming_them(model_dir, mini, tmp_path, capsys):
+  """build refuses an empty database file (it wrote an index no search could use) and
+  names the file and the model's d_in for another dimension (also --train's), and the
+  file for a NaN row found on the device; search names the query file and the index's
+  d_in (and the file for a NaN row), and refuses an --out that is a directory (it wrote
+  DIR/_I.npy and DIR/_D.npy into a directory it does not own). Nothing is written by a
+  refused command."""
+  d = mini.d
+  xb = np.asarray(mini.base[:300], np.float32)
+  files = {"xb": xb, "empty": xb[:0], "narrow": xb[:, :10], "q": xb[:20],
+           "qnarrow": xb[:20, :8]}
+  nan = xb.copy()
+  nan[123, 45] = np.nan
+  files["nan"] = nan
+  for name, arr in files.items():
+    np.save(tmp_path / f"{name}.npy", arr)
+  f = {name: str(tmp_path / f"{name}.npy") for name in files}
+  idx = tmp_path / "idx"
+  build = ["build", str(model_dir)]
+  assert main(build + [f["empty"], "--out", str(idx)]) == 2
+  assert "empty.npy has no rows: an index of no vectors cannot be searched" in _err(capsys)
+  assert main(build + [f["narrow"], "--out", str(idx)]) == 2
+  assert (f"narrow.npy has vectors of dimension d_in=10, but the model {model_dir} takes "
+          f"d_in={d}") in _err(capsys)
+  assert main(build + [f["nan"], "--out", str(idx)]) == 2
+  assert "nan.npy row 123 contains NaN or Inf" in _err(capsys)
+  assert not idx.exists()
+  if importlib.util.find_spec("faiss") is not None:
+    assert main(build + [f["xb"], "--out", str(idx), "--quantizer", "PQ4np",
+                         "--train", f["narrow"]]) == 2
+    assert "narrow.npy has vectors of dimension d_in=10" in _err(capsys)
+    assert not idx.exists()
+  assert main(build + [f["xb"], "--out", str(idx)]) == 0
+  capsys.readouterr()
+  assert main(["search", str(idx), f["qnarrow"], "--out", str(tmp_path / "res")]) == 2
+  assert (f"qnarrow.npy has vectors of dimension d_in=8, but the index {idx} takes "
+          f"d_in={d}") in _err(capsys)
+  assert main(["search", str(idx), f["nan"], "--out", str(tmp_path / "res")]) == 2
+  assert "nan.npy contains NaN or Inf (first at row 123, column 45)" in _err(capsys)
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "theirs.txt").write_text("not ours")
+  for out in (f"{foreign}/", str(foreign)):
+    assert main(["search", str(idx), f["q"], "--out", out]) == 2
+    assert f"--out {out} is a directory; --out is a file prefix" in _err(capsys)
+  assert sorted(p.name for p in foreign.iterdir()) == ["theirs.txt"]
+  assert main(["search", str(idx), f["q"], "--out", str(foreign / "res")]) == 0
+  assert np.load(foreign / "res_I.npy").shape == (20, 10)

@@ -278,3 +278,91 @@ def test_encoders_refuse_a_quantizer_they_cannot_run(model, tmp_path):
     with pytest.raises(ValueError, match=message):
       encode.encode_file(model, tmp_path / "x.npy", tmp_path / "codes.npy", quantizer=q)
   assert sorted(os.listdir(tmp_path)) == ["x.npy"]
+
+
+def test_make_encoder_checks_its_input(model):
+  """make_encoder's encoder refuses, with a ValueError naming the problem and before any
+  compute, what used to fail deep inside flax/jax or pass silently: another dimension, a
+  1-D row, a bool matrix, a list; a NaN/Inf row raises NonFiniteRowError naming its row
+  and column (numpy and jax inputs, checked inside the program), unless check_finite=False
+  is asked for; 0 rows give 0 codes. Valid codes are those of the program."""
+  enc = encode.make_encoder(model)
+  x = np.random.default_rng(5).standard_normal((6, D_IN)).astype(np.float32)
+  codes = np.asarray(enc(x))
+  assert codes.shape == (6, make_codec(model.config).code_words) and codes.dtype == np.uint32
+  for bad, message in ((x[:, :10], f"x has d_in=10 but {D_IN} was expected"),
+                       (x[0], r"x must be 2-D \(n, d\), got shape \(96,\)"),
+                       (x > 0, "x has dtype bool"),
+                       (x.tolist(), "x must be an array, got list")):
+    with pytest.raises(ValueError, match=message):
+      enc(bad)
+  for value in (np.nan, -np.inf):
+    bad = x.copy()
+    bad[4, 3] = value
+    for arg in (bad, jnp.asarray(bad)):
+      with pytest.raises(encode.NonFiniteRowError,
+                         match=r"x row 4 contains NaN or Inf .*first at column 3") as info:
+        enc(arg)
+      assert info.value.row == 4
+  bad = x.astype(np.float64)
+  bad[2, 7] = 1e39  # beyond float32
+  with pytest.raises(ValueError, match="x row 2 .*column 7"):
+    enc(bad)
+  # The opt-out keeps calls asynchronous: a bad row then gets some code, no error.
+  assert encode.make_encoder(model, check_finite=False)(bad).shape == codes.shape
+  empty = enc(x[:0])
+  assert empty.shape == (0, codes.shape[1]) and empty.dtype == codes.dtype
+  np.testing.assert_array_equal(np.asarray(enc(x)), codes)
+  with pytest.raises(ValueError, match="not a Catalyzer's parameters"):
+    encode.make_encoder({"w": np.zeros(3)}, model.batch_stats, make_codec(model.config),
+                        hidden=model.config.hidden, d_out=model.config.d_out)
+
+
+def _stream_rows(model, x, **kwargs):
+  out = []
+  with encode.EncodeStream(model, x, then=make_codec(model.config).encode_core,
+                           **kwargs) as stream:
+    for lo, hi, codes in stream:
+      out.append((lo, hi, codes))
+  return out
+
+
+def test_encode_stream_checks_its_input_and_row_range(model):
+  """EncodeStream, documented as usable directly, refuses when constructed (before any
+  thread or compute) rows outside its input (stop=500 of 200 rows used to yield 500 rows
+  of codes, start=-10 210 rows, start > stop nothing), non-integer bounds, another
+  dimension, a 1-D row and a list; a valid sub-range yields exactly its rows."""
+  x = np.random.default_rng(6).standard_normal((200, D_IN)).astype(np.float32)
+  for start, stop in ((0, 500), (-10, None), (50, 10), (201, None)):
+    shown = 200 if stop is None else stop
+    with pytest.raises(ValueError, match=rf"rows \[start, stop\) = \[{start}, {shown}\) are "
+                                         r"not a range of the 200 rows of x"):
+      _stream_rows(model, x, start=start, stop=stop)
+  with pytest.raises(ValueError, match="start must be an integer, got 1.5"):
+    _stream_rows(model, x, start=1.5)
+  for bad, message in ((x[:, :10], f"vecs has d_in=10 but {D_IN} was expected"),
+                       (x[0], r"vecs must be 2-D \(n, d\), got shape \(96,\)"),
+                       (x > 0, "vecs has dtype bool"),
+                       (x.tolist(), "vecs must be an array, got list")):
+    with pytest.raises(ValueError, match=message):
+      _stream_rows(model, bad, name="vecs")
+  assert not _readers()
+  whole = np.concatenate([c for _, _, c in _stream_rows(model, x)])
+  part = _stream_rows(model, x, start=3, stop=7)
+  assert [(lo, hi) for lo, hi, _ in part] == [(3, 7)]
+  np.testing.assert_array_equal(part[0][2], whole[3:7])
+  assert _stream_rows(model, x, start=200) == []
+
+
+def test_l2_normalize_takes_array_likes_and_refuses_the_rest():
+  """l2_normalize (exported) takes nested lists and integer arrays (it raised "can't
+  multiply sequence" on a list) and refuses a scalar, bool, complex and non-numeric input
+  with a ValueError naming the problem."""
+  from spreading_jax import l2_normalize
+  np.testing.assert_allclose(l2_normalize([[3.0, 4.0]]), [[0.6, 0.8]], rtol=1e-6)
+  np.testing.assert_allclose(l2_normalize(np.array([[3, 4]])), [[0.6, 0.8]], rtol=1e-6)
+  for bad, message in ((2.0, "got a scalar"), ([[True, False]], "dtype bool"),
+                       (np.ones((1, 2), np.complex64), "dtype complex64"),
+                       (np.array([["a"]]), "needs an array of real vectors, got ndarray")):
+    with pytest.raises(ValueError, match=message):
+      l2_normalize(bad)
