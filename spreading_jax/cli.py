@@ -561,10 +561,15 @@ def search_cmd(args):
   gt = None
   if args.groundtruth:  # read and checked before anything is written
     gt = read_vectors(args.groundtruth)
-    if gt.shape[0] != xq.shape[0] or not np.issubdtype(gt.dtype, np.integer):
+    if (gt.ndim != 2 or gt.shape[0] != xq.shape[0] or gt.shape[1] == 0
+        or not np.issubdtype(gt.dtype, np.integer)):
       raise UserError(f"--groundtruth {args.groundtruth} has shape {gt.shape} dtype "
                       f"{gt.dtype}; expected integer ids, one row per query "
                       f"({xq.shape[0]} rows)")
+    if not (0 <= int(gt[:, 0].min()) and int(gt[:, 0].max()) < index.ntotal):
+      row = int(np.argmax((gt[:, 0] < 0) | (gt[:, 0] >= index.ntotal)))
+      raise UserError(f"--groundtruth {args.groundtruth} row {row} gives id {gt[row, 0]} as "
+                      f"the true neighbour, outside the index's {index.ntotal} vectors")
   D, I = index.search(xq, args.k)
   recall = None
   if gt is not None:

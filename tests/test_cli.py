@@ -28,6 +28,15 @@ def test_build_search_info_encode(model_dir, mini, tmp_path, capsys):
                "--groundtruth", str(tmp_path / "gt.npy")]) == 0
   assert "R@10=" in capsys.readouterr().out
   assert np.load(tmp_path / "res_I.npy").shape == (100, 10)
+  # A true neighbour outside the index is refused before the search writes anything.
+  for bad_id in (-1, 10000):
+    gt = np.array(mini.groundtruth[:100], np.int32)
+    gt[7, 0] = bad_id
+    np.save(tmp_path / "gt_bad.npy", gt)
+    assert main(["search", str(idx), str(xq), "--k", "10", "--out", str(tmp_path / "bad"),
+                 "--groundtruth", str(tmp_path / "gt_bad.npy")]) == 2
+    assert f"row 7 gives id {bad_id}" in capsys.readouterr().err
+  assert not list(tmp_path.glob("bad_*"))
   assert main(["encode", str(model_dir), str(xq), str(tmp_path / "codes.npy")]) == 0
   assert np.load(tmp_path / "codes.npy").shape[0] == 100
   assert main(["info", str(model_dir)]) == 0
