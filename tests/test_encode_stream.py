@@ -280,6 +280,8 @@ def test_encoders_refuse_a_quantizer_they_cannot_run(model, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["x.npy"]
 
 
+# float64 1e39 becomes inf when jax casts the input to float32 (numpy warns; the test wants it).
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_make_encoder_checks_its_input(model):
   """make_encoder's encoder refuses, with a ValueError naming the problem and before any
   compute, what used to fail deep inside flax/jax or pass silently: another dimension, a
