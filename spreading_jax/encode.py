@@ -625,7 +625,8 @@ def encode_file(model: TrainResult, input_path, output_path, chunk: int = 65536,
   if row_range is not None:
     lo, hi = (int(v) for v in row_range)
     if not 0 <= lo <= hi <= x.shape[0]:
-      raise ValueError(f"row_range={row_range} is outside [0, {x.shape[0]}]")
+      raise ValueError(f"row_range={row_range} is not a range [lo, hi) of the "
+                       f"{x.shape[0]} rows of {input_path} (0 <= lo <= hi <= {x.shape[0]})")
     x = x[lo:hi]
   check_vectors(input_path, x[:0], d=model.d_in, d_name="d")
   q = _encoder_quantizer(model, quantizer)

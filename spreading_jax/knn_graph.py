@@ -122,7 +122,7 @@ def refine(yq, yb, graph, *, fan: int = 32, fan_nn: int = 16, reverse: int = 16,
   if yq.shape != yb.shape:
     raise ValueError(f"yq {tuple(yq.shape)} and yb {tuple(yb.shape)} must have the same "
                      "shape: row i of yb is vector i")
-  if graph.dtype != jnp.int32:
+  if graph.dtype != jnp.int32:  # a host graph is int32 after _check_graph
     raise ValueError(f"graph must hold int32 ids, got {graph.dtype}")
   graph = jnp.asarray(graph)
   fan = check_int("fan", fan, minimum=1, maximum=k)
@@ -157,8 +157,9 @@ def _check_graph(graph, n: int):
       row = int(np.argwhere(graph == bad)[0, 0])
       raise ValueError(f"graph holds id {bad} (row {row}) outside [0, {n}): ids index the "
                        f"{n} vectors")
-  # A list holds ids as jnp.asarray would read them: int32 (they are in range).
-  return graph.astype(np.int32) if from_list else graph
+  # Host ids (a list, or numpy of any integer dtype, e.g. int64 from argsort or faiss) are
+  # in range, so they fit int32: the dtype the device work uses.
+  return graph.astype(np.int32, copy=False) if isinstance(graph, np.ndarray) else graph
 
 
 def sampled_recall(yq, yb, graph, k: int, rows: np.ndarray, *, mesh: Mesh | None = None

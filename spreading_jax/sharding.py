@@ -28,7 +28,11 @@ def make_mesh(num_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mes
   devices = jax.devices()
   if num_devices is None:
     num_devices = len(devices)
-  if not 1 <= num_devices <= len(devices):
+  if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
+    raise ValueError(f"num_devices must be an integer, got {num_devices!r}")
+  if num_devices < 1:
+    raise ValueError(f"num_devices={num_devices} must be >= 1")
+  if num_devices > len(devices):
     raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are available")
   return Mesh(np.asarray(devices[:num_devices]), (axis_name,))
 

@@ -161,6 +161,10 @@ def _block_sizes(nq: int, nb_local: int, k: int, query_block: int | None,
                  base_block: int | None, tiles: Tiles) -> tuple[int, int]:
   # The fewest query blocks of at most ``Tiles.query_block``, split evenly (1000 queries:
   # two blocks of 504 on a CPU, not 512 + 488 padded to 1024).
+  if query_block is not None:
+    query_block = check_int("query_block", query_block, minimum=1)
+  if base_block is not None:
+    base_block = check_int("base_block", base_block, minimum=1)
   nqb = -(-max(nq, 1) // tiles.query_block)
   qb = query_block or sharding.round_up(-(-max(nq, 1) // nqb), 8)
   bb = base_block or max(2048, tiles.elements // qb)

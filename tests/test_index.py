@@ -2,6 +2,7 @@
 quantizer interface behind it."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -297,8 +298,10 @@ def test_encode_file_row_ranges(model, mini, tmp_path):
   y = model.apply(np.load(src))  # other chunk shapes: equal up to rounding ties
   assert_codes_equal_up_to_ties(parts, np.load(tmp_path / "full.npy"), y,
                                 quantizers.ZnQuantizer(model.codec()))
-  with pytest.raises(ValueError, match="row_range"):
-    encode_file(model, src, tmp_path / "c.npy", row_range=(0, 601))
+  for bad in ((0, 601), (250, 100)):  # beyond the rows, reversed
+    with pytest.raises(ValueError, match=rf"row_range={re.escape(str(bad))} is not a range "
+                       r"\[lo, hi\) of the 600 rows"):
+      encode_file(model, src, tmp_path / "c.npy", row_range=bad)
 
 
 def test_fused_encode_matches_the_two_step_path(model, mini):

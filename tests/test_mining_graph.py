@@ -178,8 +178,11 @@ def test_refine_rejects_bad_shapes_and_types():
     knn_graph.refine(y, y[:, :4], g, fan=4, fan_nn=4)
   with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
     knn_graph.refine(y, y, g, fan=4, fan_nn=4, mesh="cpu")
-  # A list graph is read as int32 ids, as before.
-  assert knn_graph.refine(y, y, g.tolist(), fan=4, fan_nn=4).shape == (64, 8)
+  # A list graph, or a numpy graph of int64 ids (argsort's, faiss'), is read as int32 ids,
+  # as before the checks.
+  ref = np.asarray(knn_graph.refine(y, y, g, fan=4, fan_nn=4))
+  for other in (g.tolist(), g.astype(np.int64)):
+    np.testing.assert_array_equal(knn_graph.refine(y, y, other, fan=4, fan_nn=4), ref)
 
 
 @pytest.mark.parametrize("k, rows, match", [

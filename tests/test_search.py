@@ -650,3 +650,24 @@ def test_recall_at_edge_cases():
     search.recall_at(I.astype(np.float32), gt, ks=(1,))
   with pytest.raises(ValueError, match="recall@4 needs at least 4 results"):
     search.recall_at(I, gt, ks=(1, 4))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(query_block=0), "query_block=0 must be >= 1"),
+    (dict(base_block=-5), "base_block=-5 must be >= 1"),
+    (dict(query_block=-7), "query_block=-7 must be >= 1"),  # failed in pad_rows, unnamed
+])
+def test_tile_sizes_must_be_positive(kw, match):
+  x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+  with pytest.raises(ValueError, match=match):
+    search.knn(x, x, 5, **kw)
+
+
+def test_make_mesh_names_a_count_below_one():
+  for n in (0, -1):
+    with pytest.raises(ValueError, match=f"num_devices={n} must be >= 1"):
+      sharding.make_mesh(n)
+  with pytest.raises(ValueError, match="num_devices must be an integer"):
+    sharding.make_mesh(1.5)
+  with pytest.raises(ValueError, match="devices are available"):
+    sharding.make_mesh(jax.device_count() + 1)
