@@ -360,12 +360,13 @@ def train_cmd(args):
       config = config.replace(d_out=shapes[0][0])
   # The output and the checkpoint directory are checked before any data is read, so a
   # mistake there never costs a training run.
+  if config.checkpoint_dir is not None:
+    # Also when neither exists yet: the model would be written over the checkpoints.
+    _outputs.check_apart(config.checkpoint_dir, "--checkpoint-dir", args.out, "--out")
   _outputs.check_output_dir(args.out, "model",
                             inputs=[args.dataset, args.config and _config_file(args.config)[0],
                                     config.checkpoint_dir])
   if config.checkpoint_dir is not None:
-    # Also when neither exists yet: the model would be written over the checkpoints.
-    _outputs.check_apart(config.checkpoint_dir, "--checkpoint-dir", args.out, "--out")
     _outputs.check_checkpoint_dir(config.checkpoint_dir, inputs=[args.dataset, args.out])
   if config.log_dir is not None and os.path.exists(config.log_dir) \
       and not os.path.isdir(config.log_dir):

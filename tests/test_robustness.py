@@ -194,6 +194,10 @@ def test_inputs_and_paired_outputs_are_checked_before_writing(saved, tmp_path, c
     _refused(["train", saved["xb"], "--epochs", "1", "--checkpoint-dir", ck, "--out", out],
              capsys, "one lies inside the other")
   assert not x.exists()
+  x.mkdir()  # existing and empty: the same message (it read "output x is the input x")
+  _refused(["train", saved["xb"], "--epochs", "1", "--checkpoint-dir", x, "--out", x], capsys,
+           "one lies inside the other")
+  x.rmdir()
   np.save(tmp_path / "gt_bad.npy", np.zeros((4, 3), np.int32))  # 4 rows for 5 queries
   for gt, match in ((tmp_path / "missing.ivecs", "missing.ivecs"),
                     (tmp_path / "gt_bad.npy", "one row per query")):
