@@ -49,7 +49,10 @@ def check_codes(name: str, codes, nbytes: int | None = None) -> None:
   """Raises ValueError unless ``codes`` is a 2-D uint8 array of packed bits (with ``nbytes``
   bytes per code when given)."""
   shape = getattr(codes, "shape", None)
-  if shape is None or len(shape) != 2:
+  if shape is None:
+    raise ValueError(f"{name} must be a 2-D uint8 array of packed bits (numpy or jax), got "
+                     f"{type(codes).__name__}")
+  if len(shape) != 2:
     raise ValueError(f"{name} must be a 2-D uint8 array of packed bits, got shape {shape}")
   if np.dtype(codes.dtype) != np.uint8:
     raise ValueError(f"{name} must have dtype uint8 (packed bits), got {codes.dtype}")

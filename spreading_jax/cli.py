@@ -407,6 +407,9 @@ def eval_cmd(args):
   from spreading_jax import datasets, evaluate, quantizers
   model = _load_model(args.model)
   ds = datasets.load_dataset(args.dataset, args.root)
+  if ds.base.shape[1] != model.d_in:
+    raise UserError(f"dataset {args.dataset} has vectors of dimension d_in={ds.base.shape[1]}, "
+                    f"but the model {args.model} takes d_in={model.d_in}")
   rows = [{"method": f"catalyzer + {q.describe()}", "bits": q.code_bits,
            "recall": evaluate.evaluate_quantizer(ds, model.apply, q)}
           for q in quantizers.validation_quantizers(model.config)]

@@ -145,3 +145,16 @@ def test_build_and_search_refuse_bad_files_naming_them(model_dir, mini, tmp_path
   assert sorted(p.name for p in foreign.iterdir()) == ["theirs.txt"]
   assert main(["search", str(idx), f["q"], "--out", str(foreign / "res")]) == 0
   assert np.load(foreign / "res_I.npy").shape == (20, 10)
+
+
+def test_eval_names_a_dataset_of_another_dimension(tmp_path, capsys):
+  # It failed inside model.apply with "x has d_in=784 but 16 was expected".
+  from spreading_jax import TrainConfig
+  from spreading_jax.train import train
+  x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+  config = TrainConfig(d_out=8, bits=16, lambda_koleo=0.05, epochs=1, hidden=(16,),
+                       batch_size=32, val_every=0, verbose=False)
+  train(config, x).save(tmp_path / "m16")
+  assert main(["eval", str(tmp_path / "m16"), "fashion-mnist-mini"]) == 2
+  err = capsys.readouterr().err
+  assert "fashion-mnist-mini has vectors of dimension d_in=784" in err and "d_in=16" in err

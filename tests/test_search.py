@@ -626,6 +626,8 @@ def test_search_lattice_rejects_a_codec_that_is_not_one():
 def test_hamming_width_mismatch_names_both_arrays():
   with pytest.raises(ValueError, match="query_codes have 1 bytes per code but base_codes have 3"):
     search.hamming_knn(np.zeros((2, 1), np.uint8), np.zeros((5, 3), np.uint8), 1)
+  with pytest.raises(ValueError, match="query_codes must be a 2-D uint8 array .* got list"):
+    search.hamming_knn([[0], [1]], np.zeros((5, 1), np.uint8), 1)  # said "got shape None"
 
 
 @pytest.mark.parametrize("gt, ks, match", [
