@@ -492,7 +492,7 @@ def _check_file_vectors(path, x, d_in: int, taker: str, finite: bool = True) -> 
 def build_cmd(args):
   from spreading_jax.vecs_io import read_vectors
   from spreading_jax import _outputs
-  from spreading_jax.encode import NonFiniteRowError, _first_bad_column
+  from spreading_jax.encode import NonFiniteRowError
   from spreading_jax.index import SpreadingIndex
   _outputs.check_output_dir(args.out, "index", inputs=[args.model, args.input, args.train])
   model = _load_model(args.model)
@@ -520,9 +520,8 @@ def build_cmd(args):
   try:
     index.add(xb)
   except NonFiniteRowError as e:  # found on the device; its message calls the input "x"
-    raise UserError(f"{args.input} row {e.row} contains NaN or Inf (or a value beyond "
-                    f"float32), first at column {_first_bad_column(xb[e.row])}; nothing "
-                    "was written") from None
+    raise UserError(f"{NonFiniteRowError(args.input, e.row, e.column)}; nothing was "
+                    "written") from None
   index.save(args.out)
   print(index.info())
 

@@ -101,9 +101,7 @@ def make_encoder(params, batch_stats=None,
     if check_finite and is_concrete(bad):
       bad = int(bad)  # the one device->host read: waits for this call's program
       if bad < x.shape[0]:
-        raise NonFiniteRowError(
-            f"x row {bad} contains NaN or Inf (or a value beyond float32), first at column "
-            f"{_first_bad_column(x[bad])}", bad)
+        raise NonFiniteRowError("x", bad, _first_bad_column(x[bad]))
     return codes
 
   return encode
@@ -228,11 +226,14 @@ def _block_program(module: Catalyzer, then: Callable | None) -> Callable:
 
 
 class NonFiniteRowError(ValueError):
-  """An input row holds NaN or Inf (or a value beyond float32); ``row`` is its index."""
+  """An input row holds NaN or Inf (or a value beyond float32): ``row`` is its index in the
+  array encoded, ``column`` the first bad column; the message names the input ``name`` and
+  the row as ``row + offset`` (the array is a slice of a larger input)."""
 
-  def __init__(self, message: str, row: int):
-    super().__init__(message)
-    self.row = row
+  def __init__(self, name: str, row: int, column: int, offset: int = 0):
+    super().__init__(f"{name} row {row + offset} contains NaN or Inf (or a value beyond "
+                     f"float32), first at column {column}")
+    self.row, self.column = row, column
 
 
 class EncodeStream:
@@ -378,10 +379,8 @@ class EncodeStream:
       bad = int(bad)
       if bad < min(self.step, hi - lo - k * self.step):
         row = lo + k * self.step + bad
-        col = _first_bad_column(self.x[row])
-        raise NonFiniteRowError(
-            f"{self.name} row {row + self.row_offset} contains NaN or Inf (or a value beyond "
-            f"float32), first at column {col}", row)
+        raise NonFiniteRowError(self.name, row, _first_bad_column(self.x[row]),
+                                self.row_offset)
     parts = [np.asarray(out)[:hi - lo - k * self.step] for k, (out, _) in enumerate(results)]
     return lo, hi, parts[0] if len(parts) == 1 else np.concatenate(parts)
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spreading_jax._validation import check_mesh
+from spreading_jax._validation import check_int, check_mesh
 
 DATA_AXIS = "data"
 
@@ -28,10 +28,7 @@ def make_mesh(num_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mes
   devices = jax.devices()
   if num_devices is None:
     num_devices = len(devices)
-  if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
-    raise ValueError(f"num_devices must be an integer, got {num_devices!r}")
-  if num_devices < 1:
-    raise ValueError(f"num_devices={num_devices} must be >= 1")
+  num_devices = check_int("num_devices", num_devices, minimum=1)
   if num_devices > len(devices):
     raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are available")
   return Mesh(np.asarray(devices[:num_devices]), (axis_name,))
@@ -61,18 +58,12 @@ def mesh_size(mesh: Mesh | None) -> int:
   not a ``jax.sharding.Mesh`` or None (``_validation.check_mesh``)."""
   if mesh is None:
     return 1
-  check_mesh(mesh)
-  if len(mesh.axis_names) != 1:
-    raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
-  return int(mesh.devices.size)
+  return int(check_mesh(mesh).devices.size)  # check_mesh: a 1-D Mesh
 
 
 def axis_name(mesh: Mesh) -> str:
   """The name of the (single) data axis of ``mesh``."""
-  check_mesh(mesh)
-  if len(mesh.axis_names) != 1:
-    raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names}")
-  return mesh.axis_names[0]
+  return check_mesh(mesh).axis_names[0]  # check_mesh: a 1-D Mesh
 
 
 def round_up(n: int, multiple: int) -> int:
